@@ -1,0 +1,268 @@
+"""Feedback records, readers and per-user few-shot tasks.
+
+Two record types:
+
+* :class:`Thumbs` -- ``user_id, prompt, completion, label`` (1 = up, 0 = down)
+* :class:`Pair`   -- ``user_id, prompt, chosen, rejected``
+
+Readers:
+
+* generic JSONL, one record per line, either shape;
+* a directory of per-user files in the Anthropic persona format
+  (``<user>.jsonl`` or ``<user>.jsonl.gz``): ``question`` is the prompt, ``statement``
+  the completion, ``answer_matching_behavior == " Yes"`` is thumbs up, ``" No"`` down.
+
+Malformed input raises :class:`~metarlhf.errors.DataError` naming the file and line,
+or, with ``skip_invalid=True``, is skipped and counted (and logged as a warning).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import random
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from metarlhf.errors import DataError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Thumbs:
+    user_id: str
+    prompt: str
+    completion: str
+    label: int  # 1 = thumbs up, 0 = thumbs down
+
+
+@dataclass(frozen=True)
+class Pair:
+    user_id: str
+    prompt: str
+    chosen: str
+    rejected: str
+
+
+Record = Thumbs | Pair
+
+
+@dataclass
+class ReadStats:
+    """What a reader saw: records kept and lines skipped (only with skip_invalid)."""
+
+    records: int = 0
+    skipped: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+def _label(value: object) -> int:
+    if value in (1, True, "up", "1", 1.0):
+        return 1
+    if value in (0, False, "down", "0", 0.0):
+        return 0
+    raise ValueError(f"label must be 1/0 or 'up'/'down', got {value!r}")
+
+
+def _str_field(obj: dict, key: str) -> str:
+    v = obj.get(key)
+    if not isinstance(v, str):
+        raise ValueError(f"field {key!r} must be a string, got {type(v).__name__}")
+    return v
+
+
+def parse_record(obj: object, default_user: str | None = None) -> Record:
+    """Turn one JSON object into a record. Raises ``ValueError`` on a bad shape."""
+    if not isinstance(obj, dict):
+        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+    user = obj.get("user_id", default_user)
+    if not isinstance(user, str) or not user:
+        raise ValueError("field 'user_id' must be a non-empty string")
+    if "chosen" in obj or "rejected" in obj:
+        return Pair(user, _str_field(obj, "prompt"), _str_field(obj, "chosen"), _str_field(obj, "rejected"))
+    if "completion" in obj:
+        if "label" not in obj:
+            raise ValueError("thumbs record needs a 'label'")
+        return Thumbs(user, _str_field(obj, "prompt"), _str_field(obj, "completion"), _label(obj["label"]))
+    if "statement" in obj:  # persona format
+        ans = obj.get("answer_matching_behavior")
+        if ans not in (" Yes", " No", "Yes", "No"):
+            raise ValueError(f"'answer_matching_behavior' must be ' Yes' or ' No', got {ans!r}")
+        return Thumbs(user, _str_field(obj, "question"), _str_field(obj, "statement"), int(ans.strip() == "Yes"))
+    raise ValueError("not a thumbs, pair or persona record (need completion+label, chosen+rejected, or statement)")
+
+
+def _open_text(path: Path) -> Iterator[str]:
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            yield from f
+    except (OSError, UnicodeDecodeError, EOFError) as e:
+        raise DataError(f"{path}: cannot read: {e}") from e
+
+
+def read_jsonl(
+    path: str | Path, default_user: str | None = None, skip_invalid: bool = False, stats: ReadStats | None = None
+) -> list[Record]:
+    """Read one JSONL file of records."""
+    path = Path(path)
+    stats = stats if stats is not None else ReadStats()
+    out: list[Record] = []
+    for lineno, line in enumerate(_open_text(path), start=1):
+        if not line.strip():
+            continue
+        try:
+            out.append(parse_record(json.loads(line), default_user))
+        except (ValueError, json.JSONDecodeError) as e:
+            msg = f"{path}:{lineno}: {e}"
+            if not skip_invalid:
+                raise DataError(msg) from e
+            stats.skipped += 1
+            stats.errors.append(msg)
+    stats.records += len(out)
+    return out
+
+
+def _user_files(directory: Path) -> list[Path]:
+    files = sorted(p for p in directory.iterdir() if p.name.endswith((".jsonl", ".jsonl.gz")))
+    if not files:
+        raise DataError(f"{directory}: no *.jsonl or *.jsonl.gz files")
+    return files
+
+
+def user_id_from_path(path: Path) -> str:
+    name = path.name
+    for suffix in (".jsonl.gz", ".jsonl"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def load_records(path: str | Path, skip_invalid: bool = False) -> tuple[list[Record], ReadStats]:
+    """Read a JSONL file, or a directory of per-user files (persona format or generic).
+
+    In a directory, a line without ``user_id`` belongs to the user named by its file.
+    """
+    path = Path(path)
+    stats = ReadStats()
+    if path.is_dir():
+        records: list[Record] = []
+        for f in _user_files(path):
+            records += read_jsonl(f, default_user=user_id_from_path(f), skip_invalid=skip_invalid, stats=stats)
+    elif path.is_file():
+        records = read_jsonl(path, skip_invalid=skip_invalid, stats=stats)
+    else:
+        raise DataError(f"{path}: no such file or directory")
+    if stats.skipped:
+        log.warning("skipped %d malformed line(s) in %s; first: %s", stats.skipped, path, stats.errors[0])
+    if not records:
+        raise DataError(f"{path}: no valid records")
+    return records, stats
+
+
+def group_by_user(records: Iterable[Record]) -> dict[str, list[Record]]:
+    users: dict[str, list[Record]] = defaultdict(list)
+    for r in records:
+        users[r.user_id].append(r)
+    return dict(users)
+
+
+@dataclass
+class UserTask:
+    """One user's few-shot problem: K support records to adapt on, the rest to evaluate."""
+
+    user_id: str
+    support: list[Record]
+    query: list[Record]
+
+
+def make_task(
+    user_id: str, records: list[Record], k: int, seed: int = 0, max_query: int | None = None, balanced: bool = True
+) -> UserTask:
+    """Split one user's records into K support and a query set, reproducibly.
+
+    With ``balanced`` and thumbs data, the support set takes ``ceil(K/2)`` ups and
+    ``floor(K/2)`` downs where the user has them (as an app would after a few of each).
+    """
+    if not records:
+        raise DataError(f"user {user_id!r} has no records")
+    if k < 1:
+        raise DataError(f"K must be >= 1, got {k}")
+    if k >= len(records):
+        raise DataError(f"K={k} but user {user_id!r} has only {len(records)} records (need K+1 for a query set)")
+    rng = random.Random(f"{user_id}:{seed}")
+    order = list(range(len(records)))
+    rng.shuffle(order)
+    support_idx: list[int] = []
+    if balanced and all(isinstance(r, Thumbs) for r in records):
+        ups = [i for i in order if records[i].label == 1]
+        downs = [i for i in order if records[i].label == 0]
+        n_up = min(len(ups), (k + 1) // 2)
+        n_down = min(len(downs), k - n_up)
+        n_up = k - n_down if len(ups) >= k - n_down else n_up
+        support_idx = ups[:n_up] + downs[:n_down]
+        rng.shuffle(support_idx)
+    else:
+        support_idx = order[:k]
+    chosen = set(support_idx)
+    query = [records[i] for i in order if i not in chosen]
+    if max_query is not None:
+        query = query[:max_query]
+    return UserTask(user_id, [records[i] for i in support_idx], query)
+
+
+def split_users(user_ids: Iterable[str], holdout: int, seed: int = 0) -> tuple[list[str], list[str]]:
+    """Deterministically hold out ``holdout`` whole users: ``(train_ids, heldout_ids)``."""
+    ids = sorted(user_ids)
+    if holdout < 0 or holdout >= len(ids):
+        raise DataError(f"cannot hold out {holdout} of {len(ids)} users")
+    rng = random.Random(seed)
+    held = sorted(rng.sample(ids, holdout))
+    return [u for u in ids if u not in set(held)], held
+
+
+def read_prompts(path: str | Path, limit: int | None = None) -> list[str]:
+    """Prompts from HH-RLHF dialogues (first ``Human:`` turn) or JSONL ``{"prompt": ...}``.
+
+    Accepts ``.jsonl`` / ``.jsonl.gz`` whose lines carry ``prompt``, ``question`` or
+    ``chosen`` (an HH-RLHF dialogue), or a plain text file with one prompt per line.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    prompts: list[str] = []
+    is_jsonl = path.name.endswith((".jsonl", ".jsonl.gz", ".json"))
+    for lineno, line in enumerate(_open_text(path), start=1):
+        line = line.strip()
+        if not line:
+            continue
+        if not is_jsonl:
+            prompts.append(line)
+        else:
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: invalid JSON: {e}") from e
+            if not isinstance(obj, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object")
+            text = obj.get("prompt") or obj.get("question")
+            if text is None and isinstance(obj.get("chosen"), str):
+                text = first_human_turn(obj["chosen"])
+            if not isinstance(text, str) or not text.strip():
+                raise DataError(f"{path}:{lineno}: no 'prompt', 'question' or HH-RLHF 'chosen' dialogue")
+            prompts.append(text.strip())
+        if limit is not None and len(prompts) >= limit:
+            break
+    if not prompts:
+        raise DataError(f"{path}: no prompts")
+    return prompts
+
+
+def first_human_turn(dialogue: str) -> str:
+    """The first ``Human:`` turn of an HH-RLHF dialogue."""
+    text = dialogue.split("\n\nHuman:", 1)[-1]
+    return text.split("\n\nAssistant:", 1)[0].strip()
