@@ -25,7 +25,7 @@ serve: $(STAMP)
 	$(BIN)/metarlhf serve $(ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check metarlhf server tests benchmarks
+	$(BIN)/ruff check .
 
 test: $(STAMP) lint
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow and not gpu" $(ARGS)
