@@ -1,0 +1,808 @@
+"""Multi-adapter generation: one batched decode loop, a different user's LoRA per row.
+
+Algorithm
+---------
+One base causal LM is loaded once. Per-user policy adapters (LoRA, rank ``r`` on
+``q_proj``/``v_proj``) live in a fixed number of pre-allocated *slots* managed by an LRU
+cache keyed by ``(user, version)`` (:mod:`metarlhf.adapter_cache`). A miss reads the
+adapter directory (``metarlhf.adapters.load_adapter``: safetensors + checksum + base,
+rank and kind checks), validates every tensor name and shape, and copies the weights
+into a free or least-recently-used slot; a hit reads nothing from disk. At most
+``capacity`` adapters are ever resident, however many users are stored.
+
+A batch of requests is left-padded and run through a hand-written decode loop with a
+KV cache (``DynamicCache``): prefill computes logits for the last position only, then
+one token per step. Each row carries its slot index; rows that finish (EOS, a stop
+string, or ``max_new_tokens``) are dropped from the batch and from the KV cache.
+
+Two LoRA backends compute the per-row adapter delta ``x @ A_row^T @ B_row^T * s``:
+
+* ``"bgmv"`` (default): the slots are stacked tensors ``A[S+1, in, r]`` and
+  ``B[S+1, r, out]`` (scaling folded into ``B``; index 0 is an all-zero slot that means
+  ``"__base__"``). A forward hook on each target ``nn.Linear`` gathers the rows' A/B once
+  per batch composition and adds ``bmm(bmm(x, A_rows), B_rows)`` to the output: two
+  batched matmuls per layer regardless of how many distinct adapters are in the batch
+  (the punica/LoRAX "BGMV" idea, on plain ``torch.bmm``).
+* ``"peft"``: the model is wrapped by peft with one named LoRA adapter per slot and each
+  forward passes ``adapter_names=[...]`` (``"__base__"`` = no adapter). peft loops over the
+  distinct adapters of the batch in every LoRA layer. Kept for comparison and as the
+  reference implementation in tests.
+
+Sampling is greedy (``temperature == 0``) or temperature + nucleus (top-p) sampling with a
+per-row ``torch.Generator`` seeded from ``SamplingParams.seed``, so a row's sample does not
+depend on the other rows in its batch. Stop strings are matched on the decoded text;
+the returned text ends before the stop string. Chat requests are rendered with the
+tokenizer's own chat template.
+
+Simplifications
+---------------
+* CPU/GPU agnostic but not fused: no paged KV cache, no continuous batching (a batch runs
+  until its last row finishes, but finished rows stop costing compute).
+* Adapters must have exactly the engine's rank and only target the engine's modules;
+  adapters of other ranks are refused rather than padded.
+* Thread safety: one re-entrant lock serialises ``generate``, adapter loads, ``pin``,
+  ``unpin`` and ``evict``. ``stream`` takes the lock once per decoded token, so other
+  callers interleave with a running stream; the stream's adapter slot is reference-
+  counted and cannot be evicted or reused until the stream ends.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import secrets
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from metarlhf.adapter_cache import AdapterCache, CacheFullError
+from metarlhf.errors import AdapterError, ConfigError, MetaRLHFError
+
+BASE = "__base__"
+#: Upper bound for ``SamplingParams.max_new_tokens``.
+MAX_NEW_TOKENS_LIMIT = 4096
+BACKENDS = ("bgmv", "peft")
+
+
+# ---------------------------------------------------------------------------------------
+# Request / result types
+# ---------------------------------------------------------------------------------------
+@dataclass
+class SamplingParams:
+    """How to decode one request. Invalid values raise ``ConfigError`` naming the field."""
+
+    max_new_tokens: int = 64  # 1 .. MAX_NEW_TOKENS_LIMIT
+    temperature: float = 0.0  # 0 = greedy; > 0 = sample from softmax(logits / temperature)
+    top_p: float = 1.0  # nucleus mass in (0, 1]; 1 = no truncation
+    stop: list[str] = field(default_factory=list)  # stop strings; a str is one stop string
+    seed: int | None = None  # per-row sampling seed; None = fresh randomness
+
+    def __post_init__(self) -> None:
+        n = self.max_new_tokens
+        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_NEW_TOKENS_LIMIT:
+            raise ConfigError(f"max_new_tokens must be an int in [1, {MAX_NEW_TOKENS_LIMIT}], got {n!r}")
+        t = self.temperature
+        if isinstance(t, bool) or not isinstance(t, int | float) or math.isnan(t) or math.isinf(t) or t < 0:
+            raise ConfigError(f"temperature must be a finite number >= 0 (0 = greedy), got {t!r}")
+        self.temperature = float(t)
+        p = self.top_p
+        if isinstance(p, bool) or not isinstance(p, int | float) or math.isnan(p) or not 0 < p <= 1:
+            raise ConfigError(f"top_p must be a number in (0, 1], got {p!r}")
+        self.top_p = float(p)
+        stop = self.stop
+        if isinstance(stop, str):
+            stop = [stop]
+        if not isinstance(stop, list | tuple) or not all(isinstance(s, str) for s in stop):
+            raise ConfigError(f"stop must be a string or a list of strings, got {self.stop!r}")
+        if any(s == "" for s in stop):
+            raise ConfigError("stop strings must be non-empty")
+        if len(stop) > 16:
+            raise ConfigError(f"stop takes at most 16 strings, got {len(stop)}")
+        self.stop = list(stop)
+        s = self.seed
+        if s is not None and (isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < 2**63):
+            raise ConfigError(f"seed must be None or an int in [0, 2**63), got {s!r}")
+
+
+@dataclass(frozen=True)
+class AdapterRef:
+    """Which adapter a row uses: ``(user, version)`` is the cache key, ``path`` its directory.
+
+    A request with ``adapter=None`` (or ``user == "__base__"``) uses the base model.
+    """
+
+    user: str
+    version: int
+    path: str
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.user, str) or not self.user:
+            raise ConfigError(f"adapter user must be a non-empty string, got {self.user!r}")
+        if isinstance(self.version, bool) or not isinstance(self.version, int) or self.version < 0:
+            raise ConfigError(f"adapter version must be an int >= 0, got {self.version!r}")
+        if self.user != BASE and not isinstance(self.path, str | os.PathLike):
+            raise ConfigError(f"adapter path must be a path, got {self.path!r}")
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.user, self.version)
+
+    @property
+    def is_base(self) -> bool:
+        return self.user == BASE
+
+
+def _is_base(ref: AdapterRef | str | None) -> bool:
+    return ref is None or ref == BASE or (isinstance(ref, AdapterRef) and ref.is_base)
+
+
+@dataclass
+class GenerationRequest:
+    """One prompt: chat ``messages`` (rendered by the chat template) or a raw ``prompt``."""
+
+    messages: list[dict] | None = None
+    prompt: str | None = None
+    adapter: AdapterRef | None = None
+    params: SamplingParams = field(default_factory=SamplingParams)
+
+    def __post_init__(self) -> None:
+        if (self.messages is None) == (self.prompt is None):
+            raise ConfigError("give exactly one of messages (chat) or prompt (raw text)")
+        if self.prompt is not None and not isinstance(self.prompt, str):
+            raise ConfigError(f"prompt must be a string, got {type(self.prompt).__name__}")
+        if self.messages is not None:
+            if not isinstance(self.messages, list) or not self.messages:
+                raise ConfigError("messages must be a non-empty list of {'role', 'content'} dicts")
+            for i, m in enumerate(self.messages):
+                if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(
+                    m.get("content"), str
+                ):
+                    raise ConfigError(f"messages[{i}] must be a dict with string 'role' and 'content'")
+        if not (self.adapter is None or self.adapter == BASE or isinstance(self.adapter, AdapterRef)):
+            raise ConfigError(f"adapter must be an AdapterRef, '__base__' or None, got {self.adapter!r}")
+        if not isinstance(self.params, SamplingParams):
+            raise ConfigError(f"params must be SamplingParams, got {type(self.params).__name__}")
+
+
+@dataclass
+class GenerationResult:
+    """Output of one request. ``finish_reason`` is ``"stop"`` (EOS or a stop string),
+    ``"length"`` (hit ``max_new_tokens``) or ``"error"`` (then ``error`` says why and
+    nothing was generated for this row; the other rows of the batch are unaffected)."""
+
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+    error: MetaRLHFError | None = None
+
+
+# ---------------------------------------------------------------------------------------
+# Pure helpers: sampling and stop strings
+# ---------------------------------------------------------------------------------------
+def top_p_mask(probs: Any, top_p: float) -> Any:
+    """Boolean mask ``[V]`` of the smallest set of tokens whose probability mass >= top_p.
+
+    The most likely token is always kept. Ties at the boundary are resolved by sort order.
+    """
+    import torch
+
+    if top_p >= 1.0:
+        return torch.ones_like(probs, dtype=torch.bool)
+    sorted_p, order = torch.sort(probs, descending=True)  # [V]
+    before = torch.cumsum(sorted_p, dim=-1) - sorted_p  # mass strictly before each token
+    keep_sorted = before < top_p  # the token that crosses top_p is kept
+    keep_sorted[0] = True
+    mask = torch.zeros_like(probs, dtype=torch.bool)
+    mask[order] = keep_sorted
+    return mask
+
+
+def sample_token(logits: Any, temperature: float, top_p: float, generator: Any = None) -> int:
+    """Next token id from logits ``[V]``: argmax if temperature == 0, else nucleus sampling."""
+    import torch
+
+    if temperature == 0.0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits.float() / temperature, dim=-1)  # [V]
+    probs = torch.where(top_p_mask(probs, top_p), probs, torch.zeros_like(probs))
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def find_stop(text: str, stops: Sequence[str]) -> int:
+    """Index where the earliest stop string starts in ``text``, or -1."""
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(hits) if hits else -1
+
+
+def stop_holdback(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest suffix of ``text`` that is a proper prefix of a stop string.
+
+    A stream must hold these characters back: the next token may complete the stop.
+    """
+    best = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:k]):
+                best = k
+                break
+    return best
+
+
+def safe_stream_end(text: str, stops: Sequence[str], final: bool) -> int:
+    """How many characters of the decoded ``text`` a stream may emit now."""
+    if final:
+        return len(text)
+    end = len(text) - stop_holdback(text, stops)
+    # A trailing U+FFFD is an incomplete multi-byte character: wait for the next token.
+    while end > 0 and text[end - 1] == "\ufffd":
+        end -= 1
+    return end
+
+
+# ---------------------------------------------------------------------------------------
+# LoRA backends: where slot weights live and how a forward applies them per row
+# ---------------------------------------------------------------------------------------
+def find_target_linears(model: Any, target_modules: Sequence[str]) -> dict[str, Any]:
+    """``{module_name: nn.Linear}`` for every Linear whose last name part is a target."""
+    import torch
+
+    found = {
+        name: mod
+        for name, mod in model.named_modules()
+        if name.rsplit(".", 1)[-1] in target_modules and isinstance(mod, torch.nn.Linear)
+    }
+    if not found:
+        raise ConfigError(f"model has no Linear modules named {list(target_modules)}")
+    return found
+
+
+class BGMVBank:
+    """Stacked slot weights + forward hooks that add a per-row LoRA delta with ``bmm``."""
+
+    name = "bgmv"
+
+    def __init__(self, model: Any, capacity: int, rank: int, target_modules: Sequence[str]) -> None:
+        import torch
+
+        self.model = model
+        self.linears = find_target_linears(model, target_modules)
+        p = next(model.parameters())
+        self.A: dict[str, Any] = {}  # name -> [S+1, in, r]; row 0 = base (zeros)
+        self.B: dict[str, Any] = {}  # name -> [S+1, r, out]; scaling folded in
+        self._rows: dict[str, tuple[Any, Any]] = {}  # name -> (A_rows [b,in,r], B_rows [b,r,out])
+        self._key: tuple[int, ...] | None = None
+        self._hooks = []
+        for name, lin in self.linears.items():
+            self.A[name] = torch.zeros(capacity + 1, lin.in_features, rank, dtype=p.dtype, device=p.device)
+            self.B[name] = torch.zeros(capacity + 1, rank, lin.out_features, dtype=p.dtype, device=p.device)
+            self._hooks.append(lin.register_forward_hook(self._make_hook(name)))
+
+    def _make_hook(self, name: str) -> Callable:
+        import torch
+
+        def hook(module: Any, inputs: tuple, output: Any) -> Any:
+            rows = self._rows.get(name)
+            if rows is None:
+                return output
+            a, b = rows
+            x = inputs[0]  # [b, t, in]
+            h = torch.bmm(x, a)  # [b, t, r]
+            return torch.baddbmm(output, h, b)  # [b, t, out]
+
+        return hook
+
+    def shapes(self) -> dict[str, tuple[int, int]]:
+        return {n: (lin.in_features, lin.out_features) for n, lin in self.linears.items()}
+
+    def write(self, slot: int, weights: dict[str, tuple[Any, Any, float]]) -> None:
+        """Copy ``{module: (A [r, in], B [out, r], scaling)}`` into ``slot`` (others zeroed)."""
+        self._key = None
+        for name in self.linears:
+            if name in weights:
+                a, b, s = weights[name]
+                self.A[name][slot + 1].copy_(a.t())
+                self.B[name][slot + 1].copy_(b.t() * s)
+            else:
+                self.A[name][slot + 1].zero_()
+                self.B[name][slot + 1].zero_()
+
+    def clear(self, slot: int) -> None:
+        self.write(slot, {})
+
+    def set_rows(self, slots: Sequence[int | None]) -> dict[str, Any]:
+        """Select each row's slot (None = base) for the following forwards."""
+        import torch
+
+        key = tuple(-1 if s is None else s for s in slots)
+        if key != self._key:
+            self._key = key
+            if all(s is None for s in slots):
+                self._rows = {}
+            else:
+                idx = torch.tensor([k + 1 for k in key], device=next(iter(self.A.values())).device)
+                self._rows = {n: (self.A[n][idx], self.B[n][idx]) for n in self.linears}
+        return {}
+
+    def invalidate(self) -> None:
+        self._key = None
+        self._rows = {}
+
+    def close(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        self._rows = {}
+
+
+class PeftBank:
+    """peft LoRA model with one named adapter per slot; rows pick them via ``adapter_names``."""
+
+    name = "peft"
+
+    def __init__(self, model: Any, capacity: int, rank: int, target_modules: Sequence[str]) -> None:
+        from peft import LoraConfig, get_peft_model
+
+        linears = find_target_linears(model, target_modules)
+        self._shapes = {n: (lin.in_features, lin.out_features) for n, lin in linears.items()}
+        cfg = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=list(target_modules))
+        self.model = get_peft_model(model, cfg, adapter_name="slot0")
+        for i in range(1, capacity):
+            self.model.add_adapter(f"slot{i}", cfg)
+        self.model.eval()
+        mods = dict(self.model.base_model.model.named_modules())
+        self._layers = {n: mods[n] for n in self._shapes}  # name -> peft lora.Linear
+        self._names: list[str] = []
+
+    def shapes(self) -> dict[str, tuple[int, int]]:
+        return dict(self._shapes)
+
+    def write(self, slot: int, weights: dict[str, tuple[Any, Any, float]]) -> None:
+        an = f"slot{slot}"
+        for name, layer in self._layers.items():
+            if name in weights:
+                a, b, s = weights[name]
+                layer.lora_A[an].weight.data.copy_(a)
+                layer.lora_B[an].weight.data.copy_(b)
+                layer.scaling[an] = s
+            else:
+                layer.lora_A[an].weight.data.zero_()
+                layer.lora_B[an].weight.data.zero_()
+
+    def clear(self, slot: int) -> None:
+        self.write(slot, {})
+
+    def set_rows(self, slots: Sequence[int | None]) -> dict[str, Any]:
+        return {"adapter_names": [BASE if s is None else f"slot{s}" for s in slots]}
+
+    def invalidate(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+# ---------------------------------------------------------------------------------------
+# The engine
+# ---------------------------------------------------------------------------------------
+@dataclass
+class _Row:
+    """Decode state of one request."""
+
+    index: int  # position in the caller's request list
+    ids: list[int]  # prompt token ids
+    params: SamplingParams
+    slot: int | None  # None = base model
+    generator: Any = None
+    out: list[int] = field(default_factory=list)
+    text: str = ""
+    finish: str | None = None
+    emitted: int = 0  # characters already streamed
+
+
+def _strip_peft_key(key: str) -> tuple[str, str] | None:
+    """``base_model.model.<module>.lora_A[.<adapter>].weight`` -> ``(<module>, "A")``."""
+    for prefix in ("base_model.model.",):
+        if key.startswith(prefix):
+            key = key[len(prefix) :]
+    parts = key.split(".")
+    if len(parts) < 3 or parts[-1] != "weight":
+        return None
+    for i in (len(parts) - 2, len(parts) - 3):
+        if i > 0 and parts[i] in ("lora_A", "lora_B"):
+            return ".".join(parts[:i]), parts[i][-1]
+    return None
+
+
+class MultiAdapterEngine:
+    """Batched generation where each row may use a different user's LoRA adapter."""
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        base_name: str,
+        capacity: int = 32,
+        rank: int = 8,
+        target_modules: Sequence[str] = ("q_proj", "v_proj"),
+        max_context: int | None = None,
+        backend: str = "bgmv",
+    ) -> None:
+        if backend not in BACKENDS:
+            raise ConfigError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise ConfigError(f"rank must be an int >= 1, got {rank!r}")
+        if not isinstance(base_name, str) or not base_name:
+            raise ConfigError("base_name must be a non-empty string (stamped into adapters as base_model)")
+        if max_context is None:
+            max_context = getattr(model.config, "max_position_embeddings", None) or 2048
+        if isinstance(max_context, bool) or not isinstance(max_context, int) or max_context < 2:
+            raise ConfigError(f"max_context must be an int >= 2, got {max_context!r}")
+        self.tokenizer = tokenizer
+        self.base_name = base_name
+        self.rank = rank
+        self.target_modules = tuple(target_modules)
+        self.max_context = max_context
+        self.backend = backend
+        model.eval()
+        bank_cls = BGMVBank if backend == "bgmv" else PeftBank
+        self._bank = bank_cls(model, capacity, rank, self.target_modules)
+        self.model = self._bank.model
+        self._shapes = self._bank.shapes()
+        self._cache = AdapterCache(capacity, load=self._load_into_slot, clear=self._bank.clear)
+        self._lock = threading.RLock()
+        self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        eos = set()
+        for e in (tokenizer.eos_token_id, getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
+            if isinstance(e, int):
+                eos.add(e)
+            elif isinstance(e, list | tuple):
+                eos.update(int(x) for x in e)
+        self.eos_ids = frozenset(eos)
+        self.generated_tokens = 0
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | None = None, **kw: Any) -> MultiAdapterEngine:
+        """Load the policy with ``metarlhf.models.load_policy`` (None = embedded SmolLM2)."""
+        from metarlhf.models import DEFAULT_POLICY_NAME, load_policy, model_name
+
+        model, tok = load_policy(model_dir)
+        kw.setdefault("base_name", model_name(model_dir, DEFAULT_POLICY_NAME))
+        return cls(model, tok, **kw)
+
+    # -- adapter cache -------------------------------------------------------------------
+    @property
+    def capacity(self) -> int:
+        return self._cache.capacity
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            s = self._cache.snapshot()
+            s["backend"] = self.backend
+            s["generated_tokens"] = self.generated_tokens
+            return s
+
+    @property
+    def resident(self) -> list[tuple[str, int]]:
+        """Resident ``(user, version)`` keys, least recently used first."""
+        with self._lock:
+            return self._cache.resident
+
+    def _read_adapter(self, ref: AdapterRef) -> dict[str, tuple[Any, Any, float]]:
+        """Load and fully validate an adapter; returns ``{module: (A, B, scaling)}``."""
+        import torch
+
+        from metarlhf.adapters import load_adapter
+
+        try:
+            ad = load_adapter(ref.path, expect_base=self.base_name, expect_rank=self.rank, expect_kind="policy")
+        except AdapterError as e:
+            raise AdapterError(f"adapter for user {ref.user!r} v{ref.version}: {e}") from e
+        except OSError as e:
+            raise AdapterError(f"adapter for user {ref.user!r} v{ref.version} at {ref.path!r}: unreadable: {e}") from e
+        where = f"adapter for user {ref.user!r} v{ref.version} at {str(ref.path)!r}"
+        cfg = ad.config
+        if str(cfg.get("peft_type", "LORA")).upper() != "LORA" or cfg.get("use_dora"):
+            raise AdapterError(f"{where}: only plain LoRA adapters are supported (peft_type=LORA, no DoRA)")
+        targets = cfg.get("target_modules")
+        if isinstance(targets, str):
+            targets = [targets]
+        if not targets or not set(targets) <= set(self.target_modules):
+            raise AdapterError(f"{where}: targets {targets}, but the engine serves {list(self.target_modules)}")
+        r = self.rank
+        alpha = cfg.get("lora_alpha", r)
+        if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not math.isfinite(alpha):
+            raise AdapterError(f"{where}: lora_alpha must be a number, got {alpha!r}")
+        scaling = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+        parts: dict[str, dict[str, Any]] = {}
+        for key, t in ad.tensors.items():
+            parsed = _strip_peft_key(key)
+            if parsed is None or parsed[0] not in self._shapes:
+                raise AdapterError(f"{where}: tensor {key!r} does not match a {list(self.target_modules)} LoRA layer "
+                                   "of this base model")
+            parts.setdefault(parsed[0], {})[parsed[1]] = t
+        if not parts:
+            raise AdapterError(f"{where}: no LoRA tensors")
+        out: dict[str, tuple[Any, Any, float]] = {}
+        dtype = next(iter(self._bank.A.values())).dtype if isinstance(self._bank, BGMVBank) else torch.float32
+        for name, ab in parts.items():
+            if set(ab) != {"A", "B"}:
+                raise AdapterError(f"{where}: layer {name!r} has lora_{'A' if 'A' not in ab else 'B'} missing")
+            fan_in, fan_out = self._shapes[name]
+            a, b = ab["A"], ab["B"]
+            if tuple(a.shape) != (r, fan_in) or tuple(b.shape) != (fan_out, r):
+                raise AdapterError(
+                    f"{where}: layer {name!r} has shapes A{tuple(a.shape)} B{tuple(b.shape)}, "
+                    f"expected A{(r, fan_in)} B{(fan_out, r)}"
+                )
+            if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+                raise AdapterError(f"{where}: layer {name!r} has NaN or infinite weights")
+            out[name] = (a.to(dtype), b.to(dtype), float(scaling))
+        return out
+
+    def _load_into_slot(self, key: tuple[str, int], ref: AdapterRef, slot: int) -> None:
+        import torch
+
+        weights = self._read_adapter(ref)  # validates everything before touching the slot
+        with torch.no_grad():
+            self._bank.write(slot, weights)
+
+    def preload(self, ref: AdapterRef) -> None:
+        """Make ``ref`` resident now (a miss loads it); raises ``AdapterError`` if it is bad."""
+        if _is_base(ref):
+            return
+        with self._lock:
+            slot = self._cache.acquire(ref.key, ref)
+            self._cache.release(ref.key, slot)
+
+    def pin(self, ref: AdapterRef) -> None:
+        """Load ``ref`` if needed and keep it resident until ``unpin``. Idempotent."""
+        if _is_base(ref):
+            return
+        with self._lock:
+            self._cache.pin(ref.key, ref)
+
+    def unpin(self, ref: AdapterRef) -> None:
+        if _is_base(ref):
+            return
+        with self._lock:
+            self._cache.unpin(ref.key)
+
+    def evict(self, user: str) -> int:
+        """Drop every resident version of ``user``; returns how many were dropped."""
+        with self._lock:
+            return self._cache.evict_user(user)
+
+    # -- request preparation -------------------------------------------------------------
+    def encode(self, request: GenerationRequest) -> list[int]:
+        """Prompt token ids; chat messages go through the tokenizer's chat template."""
+        tok = self.tokenizer
+        if request.messages is not None:
+            if not getattr(tok, "chat_template", None):
+                raise ConfigError("this tokenizer has no chat template; send a raw prompt instead")
+            try:
+                text = tok.apply_chat_template(request.messages, add_generation_prompt=True, tokenize=False)
+            except Exception as e:  # noqa: BLE001 - jinja raises many types on odd input
+                raise ConfigError(f"messages cannot be rendered by the chat template: {e}") from e
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+        else:
+            ids = tok(request.prompt)["input_ids"]
+        if not ids:
+            raise ConfigError("prompt is empty")
+        limit = self.max_context - request.params.max_new_tokens
+        if len(ids) > limit:
+            raise ConfigError(
+                f"prompt has {len(ids)} tokens; with max_new_tokens={request.params.max_new_tokens} the limit is "
+                f"{limit} (max_context={self.max_context})"
+            )
+        return ids
+
+    def _new_row(self, i: int, req: GenerationRequest, ids: list[int], slot: int | None) -> _Row:
+        import torch
+
+        gen = None
+        if req.params.temperature > 0:
+            gen = torch.Generator(device=self._device)
+            gen.manual_seed(req.params.seed if req.params.seed is not None else secrets.randbits(63))
+        return _Row(index=i, ids=ids, params=req.params, slot=slot, generator=gen)
+
+    @property
+    def _device(self) -> Any:
+        return next(self.model.parameters()).device
+
+    def _error(self, ids: list[int] | None, e: MetaRLHFError) -> GenerationResult:
+        return GenerationResult("", [], len(ids or []), 0, "error", error=e)
+
+    def _result(self, row: _Row) -> GenerationResult:
+        return GenerationResult(row.text, list(row.out), len(row.ids), len(row.out), row.finish or "length")
+
+    # -- generation ----------------------------------------------------------------------
+    def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+        """Generate for all requests in one batched decode loop (mixed adapters).
+
+        A request whose adapter cannot be loaded, or whose prompt is too long, gets a
+        result with ``finish_reason="error"`` and ``error`` set; the other rows are served.
+        If more distinct adapters are needed than free slots, the batch runs in waves.
+        """
+        if not isinstance(requests, list | tuple) or not all(isinstance(r, GenerationRequest) for r in requests):
+            raise ConfigError("generate() takes a list of GenerationRequest")
+        results: list[GenerationResult | None] = [None] * len(requests)
+        encoded: dict[int, list[int]] = {}
+        for i, req in enumerate(requests):
+            try:
+                encoded[i] = self.encode(req)
+            except MetaRLHFError as e:
+                results[i] = self._error(None, e)
+        with self._lock:
+            pending = [i for i in range(len(requests)) if results[i] is None]
+            while pending:
+                rows, held, deferred, full = [], {}, [], False
+                for i in pending:
+                    ref = requests[i].adapter
+                    slot = None
+                    if not _is_base(ref):
+                        if ref.key in held:
+                            slot = held[ref.key]
+                        elif full:
+                            deferred.append(i)
+                            continue
+                        else:
+                            try:
+                                slot = self._cache.acquire(ref.key, ref)
+                            except CacheFullError as e:
+                                full = True
+                                if rows:
+                                    deferred.append(i)  # next wave, once this one releases its slots
+                                else:
+                                    results[i] = self._error(encoded[i], e)
+                                continue
+                            except MetaRLHFError as e:
+                                results[i] = self._error(encoded[i], e)
+                                continue
+                            held[ref.key] = slot
+                    rows.append(self._new_row(i, requests[i], encoded[i], slot))
+                try:
+                    for _ in self._decode(rows):
+                        pass
+                finally:
+                    for key, slot in held.items():
+                        self._cache.release(key, slot)
+                for row in rows:
+                    results[row.index] = self._result(row)
+                pending = deferred
+        return results  # type: ignore[return-value]
+
+    def generate_one(self, request: GenerationRequest) -> GenerationResult:
+        """Generate for one request; raises its error instead of returning it."""
+        res = self.generate([request])[0]
+        if res.error is not None:
+            raise res.error
+        return res
+
+    def stream(self, request: GenerationRequest) -> Iterator[str]:
+        """Yield text deltas for one request as tokens are decoded.
+
+        The request is validated and its adapter loaded before this returns, so errors
+        (``ConfigError``, ``AdapterError``) are raised here, not mid-stream. Stop strings
+        are never emitted (text that might start one is held back). The generator's
+        return value (``StopIteration.value``) is the final ``GenerationResult``.
+        """
+        if not isinstance(request, GenerationRequest):
+            raise ConfigError("stream() takes a GenerationRequest")
+        ids = self.encode(request)
+        self.preload(request.adapter)
+        return self._stream(request, ids)
+
+    def _stream(self, request: GenerationRequest, ids: list[int]) -> Iterator[str]:
+        ref = request.adapter
+        slot = None
+        with self._lock:
+            if not _is_base(ref):
+                slot = self._cache.acquire(ref.key, ref)
+            row = self._new_row(0, request, ids, slot)
+            steps = self._decode([row])
+        try:
+            while True:
+                with self._lock:
+                    try:
+                        next(steps)
+                    except StopIteration:
+                        break
+                end = safe_stream_end(row.text, row.params.stop, final=row.finish is not None)
+                if end > row.emitted:
+                    delta = row.text[row.emitted : end]
+                    row.emitted = end
+                    yield delta
+        finally:
+            steps.close()
+            if slot is not None:
+                with self._lock:
+                    self._cache.release(ref.key, slot)
+        if row.emitted < len(row.text):
+            yield row.text[row.emitted :]
+        return self._result(row)
+
+    def _decode(self, rows: list[_Row]) -> Iterator[None]:
+        """Decode ``rows`` together; yields after the prefill and after every step.
+
+        Callers hold ``self._lock`` while advancing this generator.
+        """
+        import torch
+        from transformers import DynamicCache
+
+        if not rows:
+            return
+        dev = self._device
+        tok = self.tokenizer
+        width = max(len(r.ids) for r in rows)
+        input_ids = torch.full((len(rows), width), self._pad_id, dtype=torch.long, device=dev)  # [b, t]
+        attn = torch.zeros((len(rows), width), dtype=torch.long, device=dev)  # [b, t]
+        for j, r in enumerate(rows):  # left padding
+            input_ids[j, width - len(r.ids) :] = torch.tensor(r.ids, device=dev)
+            attn[j, width - len(r.ids) :] = 1
+        pos = (attn.cumsum(-1) - 1).clamp(min=0)  # [b, t]
+        cache = DynamicCache()
+        active = list(rows)
+        with torch.inference_mode():
+            kw = self._bank.set_rows([r.slot for r in active])
+            logits = self.model(
+                input_ids=input_ids, attention_mask=attn, position_ids=pos, cache=cache,
+                use_cache=True, logits_to_keep=1, **kw,
+            ).logits[:, -1, :]  # [b, V]
+            last_pos = pos[:, -1]  # [b]
+            while True:
+                next_ids = self._choose(logits, active)  # [b]
+                keep = []
+                for j, r in enumerate(active):
+                    self._advance(r, int(next_ids[j]), tok)
+                    if r.finish is None:
+                        keep.append(j)
+                self.generated_tokens += len(active)
+                yield
+                if not keep:
+                    return
+                if len(keep) < len(active):  # drop finished rows from the batch and the cache
+                    sel = torch.tensor(keep, device=dev)
+                    cache.batch_select_indices(sel)
+                    attn, last_pos, next_ids = attn[sel], last_pos[sel], next_ids[sel]
+                    active = [active[j] for j in keep]
+                attn = torch.cat([attn, attn.new_ones((len(active), 1))], dim=1)  # [b, t+1]
+                last_pos = last_pos + 1
+                kw = self._bank.set_rows([r.slot for r in active])
+                logits = self.model(
+                    input_ids=next_ids[:, None], attention_mask=attn, position_ids=last_pos[:, None],
+                    cache=cache, use_cache=True, **kw,
+                ).logits[:, -1, :]  # [b, V]
+
+    def _choose(self, logits: Any, rows: list[_Row]) -> Any:
+        import torch
+
+        next_ids = torch.argmax(logits, dim=-1)  # [b]
+        for j, r in enumerate(rows):
+            if r.params.temperature > 0:
+                next_ids[j] = sample_token(logits[j], r.params.temperature, r.params.top_p, r.generator)
+        return next_ids
+
+    def _advance(self, r: _Row, token: int, tok: Any) -> None:
+        """Append one token to a row and decide whether it is finished."""
+        if token in self.eos_ids:
+            r.finish = "stop"
+            return
+        r.out.append(token)
+        r.text = tok.decode(r.out, skip_special_tokens=True)
+        if r.params.stop:
+            cut = find_stop(r.text, r.params.stop)
+            if cut >= 0:
+                r.text = r.text[:cut]
+                r.finish = "stop"
+                return
+        if len(r.out) >= r.params.max_new_tokens:
+            r.finish = "length"
+
+    def close(self) -> None:
+        """Remove the engine's hooks from the model (bgmv backend)."""
+        with self._lock:
+            self._bank.close()
