@@ -1,0 +1,200 @@
+import sqlite3
+import threading
+
+import pytest
+
+from metarlhf.data import Pair, Thumbs
+from metarlhf.errors import ConfigError, DataError, NotFoundError
+from metarlhf.feedback_store import FeedbackInput, SQLiteFeedbackStore, body_sha256, open_feedback_store
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = SQLiteFeedbackStore(tmp_path / "fb.db")
+    yield s
+    s.close()
+
+
+def thumbs(label: int, text: str = "c") -> FeedbackInput:
+    return FeedbackInput("thumbs", "p", completion=text, label=label)
+
+
+def test_wal_and_full_sync(store):
+    conn = store._reader()
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    assert store.schema_version == 1
+
+
+def test_records_round_trip_and_counts(store):
+    store.add_feedback("t", "u", thumbs(1, "good"))
+    store.add_feedback("t", "u", thumbs(0, "bad"))
+    store.add_feedback("t", "u", FeedbackInput("pair", "q", chosen="a", rejected="b"))
+    store.add_feedback("t", "other", thumbs(1))
+    assert store.records("t", "u") == [Thumbs("u", "p", "good", 1), Thumbs("u", "p", "bad", 0), Pair("u", "q", "a", "b")]
+    assert store.records("t", "u", limit=1) == [Pair("u", "q", "a", "b")]
+    assert store.counts("t", "u") == {"total": 3, "up": 1, "down": 1, "pairs": 1, "new": 3}
+    assert store.counts("t", "nobody")["total"] == 0
+    assert sorted(store.users("t")) == [("t", "other"), ("t", "u")]
+
+
+def test_invalid_items_are_rejected():
+    with pytest.raises(DataError):
+        FeedbackInput("thumbs", "p", completion="c", label=2)
+    with pytest.raises(DataError):
+        FeedbackInput("pair", "p", chosen="a")
+    with pytest.raises(DataError):
+        FeedbackInput("stars", "p")
+
+
+def test_idempotency_key_replays_and_detects_a_different_body(store):
+    h = body_sha256({"a": 1})
+    fid, created = store.add_feedback("t", "u", thumbs(1), "key-1", h)
+    assert created
+    assert store.add_feedback("t", "u", thumbs(1), "key-1", h) == (fid, False)
+    with pytest.raises(DataError, match="different request body"):
+        store.add_feedback("t", "u", thumbs(0), "key-1", body_sha256({"a": 2}))
+    # keys are per tenant
+    assert store.add_feedback("t2", "u", thumbs(1), "key-1", h)[1]
+    assert store.counts("t", "u")["total"] == 1
+
+
+def test_body_hash_is_canonical():
+    assert body_sha256({"a": 1, "b": 2}) == body_sha256({"b": 2, "a": 1})
+    assert body_sha256({"a": 1}) != body_sha256({"a": 2})
+
+
+def test_concurrent_writes_are_all_durable_and_group_committed(tmp_path):
+    s = SQLiteFeedbackStore(tmp_path / "fb.db")
+    ids, errors = [], []
+
+    def writer(i):
+        try:
+            for j in range(20):
+                ids.append(s.add_feedback("t", f"u{i}", thumbs(j % 2))[0])
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    s.close()
+    assert not errors
+    assert s.commits < len(ids) == 320  # several writes shared one fsync
+    conn = sqlite3.connect(tmp_path / "fb.db")  # a fresh process view of the file
+    got = {r[0] for r in conn.execute("SELECT id FROM feedback")}
+    assert got == set(ids)
+
+
+def test_a_failing_write_does_not_sink_its_batch(store):
+    h = body_sha256({"x": 1})
+    store.add_feedback("t", "u", thumbs(1), "k", h)
+    results, errors = [], []
+
+    def ok():
+        results.append(store.add_feedback("t", "u", thumbs(1)))
+
+    def bad():
+        try:
+            store.add_feedback("t", "u", thumbs(0), "k", body_sha256({"x": 2}))
+        except DataError as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=f) for f in (ok, bad, ok, bad, ok)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 3 and len(errors) == 2
+    assert store.counts("t", "u")["total"] == 4
+
+
+def test_completions_are_scoped_to_tenant_and_user(store):
+    store.add_completion("t", "u", "cmpl-1", "p", "c", {"source": "base"})
+    assert store.get_completion("t", "u", "cmpl-1")["completion"] == "c"
+    for tenant, user in (("t2", "u"), ("t", "v")):
+        with pytest.raises(NotFoundError):
+            store.get_completion(tenant, user, "cmpl-1")
+    with pytest.raises(NotFoundError):
+        store.get_completion("t", "u", "cmpl-404")
+
+
+def test_jobs_and_new_feedback_watermark(store):
+    for i in range(3):
+        store.add_feedback("t", "u", thumbs(i % 2))
+    job = store.create_job("t", "u", "threshold")
+    assert job["state"] == "queued" and job["feedback_upto"] == store.max_seq("t", "u")
+    assert store.counts("t", "u")["new"] == 0
+    store.add_feedback("t", "u", thumbs(1))
+    assert store.counts("t", "u")["new"] == 1
+    store.update_job(job["id"], "running")
+    store.update_job(job["id"], "failed", error="boom")
+    got = store.get_job("t", job["id"])
+    assert got["state"] == "failed" and got["error"] == "boom" and got["finished_at"]
+    assert store.latest_job("t", "u")["id"] == job["id"]
+    with pytest.raises(NotFoundError):
+        store.get_job("other-tenant", job["id"])
+    j2 = store.create_job("t", "u", "manual")
+    assert store.fail_unfinished_jobs() == 1
+    assert store.get_job("t", j2["id"])["state"] == "failed"
+
+
+def test_delete_user_erases_everything(store):
+    fid, _ = store.add_feedback("t", "u", thumbs(1), "k", "h")
+    store.add_completion("t", "u", "cmpl-1", "p", "c", {})
+    store.create_job("t", "u", "manual")
+    store.add_feedback("t", "keep", thumbs(1))
+    assert store.user_exists("t", "u")
+    assert store.delete_user("t", "u") == 1
+    assert not store.user_exists("t", "u") and not store.has_feedback(fid)
+    assert store.user_exists("t", "keep")
+    # the idempotency key is gone too: reusing it stores a new record
+    assert store.add_feedback("t", "u", thumbs(0), "k", "other")[1]
+
+
+def test_survives_reopen_and_refuses_newer_schema(tmp_path):
+    s = SQLiteFeedbackStore(tmp_path / "fb.db")
+    fid, _ = s.add_feedback("t", "u", thumbs(1))
+    s.close()
+    s = SQLiteFeedbackStore(tmp_path / "fb.db")
+    assert s.has_feedback(fid)
+    s.close()
+    conn = sqlite3.connect(tmp_path / "fb.db")
+    conn.execute("INSERT INTO schema_version VALUES (99)")
+    conn.commit()
+    conn.close()
+    with pytest.raises(ConfigError, match="newer"):
+        SQLiteFeedbackStore(tmp_path / "fb.db")
+
+
+def test_url_dispatch(tmp_path, monkeypatch):
+    s = open_feedback_store(f"sqlite:///{tmp_path}/a.db")
+    assert isinstance(s, SQLiteFeedbackStore) and s.path == tmp_path / "a.db"
+    s.close()
+    s = open_feedback_store(tmp_path / "b.db")
+    s.close()
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_psycopg(name, *a, **kw):
+        if name == "psycopg":
+            raise ImportError("no psycopg")
+        return real_import(name, *a, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", no_psycopg)
+    with pytest.raises(ConfigError, match="psycopg"):
+        open_feedback_store("postgresql://user@localhost/metarlhf")
+    with pytest.raises(ConfigError, match="unsupported"):
+        open_feedback_store("mysql://x")
+    with pytest.raises(ConfigError):
+        open_feedback_store("sqlite:///")
+
+
+def test_unopenable_database_is_a_config_error(tmp_path):
+    bad = tmp_path / "bad.db"
+    bad.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(ConfigError):
+        SQLiteFeedbackStore(bad)
