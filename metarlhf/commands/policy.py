@@ -1,0 +1,172 @@
+"""``metarlhf meta-train policy``, ``metarlhf adapt policy`` and ``metarlhf eval policy``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+
+from metarlhf.errors import ConfigError, DataError, NotFoundError
+
+log = logging.getLogger(__name__)
+
+
+def _positive(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from e
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+    return n
+
+
+def _nonneg(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from e
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {n}")
+    return n
+
+
+def register(groups: dict[str, argparse._SubParsersAction]) -> None:
+    p = groups["meta-train"].add_parser("policy", help="meta-train the policy LoRA init over simulated users")
+    p.add_argument("--algo", choices=["reptile", "fomaml"], default="reptile")
+    p.add_argument("--prompts", required=True, help="HH-RLHF .jsonl.gz (first Human turn) or JSONL of prompts")
+    p.add_argument("--out", required=True, help="output adapter directory (kind policy_init)")
+    p.add_argument("--work", default=None, help="work dir for pool/metrics/checkpoints (default <out>.work)")
+    p.add_argument("--users", default=None, help="comma-separated simulated users (default: the training split)")
+    p.add_argument("--users-file", default=None, help="Python file defining USERS = {name: f(prompt, completion)}")
+    p.add_argument("--meta-steps", type=_positive, default=40)
+    p.add_argument("--inner-steps", type=_positive, default=4)
+    p.add_argument("--support-prompts", type=_positive, default=4)
+    p.add_argument("--query-prompts", type=_positive, default=4)
+    p.add_argument("--samples-per-prompt", type=_positive, default=2)
+    p.add_argument("--pool-prompts", type=_positive, default=64)
+    p.add_argument("--offset", type=_nonneg, default=0, help="skip the first N prompts of the file")
+    p.add_argument("--max-new-tokens", type=_positive, default=48)
+    p.add_argument("--lr", type=float, default=2e-3, help="inner (adaptation) Adam lr")
+    p.add_argument("--reptile-eps", type=float, default=0.5)
+    p.add_argument("--outer-lr", type=float, default=1e-3, help="fomaml outer Adam lr")
+    p.add_argument("--checkpoint-every", type=_positive, default=5)
+    p.add_argument("--policy", default=None, help="base policy model directory (default: embedded SmolLM2)")
+    p.add_argument("--resume", action="store_true", help="continue from <work>/checkpoint")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_meta_train)
+
+    p = groups["adapt"].add_parser("policy", help="fit one user's policy LoRA from thumbs (KTO) / pairs (DPO)")
+    p.add_argument("--data", required=True, help="feedback JSONL file or per-user directory")
+    p.add_argument("--user", required=True, help="user id whose records to use")
+    p.add_argument("--k", type=_positive, required=True, help="number of records to adapt on")
+    p.add_argument("--out", required=True, help="output adapter directory")
+    p.add_argument("--init", default="meta", help="'meta' (shipped init, default), 'scratch', or an adapter dir")
+    p.add_argument("--policy", default=None, help="base policy model directory (default: embedded SmolLM2)")
+    p.add_argument("--steps", type=_positive, default=8)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--beta", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_adapt)
+
+    p = groups["eval"].add_parser("policy", help="few-shot policy personalization on simulated users")
+    p.add_argument("--users-file", default=None, help="Python file defining USERS = {name: f(prompt, completion)}")
+    p.add_argument("--users", default=None, help="comma-separated users (default: held-out built-ins + file's)")
+    p.add_argument("--k", type=_positive, nargs="+", default=[8, 16, 32])
+    p.add_argument("--prompts", required=True, help="HH-RLHF .jsonl.gz or JSONL of prompts")
+    p.add_argument("--offset", type=_nonneg, default=1000, help="skip the first N prompts (meta-training's)")
+    p.add_argument("--eval-prompts", type=_positive, default=16, help="held-out prompts per user")
+    p.add_argument("--samples-per-prompt", type=_positive, default=2)
+    p.add_argument("--methods", default="meta,scratch", help="comma-separated: meta, scratch, or adapter dirs")
+    p.add_argument("--init", default=None, help="adapter dir used for method 'meta' (default: shipped)")
+    p.add_argument("--steps", type=_positive, default=8)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--max-new-tokens", type=_positive, default=48)
+    p.add_argument("--label-noise", type=float, default=0.0)
+    p.add_argument("--policy", default=None, help="base policy model directory (default: embedded SmolLM2)")
+    p.add_argument("--out", required=True, help="results JSON (a PNG is written next to it)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_eval)
+
+
+def _users(names: str | None, users_file: str | None, default: tuple[str, ...]) -> list:
+    from metarlhf.simusers import get_users, load_users_file
+
+    extra = load_users_file(users_file) if users_file else {}
+    if names:
+        wanted = [n.strip() for n in names.split(",") if n.strip()]
+        if not wanted:
+            raise ConfigError("--users is empty")
+        return get_users(wanted, extra)
+    return get_users(list(default), extra) + [u for n, u in extra.items() if n not in default]
+
+
+def cmd_meta_train(args: argparse.Namespace) -> int:
+    from metarlhf.data import read_prompts
+    from metarlhf.policy import AdaptConfig, MetaConfig, meta_train_policy
+    from metarlhf.simusers import TRAIN_USERS
+
+    cfg = MetaConfig(
+        algo=args.algo, meta_steps=args.meta_steps, inner_steps=args.inner_steps,
+        support_prompts=args.support_prompts, query_prompts=args.query_prompts,
+        samples_per_prompt=args.samples_per_prompt, pool_prompts=args.pool_prompts,
+        max_new_tokens=args.max_new_tokens, reptile_eps=args.reptile_eps, outer_lr=args.outer_lr,
+        checkpoint_every=args.checkpoint_every, seed=args.seed,
+    )
+    acfg = AdaptConfig(lr=args.lr)
+    users = _users(args.users, args.users_file, TRAIN_USERS) if (args.users or args.users_file) else _users(
+        None, None, TRAIN_USERS)
+    prompts = read_prompts(args.prompts, limit=args.offset + cfg.pool_prompts)[args.offset:]
+    t0 = time.perf_counter()
+    adapter = meta_train_policy(prompts, users, args.out, work=args.work, config=cfg, adapt_config=acfg,
+                                base=args.policy, resume=args.resume)
+    print(f"wrote {args.out} ({args.algo}, {cfg.meta_steps} meta-steps over {len(users)} users, "
+          f"{time.perf_counter() - t0:.0f} s this run, {adapter.meta['wall_s']} s total)")
+    return 0
+
+
+def cmd_adapt(args: argparse.Namespace) -> int:
+    from metarlhf.adapters import save_adapter
+    from metarlhf.data import group_by_user, load_records, make_task
+    from metarlhf.policy import AdaptConfig, adapt_policy
+
+    records, _ = load_records(args.data)
+    by_user = group_by_user(records)
+    if args.user not in by_user:
+        raise NotFoundError(f"user {args.user!r} has no records in {args.data}")
+    recs = by_user[args.user]
+    if args.k > len(recs):
+        raise DataError(f"--k {args.k} but user {args.user!r} has only {len(recs)} records")
+    support = recs if args.k == len(recs) else make_task(args.user, recs, args.k, seed=args.seed).support
+    cfg = AdaptConfig(steps=args.steps, lr=args.lr, beta=args.beta)
+    init = None if args.init == "scratch" else args.init
+    t0 = time.perf_counter()
+    adapter = adapt_policy(support, base=args.policy, init=init, seed=args.seed, config=cfg)
+    save_adapter(Path(args.out), adapter)
+    losses = adapter.meta["losses"]
+    print(f"wrote {args.out}: user {args.user}, K={len(support)}, {cfg.steps} steps, "
+          f"loss {losses[0]:.4f} -> {losses[-1]:.4f}, {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from metarlhf.data import read_prompts
+    from metarlhf.evaluate_policy import EvalConfig, evaluate_policy
+    from metarlhf.simusers import HELDOUT_USERS
+
+    users = _users(args.users, args.users_file, HELDOUT_USERS)
+    cfg = EvalConfig(
+        ks=sorted(set(args.k)), eval_prompts=args.eval_prompts, samples_per_prompt=args.samples_per_prompt,
+        methods=[m.strip() for m in args.methods.split(",") if m.strip()], steps=args.steps, lr=args.lr,
+        max_new_tokens=args.max_new_tokens, label_noise=args.label_noise, seed=args.seed, meta_init=args.init,
+    )
+    n_train = -(-max(cfg.ks) // cfg.samples_per_prompt)
+    prompts = read_prompts(args.prompts, limit=args.offset + n_train + cfg.eval_prompts)[args.offset:]
+    result = evaluate_policy(users, prompts, cfg, base=args.policy, out=args.out)
+    for row in result["summary"]:
+        print(f"{row['method']:>8} K={row['k']:<3} win rate {row['win_rate']:.3f}  "
+              f"mean reward {row['mean_reward']:+.3f} (base {row['base_mean_reward']:+.3f})  "
+              f"adapt {row['adapt_s']:.1f} s")
+    print(f"wrote {args.out}")
+    return 0

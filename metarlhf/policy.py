@@ -1,0 +1,898 @@
+"""Few-shot policy LoRA: KTO for thumbs, DPO for pairs, and its meta-trained init.
+
+Adaptation (:func:`adapt_policy`)
+    One user's LoRA (r=8 on ``q_proj, v_proj``) starts from an init (the shipped
+    meta-trained one, a given directory, or peft's default: A random, B = 0) and is
+    trained for a bounded number of Adam steps on that user's feedback:
+
+    * unpaired thumbs use KTO (Ethayarajh et al. 2024) with
+      ``r = log pi(y|x) - log pi_ref(y|x)`` (sums over completion tokens) and
+      ``loss = w_y * (1 - sigmoid(beta * (r - z0)))`` for ups,
+      ``w_y * (1 - sigmoid(beta * (z0 - r)))`` for downs;
+    * pairs use DPO, ``-log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r)))``;
+    * a mix of both averages the two losses, weighted by their record counts.
+
+    The reference policy is the same base model with the adapter disabled
+    (``peft_model.disable_adapter()``), never a second copy. Reference log-probs do not
+    change during training, so they are computed once, before the first step.
+
+    Simplifications: the KTO reference point ``z0`` is the batch mean of the log-ratios
+    of the batch's own completions, clamped at 0 and detached (the paper uses mismatched
+    prompt/completion pairs, which costs another forward pass); completions get an EOS
+    appended (a rated answer is a finished answer); prompts keep their last
+    ``max_prompt_tokens`` tokens and completions their first ``max_completion_tokens``.
+
+Using a reward model to stretch a few labels
+    :func:`adapt_policy` accepts ``scorer(prompts, completions) -> scores`` (e.g. a
+    personalized ``RewardModel.score``) with ``augment_samples = n``: before training it
+    samples ``n`` completions per support prompt from the init policy, ranks them with
+    the scorer and adds the top half as thumbs up and the rest as thumbs down
+    (on-policy augmentation). :func:`best_of_n` ranks N samples at inference time.
+
+Meta-training (:func:`meta_train_policy`)
+    First-order meta-learning over simulated users (``metarlhf.simusers``). A pool of
+    base-model samples (several per prompt) is generated once and their reference
+    log-probs computed once. Each meta-step draws a training user and two disjoint
+    prompt sets; the user labels the samples (thumbs); the inner loop is exactly the
+    adaptation procedure (Adam, same lr, ``inner_steps`` steps) on the support set.
+
+    * ``reptile``: ``theta <- theta + eps * (phi - theta)`` (Nichol et al. 2018);
+    * ``fomaml``:  ``theta <- Adam(theta, grad_phi L_query(phi))`` (first-order MAML).
+
+    Checkpoints (init tensors, outer optimizer state, step, RNG state) are written every
+    ``checkpoint_every`` steps; ``resume=True`` continues from the last one. Metrics go to
+    ``metrics.jsonl`` in the work directory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from metarlhf.adapters import Adapter, load_adapter, save_adapter
+from metarlhf.data import Pair, Record, Thumbs
+from metarlhf.errors import AdapterError, ConfigError, DataError, ModelError
+from metarlhf.models import DEFAULT_POLICY_NAME, model_name
+
+log = logging.getLogger(__name__)
+
+#: LoRA settings of every policy adapter.
+LORA_R = 8
+LORA_ALPHA = 16
+LORA_TARGETS = ("q_proj", "v_proj")
+
+#: The shipped meta-trained init (``metarlhf meta-train policy``).
+DEFAULT_INIT_DIR = Path(__file__).resolve().parents[1] / "adapters" / "meta" / "policy"
+
+Scorer = Callable[[list[str], list[str]], Any]
+
+
+# ----------------------------------------------------------------------------- pure losses
+def kto_loss(
+    policy_logps: Any,
+    ref_logps: Any,
+    labels: Any,
+    beta: float = 0.1,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> tuple[Any, Any]:
+    """KTO loss on sequence log-prob sums. Returns ``(mean loss, z0)``.
+
+    ``policy_logps``, ``ref_logps``: ``[n]`` summed log-probs of each completion;
+    ``labels``: ``[n]`` 1 = desirable (thumbs up), 0 = undesirable. ``z0`` is the mean
+    log-ratio clamped at 0, detached (it is a reference point, not a training signal).
+    """
+    import torch
+
+    if beta <= 0:
+        raise ConfigError(f"beta must be > 0, got {beta}")
+    ratio = policy_logps - ref_logps  # [n]
+    z0 = ratio.detach().mean().clamp(min=0)
+    up = labels.to(torch.bool)
+    v = torch.where(up, torch.sigmoid(beta * (ratio - z0)), torch.sigmoid(beta * (z0 - ratio)))  # [n]
+    w = torch.where(up, torch.full_like(ratio, desirable_weight), torch.full_like(ratio, undesirable_weight))
+    return (w * (1 - v)).mean(), z0
+
+
+def dpo_loss(
+    policy_chosen: Any, policy_rejected: Any, ref_chosen: Any, ref_rejected: Any, beta: float = 0.1
+) -> Any:
+    """DPO loss ``mean(-log sigmoid(beta * (chosen log-ratio - rejected log-ratio)))``; inputs ``[n]``."""
+    import torch.nn.functional as F
+
+    if beta <= 0:
+        raise ConfigError(f"beta must be > 0, got {beta}")
+    margin = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)  # [n]
+    return -F.logsigmoid(beta * margin).mean()
+
+
+# ----------------------------------------------------------------------------- config
+@dataclass
+class AdaptConfig:
+    """Hyper-parameters of one user's adaptation."""
+
+    steps: int = 8  # optimizer steps (bounded)
+    lr: float = 2e-3  # Adam learning rate
+    beta: float = 0.1  # KTO / DPO temperature
+    batch_size: int = 16  # records per step (all of them when K <= batch_size)
+    max_prompt_tokens: int = 96
+    max_completion_tokens: int = 64
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
+    precision: str = "auto"  # "auto": bf16 autocast on CPUs with bf16 support, else fp32; "fp32"; "bf16"
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ConfigError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
+        if not 1 <= self.steps <= 10_000:
+            raise ConfigError(f"steps must be in [1, 10000], got {self.steps}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"lr must be a positive number, got {self.lr}")
+        if not (self.beta > 0 and math.isfinite(self.beta)):
+            raise ConfigError(f"beta must be a positive number, got {self.beta}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.max_prompt_tokens < 1 or self.max_completion_tokens < 1:
+            raise ConfigError("max_prompt_tokens and max_completion_tokens must be >= 1")
+
+
+def use_bf16(precision: str = "auto", device: str = "cpu") -> bool:
+    """Whether to run under bf16 autocast: on request, or on CPUs with native bf16."""
+    import torch
+
+    if precision != "auto":
+        return precision == "bf16"
+    if device != "cpu":
+        return False
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def autocast(precision: str = "auto") -> Any:
+    """bf16 autocast context for CPU (a no-op context when fp32)."""
+    import torch
+
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16(precision))
+
+
+def lora_config_dict(base_name: str | None = None) -> dict[str, Any]:
+    """The peft ``adapter_config.json`` of a policy adapter."""
+    from peft import LoraConfig
+
+    cfg = LoraConfig(
+        r=LORA_R,
+        lora_alpha=LORA_ALPHA,
+        target_modules=list(LORA_TARGETS),
+        lora_dropout=0.0,
+        bias="none",
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=base_name,
+    )
+    return json.loads(json.dumps(cfg.to_dict(), default=sorted))
+
+
+# ----------------------------------------------------------------------------- models
+def resolve_base(base: Any = None) -> tuple[Any, Any, str]:
+    """``(model, tokenizer, base_name)`` from None (embedded), a directory, or a pair."""
+    from metarlhf.models import load_policy
+
+    if base is None:
+        model, tok = load_policy()
+        return model, tok, DEFAULT_POLICY_NAME
+    if isinstance(base, (str, os.PathLike)):
+        model, tok = load_policy(base)
+        return model, tok, model_name(base, DEFAULT_POLICY_NAME)
+    if isinstance(base, tuple) and len(base) == 2:
+        model, tok = base
+        return model, tok, base_name_of(model)
+    raise ConfigError(f"base must be None, a model directory or a (model, tokenizer) pair, got {type(base).__name__}")
+
+
+def base_name_of(model: Any) -> str:
+    """Name recorded for an already-loaded base model."""
+    from metarlhf.models import cache_dir
+
+    src = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
+    if not src:
+        return "custom"
+    try:
+        if Path(src).resolve() == (cache_dir() / "smollm2-135m-instruct").resolve():
+            return DEFAULT_POLICY_NAME
+    except OSError:
+        pass
+    return model_name(src, DEFAULT_POLICY_NAME) if Path(src).is_dir() else src
+
+
+def load_init(init: Any, base_name: str) -> Adapter | None:
+    """Resolve ``init``: ``"meta"`` (shipped), ``None``/``"scratch"``, a path, or an Adapter."""
+    if init is None or init == "scratch":
+        return None
+    if isinstance(init, Adapter):
+        adapter = init
+    else:
+        path = DEFAULT_INIT_DIR if init == "meta" else Path(init)
+        if init == "meta" and not (path / "metarlhf.json").is_file():
+            raise AdapterError(
+                f"no shipped policy init at {path}; run `metarlhf meta-train policy` or use init='scratch'"
+            )
+        adapter = load_adapter(path, expect_rank=LORA_R)
+    kind = adapter.meta.get("kind")
+    if kind not in ("policy_init", "policy"):
+        raise AdapterError(f"init adapter is a {kind!r} adapter, expected 'policy_init' or 'policy'")
+    if adapter.base_model is not None and adapter.base_model != base_name:
+        raise AdapterError(
+            f"init adapter was made for base model {adapter.base_model!r}, but the base is {base_name!r}"
+        )
+    return adapter
+
+
+@contextmanager
+def lora_attached(model: Any, init: Adapter | None = None, seed: int = 0) -> Iterator[Any]:
+    """Wrap ``model`` in a fresh peft LoRA (optionally loaded from ``init``); undo on exit.
+
+    peft injects LoRA layers into ``model`` in place; on exit they are removed again
+    (``unload()``, no merge) and every parameter's ``requires_grad`` and the train/eval
+    mode are restored, so the caller's model is left as it was.
+    """
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from peft.utils import set_peft_model_state_dict
+
+    grad_flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    was_training = model.training
+    torch.manual_seed(seed)
+    cfg = LoraConfig(
+        r=LORA_R, lora_alpha=LORA_ALPHA, target_modules=list(LORA_TARGETS), lora_dropout=0.0, bias="none",
+        task_type="CAUSAL_LM",
+    )
+    try:
+        peft_model = get_peft_model(model, cfg)
+    except ValueError as e:
+        raise ModelError(f"cannot attach a LoRA to this model (needs {LORA_TARGETS} modules): {e}") from e
+    try:
+        if init is not None:
+            res = set_peft_model_state_dict(peft_model, init.tensors)
+            unexpected = list(getattr(res, "unexpected_keys", []) or [])
+            if unexpected:
+                raise AdapterError(f"init adapter has tensors this model lacks: {unexpected[:3]} ...")
+            lora_keys = {k for k in init.tensors if "lora_" in k}
+            if not lora_keys:
+                raise AdapterError("init adapter holds no LoRA tensors")
+        yield peft_model
+    finally:
+        peft_model.unload()
+        if hasattr(model, "peft_config"):
+            try:
+                del model.peft_config
+            except AttributeError:
+                pass
+        for n, p in model.named_parameters():
+            p.requires_grad_(grad_flags.get(n, p.requires_grad))
+        model.train(was_training)
+
+
+def lora_state(peft_model: Any) -> dict[str, Any]:
+    """The adapter's tensors under peft's saved key names (detached copies)."""
+    from peft.utils import get_peft_model_state_dict
+
+    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(peft_model).items()}
+
+
+def trainable_params(peft_model: Any) -> list[Any]:
+    return [p for n, p in peft_model.named_parameters() if p.requires_grad and "lora_" in n]
+
+
+# ----------------------------------------------------------------------------- tokens
+def chat_prompt(tok: Any, prompt: str) -> str:
+    """The prompt in the model's chat format, ready for the assistant's answer."""
+    if getattr(tok, "chat_template", None):
+        return tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+    return prompt + "\n"
+
+
+@dataclass
+class SeqBatch:
+    """Left-padded prompt+completion sequences; completions end every row."""
+
+    input_ids: Any  # [n, T]
+    attention_mask: Any  # [n, T]
+    position_ids: Any  # [n, T]
+    comp_mask: Any  # [n, C] 1 where the last C positions are completion tokens
+    comp_len: int  # C = longest completion (tokens)
+
+
+def encode_pairs(
+    tok: Any, prompts: Sequence[str], completions: Sequence[str], max_prompt_tokens: int = 96,
+    max_completion_tokens: int = 64,
+) -> SeqBatch:
+    """Tokenize (prompt, completion) rows, left-padded, completion + EOS at the end."""
+    import torch
+
+    if len(prompts) != len(completions) or not prompts:
+        raise DataError("need one completion per prompt (and at least one row)")
+    eos = tok.eos_token_id
+    pad = tok.pad_token_id if tok.pad_token_id is not None else eos
+    rows, clens = [], []
+    for p, c in zip(prompts, completions, strict=True):
+        p_ids = tok(chat_prompt(tok, p), add_special_tokens=False)["input_ids"][-max_prompt_tokens:]
+        c_ids = tok(c, add_special_tokens=False)["input_ids"][:max_completion_tokens] + [eos]
+        rows.append(p_ids + c_ids)
+        clens.append(len(c_ids))
+    T = max(len(r) for r in rows)
+    C = max(clens)
+    ids = torch.full((len(rows), T), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), T), dtype=torch.long)
+    comp = torch.zeros((len(rows), C), dtype=torch.float32)
+    for i, (r, cl) in enumerate(zip(rows, clens, strict=True)):
+        ids[i, T - len(r):] = torch.tensor(r)
+        mask[i, T - len(r):] = 1
+        comp[i, C - cl:] = 1.0
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    return SeqBatch(ids, mask, pos, comp, C)
+
+
+def sequence_logps(model: Any, batch: SeqBatch, rows: Any = None) -> Any:
+    """Summed log-prob of each row's completion tokens: ``[n]``.
+
+    Only the last ``C + 1`` positions go through the LM head (``logits_to_keep``).
+    """
+    import torch
+
+    ids, mask, pos, comp = batch.input_ids, batch.attention_mask, batch.position_ids, batch.comp_mask
+    if rows is not None:
+        ids, mask, pos, comp = ids[rows], mask[rows], pos[rows], comp[rows]
+    C = batch.comp_len
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=C + 1, use_cache=False)
+    logits = out.logits[:, :-1, :].float()  # [n, C, V] predicts the last C tokens
+    targets = ids[:, -C:]  # [n, C]
+    logp = torch.gather(logits, -1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)  # [n, C]
+    return (logp * comp).sum(-1)  # [n]
+
+
+# ----------------------------------------------------------------------------- training
+@dataclass
+class Prepared:
+    """A user's feedback as tensors: KTO rows and DPO rows (chosen, rejected)."""
+
+    kto: SeqBatch | None
+    kto_labels: Any  # [n_kto]
+    kto_ref: Any  # [n_kto]
+    dpo_c: SeqBatch | None
+    dpo_r: SeqBatch | None
+    dpo_ref_c: Any
+    dpo_ref_r: Any
+
+    @property
+    def n_kto(self) -> int:
+        return 0 if self.kto is None else int(self.kto.input_ids.shape[0])
+
+    @property
+    def n_dpo(self) -> int:
+        return 0 if self.dpo_c is None else int(self.dpo_c.input_ids.shape[0])
+
+
+def check_records(records: Sequence[Record]) -> None:
+    if not records:
+        raise DataError("no feedback records to adapt on")
+    for r in records:
+        if not isinstance(r, (Thumbs, Pair)):
+            raise DataError(f"expected Thumbs or Pair records, got {type(r).__name__}")
+        if isinstance(r, Thumbs) and r.label not in (0, 1):
+            raise DataError(f"thumbs label must be 0 or 1, got {r.label!r}")
+
+
+
+
+def _logps_chunked(model: Any, batch: SeqBatch, chunk: int) -> Any:
+    import torch
+
+    n = batch.input_ids.shape[0]
+    return torch.cat([sequence_logps(model, batch, torch.arange(i, min(i + chunk, n))) for i in range(0, n, chunk)])
+
+
+def reference_logps(peft_model: Any, batch: SeqBatch, chunk: int = 16, precision: str = "auto") -> Any:
+    """Log-probs under the reference policy: the same model with the adapter disabled."""
+    import torch
+
+    with torch.no_grad(), peft_model.disable_adapter(), autocast(precision):
+        return _logps_chunked(peft_model, batch, chunk)
+
+
+def prepare(
+    peft_model: Any,
+    tok: Any,
+    records: Sequence[Record],
+    cfg: AdaptConfig,
+    ref_cache: dict[tuple[str, str], float] | None = None,
+) -> Prepared:
+    """Tokenize a user's records and compute their reference log-probs once.
+
+    ``ref_cache`` maps ``(prompt, completion)`` to a known reference log-prob (meta-training
+    computes the whole pool once); missing entries are computed and added.
+    """
+    import torch
+
+    check_records(records)
+    enc = {"max_prompt_tokens": cfg.max_prompt_tokens, "max_completion_tokens": cfg.max_completion_tokens}
+
+    def refs(batch: SeqBatch, prompts: list[str], comps: list[str]) -> Any:
+        if ref_cache is not None and all((p, c) in ref_cache for p, c in zip(prompts, comps, strict=True)):
+            return torch.tensor([ref_cache[(p, c)] for p, c in zip(prompts, comps, strict=True)])
+        out = reference_logps(peft_model, batch, cfg.batch_size, cfg.precision)
+        if ref_cache is not None:
+            ref_cache.update({(p, c): float(v) for p, c, v in zip(prompts, comps, out, strict=True)})
+        return out
+
+    thumbs = [r for r in records if isinstance(r, Thumbs)]
+    pairs = [r for r in records if isinstance(r, Pair)]
+    kto = labels = kto_ref = dpo_c = dpo_r = ref_c = ref_r = None
+    if thumbs:
+        ps, cs = [r.prompt for r in thumbs], [r.completion for r in thumbs]
+        kto = encode_pairs(tok, ps, cs, **enc)
+        labels = torch.tensor([r.label for r in thumbs], dtype=torch.long)
+        kto_ref = refs(kto, ps, cs)
+    if pairs:
+        ps = [r.prompt for r in pairs]
+        dpo_c = encode_pairs(tok, ps, [r.chosen for r in pairs], **enc)
+        dpo_r = encode_pairs(tok, ps, [r.rejected for r in pairs], **enc)
+        ref_c = refs(dpo_c, ps, [r.chosen for r in pairs])
+        ref_r = refs(dpo_r, ps, [r.rejected for r in pairs])
+    return Prepared(kto, labels, kto_ref, dpo_c, dpo_r, ref_c, ref_r)
+
+
+def feedback_loss(
+    model: Any, data: Prepared, cfg: AdaptConfig, kto_rows: Any = None, dpo_rows: Any = None
+) -> Any:
+    """KTO on thumbs + DPO on pairs, averaged weighted by the number of rows used."""
+    import torch
+
+    if kto_rows is None and data.n_kto:
+        kto_rows = torch.arange(data.n_kto)
+    if dpo_rows is None and data.n_dpo:
+        dpo_rows = torch.arange(data.n_dpo)
+    total, n = 0.0, 0
+    if data.n_kto and len(kto_rows):
+        pol = sequence_logps(model, data.kto, kto_rows)  # [b]
+        loss, _ = kto_loss(
+            pol, data.kto_ref[kto_rows], data.kto_labels[kto_rows], cfg.beta, cfg.desirable_weight,
+            cfg.undesirable_weight,
+        )
+        total, n = total + loss * len(kto_rows), n + len(kto_rows)
+    if data.n_dpo and len(dpo_rows):
+        pc = sequence_logps(model, data.dpo_c, dpo_rows)
+        pr = sequence_logps(model, data.dpo_r, dpo_rows)
+        loss = dpo_loss(pc, pr, data.dpo_ref_c[dpo_rows], data.dpo_ref_r[dpo_rows], cfg.beta)
+        total, n = total + loss * len(dpo_rows), n + len(dpo_rows)
+    if n == 0:
+        raise DataError("empty training batch")
+    return total / n
+
+
+def _sample_rows(data: Prepared, batch_size: int, rng: random.Random) -> tuple[Any, Any]:
+    import torch
+
+    n_k, n_d = data.n_kto, data.n_dpo
+    if n_k + n_d <= batch_size:
+        return torch.arange(n_k), torch.arange(n_d)
+    picked = rng.sample(range(n_k + n_d), batch_size)
+    return (
+        torch.tensor(sorted(i for i in picked if i < n_k), dtype=torch.long),
+        torch.tensor(sorted(i - n_k for i in picked if i >= n_k), dtype=torch.long),
+    )
+
+
+def train_steps(peft_model: Any, data: Prepared, cfg: AdaptConfig, steps: int, rng: random.Random) -> list[float]:
+    """``steps`` Adam steps on the LoRA parameters; returns the loss of each step."""
+    import torch
+
+    params = trainable_params(peft_model)
+    if not params:
+        raise ModelError("the model has no trainable LoRA parameters")
+    opt = torch.optim.Adam(params, lr=cfg.lr)
+    losses = []
+    for _ in range(steps):
+        kto_rows, dpo_rows = _sample_rows(data, cfg.batch_size, rng)
+        opt.zero_grad(set_to_none=True)
+        with autocast(cfg.precision):
+            loss = feedback_loss(peft_model, data, cfg, kto_rows, dpo_rows)
+        if not torch.isfinite(loss):
+            raise ModelError(f"non-finite loss {float(loss)} during adaptation; lower the lr")
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+# ----------------------------------------------------------------------------- generation
+def generate(
+    model: Any,
+    tok: Any,
+    prompts: Sequence[str],
+    max_new_tokens: int = 48,
+    temperature: float = 0.7,
+    top_p: float = 0.9,
+    seed: int = 0,
+    batch_size: int = 16,
+    max_prompt_tokens: int = 96,
+    precision: str = "auto",
+) -> list[str]:
+    """One sampled completion per prompt (``temperature=0`` is greedy), left-padded batches.
+
+    Each batch reseeds torch from ``seed`` and its index, so the same model and prompts
+    always give the same completions.
+    """
+    import torch
+
+    if max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise ConfigError(f"temperature must be >= 0, got {temperature}")
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    outs: list[str] = []
+    for b, start in enumerate(range(0, len(prompts), batch_size)):
+        rows = [
+            tok(chat_prompt(tok, p), add_special_tokens=False)["input_ids"][-max_prompt_tokens:]
+            for p in prompts[start:start + batch_size]
+        ]
+        T = max(len(r) for r in rows)
+        ids = torch.full((len(rows), T), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), T), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, T - len(r):] = torch.tensor(r)
+            mask[i, T - len(r):] = 1
+        torch.manual_seed(seed * 1_000_003 + b)
+        kwargs: dict[str, Any] = {"do_sample": temperature > 0}
+        if temperature > 0:
+            kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
+        with torch.no_grad(), autocast(precision):
+            gen = model.generate(
+                input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, pad_token_id=pad,
+                eos_token_id=tok.eos_token_id, **kwargs,
+            )
+        outs += tok.batch_decode(gen[:, T:], skip_special_tokens=True)
+    return [o.strip() for o in outs]
+
+
+def best_of_n(
+    model: Any, tok: Any, prompts: Sequence[str], scorer: Scorer, n: int = 4, **gen_kwargs: Any
+) -> list[str]:
+    """Sample ``n`` completions per prompt and keep the one ``scorer`` ranks highest."""
+    if n < 1:
+        raise ConfigError(f"n must be >= 1, got {n}")
+    rep = [p for p in prompts for _ in range(n)]
+    comps = generate(model, tok, rep, **gen_kwargs)
+    scores = [float(s) for s in scorer(rep, comps)]
+    return [
+        comps[i * n + max(range(n), key=lambda j, i=i: scores[i * n + j])] for i in range(len(prompts))
+    ]
+
+
+def augment_with_scorer(
+    model: Any, tok: Any, records: Sequence[Record], scorer: Scorer, n: int, seed: int = 0,
+    max_new_tokens: int = 48,
+) -> list[Thumbs]:
+    """On-policy augmentation: ``n`` samples per support prompt, top half up by ``scorer``."""
+    if n < 2:
+        raise ConfigError(f"augment_samples must be >= 2, got {n}")
+    prompts = sorted({r.prompt for r in records})
+    user = records[0].user_id
+    rep = [p for p in prompts for _ in range(n)]
+    comps = generate(model, tok, rep, max_new_tokens=max_new_tokens, temperature=1.0, seed=seed + 7919)
+    scores = [float(s) for s in scorer(rep, comps)]
+    out = []
+    for i, p in enumerate(prompts):
+        group = list(range(i * n, (i + 1) * n))
+        ranked = sorted(group, key=lambda j: scores[j], reverse=True)
+        for rank, j in enumerate(ranked):
+            out.append(Thumbs(user, p, comps[j], int(rank < n // 2)))
+    return out
+
+
+# ----------------------------------------------------------------------------- adaptation
+def adapt_policy(
+    records: Sequence[Record],
+    base: Any = None,
+    init: Any = "meta",
+    steps: int | None = None,
+    seed: int = 0,
+    config: AdaptConfig | None = None,
+    scorer: Scorer | None = None,
+    augment_samples: int = 0,
+) -> Adapter:
+    """Fit one user's policy LoRA on their thumbs (KTO) and/or pairs (DPO).
+
+    ``base``: None (embedded SmolLM2), a model directory, or a loaded ``(model, tokenizer)``
+    pair, which is left unmodified. ``init``: ``"meta"`` (the shipped init), ``None`` or
+    ``"scratch"`` (peft's default LoRA init), an adapter directory, or an :class:`Adapter`.
+    Returns a ``kind="policy"`` adapter (not yet saved).
+    """
+    import torch
+
+    check_records(records)
+    cfg = config or AdaptConfig()
+    if steps is not None:
+        cfg = AdaptConfig(**{**asdict(cfg), "steps": steps})
+    users = {r.user_id for r in records}
+    if len(users) > 1:
+        raise DataError(f"records of one user expected, got {len(users)} users")
+    t0 = time.perf_counter()
+    model, tok, base_name = resolve_base(base)
+    init_adapter = load_init(init, base_name)
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    with lora_attached(model, init_adapter, seed) as pm:
+        recs = list(records)
+        if scorer is not None and augment_samples:
+            recs += augment_with_scorer(pm, tok, recs, scorer, augment_samples, seed)
+        data = prepare(pm, tok, recs, cfg)
+        losses = train_steps(pm, data, cfg, cfg.steps, rng)
+        tensors = lora_state(pm)
+    init_name = (
+        "scratch" if init_adapter is None else ("meta" if init == "meta" else str(init_adapter.meta.get("sha256")))
+    )
+    meta = {
+        "kind": "policy",
+        "base_model": base_name,
+        "init": init_name,
+        "init_sha256": None if init_adapter is None else init_adapter.meta.get("sha256"),
+        "user_id": next(iter(users)),
+        "k": len(records),
+        "n_thumbs": sum(isinstance(r, Thumbs) for r in records),
+        "n_pairs": sum(isinstance(r, Pair) for r in records),
+        "n_augmented": len(recs) - len(records),
+        "steps": cfg.steps,
+        "losses": losses,
+        "seed": seed,
+        "config": asdict(cfg),
+        "wall_s": round(time.perf_counter() - t0, 3),
+    }
+    return Adapter(tensors=tensors, config=lora_config_dict(base_name), meta=meta)
+
+
+@contextmanager
+def adapter_attached(model: Any, adapter: Adapter | None) -> Iterator[Any]:
+    """``model`` with ``adapter``'s LoRA attached (or ``model`` itself for None), for generation."""
+    if adapter is None:
+        yield model
+        return
+    with lora_attached(model, adapter) as pm:
+        pm.eval()
+        yield pm
+
+
+# ----------------------------------------------------------------------------- meta-training
+@dataclass
+class MetaConfig:
+    """Hyper-parameters of first-order meta-training of the policy LoRA init."""
+
+    algo: str = "reptile"  # reptile | fomaml
+    meta_steps: int = 40
+    inner_steps: int = 4  # Adam steps per task (the adaptation procedure, shortened)
+    support_prompts: int = 4  # prompts per support set (x samples_per_prompt thumbs)
+    query_prompts: int = 4  # prompts per query set (fomaml)
+    samples_per_prompt: int = 2  # base samples per prompt in the pool
+    pool_prompts: int = 64  # prompts whose base samples form the pool
+    max_new_tokens: int = 48
+    sample_temperature: float = 1.0
+    reptile_eps: float = 0.5  # reptile: theta += eps * (phi - theta)
+    outer_lr: float = 1e-3  # fomaml: outer Adam lr
+    label_noise: float = 0.0
+    checkpoint_every: int = 5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.algo not in ("reptile", "fomaml"):
+            raise ConfigError(f"algo must be 'reptile' or 'fomaml', got {self.algo!r}")
+        for name in ("meta_steps", "inner_steps", "support_prompts", "query_prompts", "pool_prompts",
+                     "max_new_tokens", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.samples_per_prompt < 2:
+            raise ConfigError(f"samples_per_prompt must be >= 2 (thumbs are relative), got {self.samples_per_prompt}")
+        if self.support_prompts + self.query_prompts > self.pool_prompts:
+            raise ConfigError("support_prompts + query_prompts must not exceed pool_prompts")
+        if not 0 < self.reptile_eps <= 1:
+            raise ConfigError(f"reptile_eps must be in (0, 1], got {self.reptile_eps}")
+        if not self.outer_lr > 0:
+            raise ConfigError(f"outer_lr must be > 0, got {self.outer_lr}")
+        if not 0 <= self.label_noise <= 0.5:
+            raise ConfigError(f"label_noise must be in [0, 0.5], got {self.label_noise}")
+
+
+def reptile_update(theta: Sequence[Any], phi: Sequence[Any], eps: float) -> list[Any]:
+    """Reptile meta-update ``theta + eps * (phi - theta)`` (pure)."""
+    return [t + eps * (p - t) for t, p in zip(theta, phi, strict=True)]
+
+
+def _pool_path(work: Path) -> Path:
+    return work / "pool.jsonl"
+
+
+def sample_pool(
+    model: Any, tok: Any, prompts: Sequence[str], cfg: MetaConfig, work: Path, precision: str = "auto"
+) -> list[tuple[str, list[str]]]:
+    """Base-model samples, ``samples_per_prompt`` per prompt; cached in ``work/pool.jsonl``."""
+    from metarlhf.io import atomic_write_bytes
+
+    path = _pool_path(work)
+    if path.is_file():
+        pool = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        if [p["prompt"] for p in pool] == list(prompts) and all(
+            len(p["completions"]) == cfg.samples_per_prompt for p in pool
+        ):
+            return [(p["prompt"], p["completions"]) for p in pool]
+        log.info("%s does not match this run's prompts; regenerating", path)
+    rep = [p for p in prompts for _ in range(cfg.samples_per_prompt)]
+    comps = generate(
+        model, tok, rep, max_new_tokens=cfg.max_new_tokens, temperature=cfg.sample_temperature,
+        seed=cfg.seed, precision=precision,
+    )
+    s = cfg.samples_per_prompt
+    pool = [(p, comps[i * s:(i + 1) * s]) for i, p in enumerate(prompts)]
+    atomic_write_bytes(
+        path, "".join(json.dumps({"prompt": p, "completions": c}) + "\n" for p, c in pool).encode()
+    )
+    return pool
+
+
+def meta_train_policy(
+    prompts: Sequence[str],
+    users: Sequence[Any],
+    out: str | os.PathLike,
+    work: str | os.PathLike | None = None,
+    config: MetaConfig | None = None,
+    adapt_config: AdaptConfig | None = None,
+    base: Any = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> Adapter:
+    """Meta-train a policy LoRA init over simulated ``users`` and save it to ``out``.
+
+    ``work`` (default ``<out>.work``) holds ``pool.jsonl``, ``metrics.jsonl`` and
+    ``checkpoint/``. With ``resume`` the run continues from the checkpoint.
+    """
+    import torch
+    from tqdm import tqdm
+
+    from metarlhf.io import atomic_write_json, load_tensors, save_tensors
+
+    cfg = config or MetaConfig()
+    acfg = adapt_config or AdaptConfig()
+    if not users:
+        raise ConfigError("meta-training needs at least one simulated user")
+    if len(prompts) < cfg.pool_prompts:
+        raise DataError(f"need at least {cfg.pool_prompts} prompts (pool_prompts), got {len(prompts)}")
+    out = Path(out)
+    work = Path(work) if work is not None else out.with_name(out.name + ".work")
+    work.mkdir(parents=True, exist_ok=True)
+    ckpt = work / "checkpoint"
+    t0 = time.perf_counter()
+    model, tok, base_name = resolve_base(base)
+    pool = sample_pool(model, tok, list(prompts[: cfg.pool_prompts]), cfg, work, acfg.precision)
+    ref_cache: dict[tuple[str, str], float] = {}
+    start, wall_before = 0, 0.0
+    with lora_attached(model, None, cfg.seed) as pm:
+        names = [n for n, p in pm.named_parameters() if p.requires_grad and "lora_" in n]
+        params = trainable_params(pm)
+        outer = torch.optim.Adam(params, lr=cfg.outer_lr) if cfg.algo == "fomaml" else None
+        if resume and (ckpt / "state.json").is_file():
+            state = json.loads((ckpt / "state.json").read_text())
+            if state.get("algo") != cfg.algo:
+                raise ConfigError(f"checkpoint in {ckpt} is for algo {state.get('algo')!r}, not {cfg.algo!r}")
+            saved = load_tensors(ckpt / "params.safetensors")
+            with torch.no_grad():
+                for n, p in zip(names, params, strict=True):
+                    p.copy_(saved[n])
+            if outer is not None and (ckpt / "outer.safetensors").is_file():
+                ost = load_tensors(ckpt / "outer.safetensors")
+                for n, p in zip(names, params, strict=True):
+                    outer.state[p] = {"step": ost[f"step.{n}"], "exp_avg": ost[f"m.{n}"], "exp_avg_sq": ost[f"v.{n}"]}
+            start, wall_before = int(state["step"]), float(state.get("wall_s", 0.0))
+            log.info("resuming meta-training at step %d from %s", start, ckpt)
+        elif (work / "metrics.jsonl").exists():
+            (work / "metrics.jsonl").unlink()
+        # Reference log-probs of the whole pool, once.
+        flat_p = [p for p, cs in pool for _ in cs]
+        flat_c = [c for _, cs in pool for c in cs]
+        for i in range(0, len(flat_p), acfg.batch_size):
+            batch = encode_pairs(tok, flat_p[i:i + acfg.batch_size], flat_c[i:i + acfg.batch_size],
+                                 acfg.max_prompt_tokens, acfg.max_completion_tokens)
+            refs = reference_logps(pm, batch, acfg.batch_size, acfg.precision)
+            ref_cache.update({(p, c): float(v) for p, c, v in
+                              zip(flat_p[i:i + acfg.batch_size], flat_c[i:i + acfg.batch_size], refs, strict=True)})
+        bar = tqdm(range(start, cfg.meta_steps), desc=f"meta-train policy ({cfg.algo})", disable=not progress,
+                   initial=start, total=cfg.meta_steps)
+        for step in bar:
+            ts = time.perf_counter()
+            rng = random.Random(f"{cfg.seed}:{step}")
+            user = users[rng.randrange(len(users))]
+            idx = rng.sample(range(len(pool)), cfg.support_prompts + cfg.query_prompts)
+
+            def label(ids: list[int], rng: random.Random = rng, user: Any = user) -> list[Thumbs]:
+                recs: list[Thumbs] = []
+                for i in ids:
+                    recs += user.thumbs(pool[i][0], pool[i][1], noise=cfg.label_noise, rng=rng)
+                return recs
+
+            support = prepare(pm, tok, label(idx[: cfg.support_prompts]), acfg, ref_cache)
+            theta = [p.detach().clone() for p in params]
+            inner = train_steps(pm, support, acfg, cfg.inner_steps, rng)
+            row: dict[str, Any] = {"step": step + 1, "user": user.name, "support_loss_first": inner[0],
+                                   "support_loss_last": inner[-1]}
+            if cfg.algo == "reptile":
+                with torch.no_grad():
+                    for p, new in zip(params, reptile_update(theta, [p.detach() for p in params], cfg.reptile_eps),
+                                      strict=True):
+                        p.copy_(new)
+            else:
+                query = prepare(pm, tok, label(idx[cfg.support_prompts:]), acfg, ref_cache)
+                for p in params:
+                    p.grad = None
+                with autocast(acfg.precision):
+                    q_loss = feedback_loss(pm, query, acfg)
+                q_loss.backward()
+                grads = [p.grad.detach().clone() for p in params]
+                with torch.no_grad():
+                    for p, t in zip(params, theta, strict=True):
+                        p.copy_(t)
+                for p, g in zip(params, grads, strict=True):
+                    p.grad = g
+                outer.step()
+                outer.zero_grad(set_to_none=True)
+                row["query_loss"] = float(q_loss.detach())
+            row["step_s"] = round(time.perf_counter() - ts, 3)
+            row["wall_s"] = round(wall_before + time.perf_counter() - t0, 3)
+            with open(work / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+            bar.set_postfix(user=user.name[:12], loss=f"{inner[-1]:.3f}")
+            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.meta_steps:
+                ckpt.mkdir(parents=True, exist_ok=True)
+                save_tensors(ckpt / "params.safetensors", {n: p.detach() for n, p in zip(names, params, strict=True)})
+                if outer is not None:
+                    ost = {}
+                    for n, p in zip(names, params, strict=True):
+                        st = outer.state.get(p)
+                        if st:
+                            ost.update({f"step.{n}": torch.as_tensor(st["step"]).reshape(()),
+                                        f"m.{n}": st["exp_avg"], f"v.{n}": st["exp_avg_sq"]})
+                    if ost:
+                        save_tensors(ckpt / "outer.safetensors", ost)
+                atomic_write_json(ckpt / "state.json", {"step": step + 1, "algo": cfg.algo, "wall_s": row["wall_s"],
+                                                        "config": asdict(cfg)})
+        tensors = lora_state(pm)
+    meta = {
+        "kind": "policy_init",
+        "base_model": base_name,
+        "init": f"meta-trained ({cfg.algo})",
+        "algo": cfg.algo,
+        "k": cfg.support_prompts * cfg.samples_per_prompt,
+        "steps": cfg.meta_steps,
+        "inner_steps": cfg.inner_steps,
+        "train_users": [u.name for u in users],
+        "n_prompts": len(pool),
+        "losses": _read_losses(work / "metrics.jsonl"),
+        "meta_config": asdict(cfg),
+        "adapt_config": asdict(acfg),
+        "wall_s": round(wall_before + time.perf_counter() - t0, 1),
+    }
+    adapter = Adapter(tensors=tensors, config=lora_config_dict(base_name), meta=meta)
+    save_adapter(out, adapter)
+    return adapter
+
+
+def _read_losses(path: Path) -> list[float]:
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [round(r.get("query_loss", r["support_loss_last"]), 5) for r in rows]

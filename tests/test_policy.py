@@ -1,0 +1,281 @@
+import json
+import math
+
+import pytest
+import torch
+
+from metarlhf import policy as P
+from metarlhf.adapters import load_adapter, save_adapter
+from metarlhf.cli import main
+from metarlhf.data import Pair, Thumbs
+from metarlhf.errors import AdapterError, ConfigError, DataError
+from metarlhf.simusers import get_users
+from metarlhf.testing import save_tiny, tiny_policy
+
+
+def sig(x):
+    return 1 / (1 + math.exp(-x))
+
+
+# ------------------------------------------------------------------ pure losses
+def test_kto_loss_hand_computed():
+    loss, z0 = P.kto_loss(torch.tensor([1.0, -1.0]), torch.zeros(2), torch.tensor([1, 0]), beta=1.0)
+    assert float(z0) == 0.0
+    assert float(loss) == pytest.approx(1 - sig(1.0), abs=1e-6)
+    # z0 = mean ratio = 1; up: 2 * (1 - sig(0.5 * (2 - 1))); down: 1 - sig(0.5 * (1 - 0))
+    loss, z0 = P.kto_loss(
+        torch.tensor([2.0, 0.0]), torch.zeros(2), torch.tensor([1, 0]), beta=0.5, desirable_weight=2.0
+    )
+    assert float(z0) == pytest.approx(1.0)
+    assert float(loss) == pytest.approx((2 * (1 - sig(0.5)) + (1 - sig(0.5))) / 2, abs=1e-6)
+
+
+def test_kto_reference_point_is_clamped_and_detached():
+    pol = torch.tensor([-1.0, -3.0], requires_grad=True)
+    loss, z0 = P.kto_loss(pol, torch.zeros(2), torch.tensor([1, 1]), beta=1.0)
+    assert float(z0) == 0.0  # mean ratio -2, clamped
+    loss.backward()
+    # d/dr (1 - sig(r)) / 2 = -sig(r)(1 - sig(r)) / 2, no term through z0
+    expected = [-sig(-1) * (1 - sig(-1)) / 2, -sig(-3) * (1 - sig(-3)) / 2]
+    assert pol.grad.tolist() == pytest.approx(expected, abs=1e-6)
+
+
+def test_dpo_loss_hand_computed():
+    loss = P.dpo_loss(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 2.0]), torch.zeros(2), torch.zeros(2), beta=0.5)
+    expected = (-math.log(sig(0.5)) - math.log(sig(-1.0))) / 2
+    assert float(loss) == pytest.approx(expected, abs=1e-6)
+    with pytest.raises(ConfigError):
+        P.dpo_loss(torch.zeros(1), torch.zeros(1), torch.zeros(1), torch.zeros(1), beta=0)
+
+
+def test_reptile_update():
+    out = P.reptile_update([torch.tensor([0.0, 2.0])], [torch.tensor([1.0, 0.0])], eps=0.25)
+    assert out[0].tolist() == [0.25, 1.5]
+
+
+# ------------------------------------------------------------------ log-probs
+def test_sequence_logps_matches_unpadded_forward():
+    model, tok = tiny_policy()
+    prompts, comps = ["hi", "a much longer prompt here"], ["hello there", "ok"]
+    batch = P.encode_pairs(tok, prompts, comps)
+    got = P.sequence_logps(model, batch)
+    for i, (p, c) in enumerate(zip(prompts, comps, strict=True)):
+        p_ids = tok(P.chat_prompt(tok, p), add_special_tokens=False)["input_ids"]
+        c_ids = tok(c, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        ids = torch.tensor([p_ids + c_ids])
+        logp = torch.log_softmax(model(ids).logits[0, :-1], -1)
+        want = sum(float(logp[len(p_ids) - 1 + j, t]) for j, t in enumerate(c_ids))
+        assert float(got[i]) == pytest.approx(want, abs=1e-4)
+
+
+# ------------------------------------------------------------------ adaptation
+def _records(user="u"):
+    return [
+        Thumbs(user, "tell me", "- a\n- b\n- c", 1),
+        Thumbs(user, "tell me", "just words", 0),
+        Thumbs(user, "say more", "- x\n- y", 1),
+        Thumbs(user, "say more", "nope nope", 0),
+    ]
+
+
+def _ratios(model, tok, adapter, records):
+    batch = P.encode_pairs(tok, [r.prompt for r in records], [r.completion for r in records])
+    with torch.no_grad():
+        ref = P.sequence_logps(model, batch)
+        with P.adapter_attached(model, adapter) as pm:
+            pol = P.sequence_logps(pm, batch)
+    return pol - ref
+
+
+def test_adapt_policy_trains_lora_moves_towards_ups_and_leaves_base_untouched():
+    model, tok = tiny_policy()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    recs = _records()
+    cfg = P.AdaptConfig(steps=6, lr=2e-2, precision="fp32", beta=1.0)
+    adapter = P.adapt_policy(recs, base=(model, tok), init=None, config=cfg)
+    # base model unchanged: same keys, same values, no peft leftovers
+    after = model.state_dict()
+    assert set(after) == set(before) and all(torch.equal(before[k], after[k]) for k in before)
+    assert type(model).__name__ == "LlamaForCausalLM" and not hasattr(model, "peft_config")
+    # peft key names; B moved away from its zero init
+    assert all(k.startswith("base_model.model.") and "lora_" in k for k in adapter.tensors)
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in adapter.tensors.items())
+    assert adapter.config["r"] == 8 and sorted(adapter.config["target_modules"]) == ["q_proj", "v_proj"]
+    m = adapter.meta
+    assert m["kind"] == "policy" and m["init"] == "scratch" and m["k"] == 4 and m["steps"] == 6
+    assert m["base_model"] == "custom" and len(m["losses"]) == 6 and m["losses"][-1] < m["losses"][0]
+    r = _ratios(model, tok, adapter, recs)
+    assert float(r[0]) > 0 and float(r[2]) > 0  # ups more likely than under the reference
+    assert float(r[1]) < 0 and float(r[3]) < 0  # downs less likely
+
+
+def test_adapt_policy_with_pairs_and_mixed_records():
+    model, tok = tiny_policy()
+    pairs = [Pair("u", "tell me", "- a\n- b", "words"), Pair("u", "more", "- x", "nah")]
+    cfg = P.AdaptConfig(steps=4, lr=2e-2, precision="fp32")
+    a = P.adapt_policy(pairs, base=(model, tok), init=None, config=cfg)
+    assert a.meta["n_pairs"] == 2 and a.meta["n_thumbs"] == 0 and a.meta["losses"][0] == pytest.approx(math.log(2))
+    assert a.meta["losses"][-1] < a.meta["losses"][0]
+    mixed = P.adapt_policy(pairs + _records(), base=(model, tok), init=None, config=cfg)
+    assert mixed.meta["n_pairs"] == 2 and mixed.meta["n_thumbs"] == 4
+
+
+def test_saved_adapter_loads_in_peft_and_matches(tmp_path):
+    from peft import PeftModel
+
+    model, tok = tiny_policy()
+    a = P.adapt_policy(_records(), base=(model, tok), init=None, steps=2, config=P.AdaptConfig(lr=2e-2))
+    save_adapter(tmp_path / "ad", a)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad(), P.adapter_attached(model, a) as pm:
+        ours = pm(ids).logits
+    fresh, _ = tiny_policy()
+    pm2 = PeftModel.from_pretrained(fresh, tmp_path / "ad")
+    with torch.no_grad():
+        theirs = pm2(ids).logits
+    assert torch.allclose(ours, theirs, atol=1e-5)
+
+
+def test_adapt_from_init_and_init_checks(tmp_path):
+    model, tok = tiny_policy()
+    first = P.adapt_policy(_records(), base=(model, tok), init=None, steps=1)
+    save_adapter(tmp_path / "init", first)
+    second = P.adapt_policy(_records(), base=(model, tok), init=str(tmp_path / "init"), steps=1)
+    assert second.meta["init_sha256"] == load_adapter(tmp_path / "init").meta["sha256"]
+    first.meta["base_model"] = "another-model"
+    with pytest.raises(AdapterError, match="made for base model"):
+        P.adapt_policy(_records(), base=(model, tok), init=first, steps=1)
+    first.meta["kind"] = "reward"
+    first.meta["base_model"] = "custom"
+    with pytest.raises(AdapterError, match="expected 'policy_init'"):
+        P.adapt_policy(_records(), base=(model, tok), init=first, steps=1)
+
+
+def test_adapt_bad_input():
+    model, tok = tiny_policy()
+    with pytest.raises(DataError, match="no feedback"):
+        P.adapt_policy([], base=(model, tok), init=None)
+    with pytest.raises(DataError, match="one user"):
+        P.adapt_policy(_records("a") + _records("b"), base=(model, tok), init=None)
+    with pytest.raises(ConfigError, match="steps"):
+        P.AdaptConfig(steps=0)
+    with pytest.raises(ConfigError, match="lr"):
+        P.AdaptConfig(lr=float("nan"))
+    with pytest.raises(ConfigError):
+        P.adapt_policy(_records(), base=42, init=None)
+
+
+def test_generate_is_deterministic_and_best_of_n_picks_top_score():
+    model, tok = tiny_policy()
+    a = P.generate(model, tok, ["hi", "there"], max_new_tokens=5, seed=3)
+    b = P.generate(model, tok, ["hi", "there"], max_new_tokens=5, seed=3)
+    assert a == b and len(a) == 2
+    best = P.best_of_n(model, tok, ["hi"], scorer=lambda ps, cs: [len(c) for c in cs], n=4, max_new_tokens=6)
+    cands = P.generate(model, tok, ["hi"] * 4, max_new_tokens=6)
+    assert len(best[0]) == max(len(c) for c in cands)
+
+
+def test_augmentation_adds_ranked_thumbs():
+    model, tok = tiny_policy()
+    recs = _records()
+    extra = P.augment_with_scorer(model, tok, recs, lambda ps, cs: [len(c) for c in cs], n=4, max_new_tokens=6)
+    assert len(extra) == 2 * 4 and sum(t.label for t in extra) == 4
+    for p in {"tell me", "say more"}:
+        group = [t for t in extra if t.prompt == p]
+        assert min(len(t.completion) for t in group if t.label) >= max(len(t.completion) for t in group if not t.label)
+
+
+# ------------------------------------------------------------------ meta-training
+def test_meta_train_reptile_writes_init_and_resumes(tmp_path):
+    model, tok = tiny_policy()
+    prompts = [f"question {i}?" for i in range(10)]
+    users = get_users(["bullets", "concise-15", "casual"])
+    cfg = P.MetaConfig(meta_steps=2, pool_prompts=8, max_new_tokens=6, checkpoint_every=1)
+    a = P.meta_train_policy(prompts, users, tmp_path / "init", config=cfg, base=(model, tok), progress=False)
+    assert a.meta["kind"] == "policy_init" and a.meta["steps"] == 2 and len(a.meta["losses"]) == 2
+    saved = load_adapter(tmp_path / "init", expect_kind="policy_init", expect_rank=8)
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in saved.tensors.items())
+    work = tmp_path / "init.work"
+    assert (work / "pool.jsonl").is_file() and (work / "checkpoint" / "state.json").is_file()
+    cfg4 = P.MetaConfig(meta_steps=4, pool_prompts=8, max_new_tokens=6, checkpoint_every=1)
+    P.meta_train_policy(prompts, users, tmp_path / "init", config=cfg4, base=(model, tok), resume=True, progress=False)
+    rows = [json.loads(x) for x in (work / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    # the saved init works as an init for adaptation
+    saved = load_adapter(tmp_path / "init", expect_kind="policy_init")
+    ad = P.adapt_policy(_records(), base=(model, tok), init=str(tmp_path / "init"), steps=1)
+    assert ad.meta["init_sha256"] == saved.meta["sha256"]
+
+
+def test_meta_train_fomaml_and_bad_config(tmp_path):
+    model, tok = tiny_policy()
+    prompts = [f"q {i}" for i in range(8)]
+    cfg = P.MetaConfig(algo="fomaml", meta_steps=2, pool_prompts=8, max_new_tokens=4, checkpoint_every=1)
+    a = P.meta_train_policy(prompts, get_users(["bullets"]), tmp_path / "f", config=cfg, base=(model, tok),
+                            progress=False)
+    rows = [json.loads(x) for x in (tmp_path / "f.work" / "metrics.jsonl").read_text().splitlines()]
+    assert all("query_loss" in r for r in rows) and a.meta["algo"] == "fomaml"
+    with pytest.raises(ConfigError, match="algo"):
+        P.MetaConfig(algo="maml2")
+    with pytest.raises(DataError, match="at least"):
+        P.meta_train_policy(prompts[:3], get_users(["bullets"]), tmp_path / "g", config=cfg, base=(model, tok))
+
+
+# ------------------------------------------------------------------ CLI
+@pytest.fixture
+def tiny_dir(tmp_path):
+    model, tok = tiny_policy()
+    return save_tiny(model, tok, tmp_path / "tiny")
+
+
+def test_cli_adapt_policy(tmp_path, tiny_dir, capsys):
+    data = tmp_path / "fb.jsonl"
+    data.write_text("".join(json.dumps({"user_id": r.user_id, "prompt": r.prompt, "completion": r.completion,
+                                        "label": r.label}) + "\n" for r in _records("alice")))
+    out = tmp_path / "out"
+    rc = main(["adapt", "policy", "--data", str(data), "--user", "alice", "--k", "4", "--out", str(out),
+               "--init", "scratch", "--policy", str(tiny_dir), "--steps", "2"])
+    assert rc == 0
+    ad = load_adapter(out, expect_kind="policy")
+    assert ad.meta["k"] == 4 and ad.meta["steps"] == 2
+    assert main(["adapt", "policy", "--data", str(data), "--user", "bob", "--k", "4", "--out", str(out),
+                 "--init", "scratch", "--policy", str(tiny_dir)]) == 2
+    assert main(["adapt", "policy", "--data", str(data), "--user", "alice", "--k", "9", "--out", str(out),
+                 "--init", "scratch", "--policy", str(tiny_dir)]) == 2
+    assert "only 4 records" in capsys.readouterr().err
+    assert main(["adapt", "policy", "--data", str(data), "--user", "alice", "--k", "4", "--out", str(out),
+                 "--init", str(tmp_path / "missing"), "--policy", str(tiny_dir)]) == 2
+    assert load_adapter(out).meta["sha256"] == ad.meta["sha256"]  # nothing stored was lost
+
+
+def test_cli_eval_policy_with_users_file(tmp_path, tiny_dir):
+    users = tmp_path / "users.py"
+    users.write_text("USERS = {'likes-e': lambda p, c: c.count('e')}\n")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"question {i}"}) + "\n" for i in range(8)))
+    out = tmp_path / "res.json"
+    rc = main(["eval", "policy", "--users-file", str(users), "--users", "likes-e,bullets", "--k", "2", "4",
+               "--prompts", str(prompts), "--offset", "0", "--eval-prompts", "3", "--methods", "scratch",
+               "--steps", "1", "--max-new-tokens", "4", "--policy", str(tiny_dir), "--out", str(out)])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    assert len(res["rows"]) == 4 and {r["user"] for r in res["rows"]} == {"likes-e", "bullets"}
+    assert all(0 <= r["win_rate"] <= 1 and r["adapt_s"] > 0 for r in res["rows"])
+    assert {(s["method"], s["k"]) for s in res["summary"]} == {("scratch", 2), ("scratch", 4)}
+    assert out.with_suffix(".png").stat().st_size > 1000
+
+
+def test_cli_eval_policy_bad_users_file(tmp_path, tiny_dir, capsys):
+    bad = tmp_path / "bad.py"
+    bad.write_text("raise RuntimeError('boom')\n")
+    rc = main(["eval", "policy", "--users-file", str(bad), "--prompts", str(bad), "--out", str(tmp_path / "r.json"),
+               "--policy", str(tiny_dir)])
+    assert rc == 2 and "boom" in capsys.readouterr().err
+
+
+def test_win_rate_counts_ties_as_half():
+    from metarlhf.evaluate_policy import win_rate
+
+    assert win_rate([2, 1, 0, 3], [1, 1, 1, 3]) == pytest.approx((1 + 0.5 + 0 + 0.5) / 4)
+    with pytest.raises(DataError):
+        win_rate([], [])
