@@ -64,6 +64,41 @@ class EvalConfig:
             raise ConfigError(f"label_noise must be in [0, 0.5], got {self.label_noise}")
 
 
+@dataclass(frozen=True)
+class Method:
+    """``<init>[+bon<N>][+aug<N>]``: init ``meta``/``scratch``/adapter dir, optional reward-model use."""
+
+    name: str
+    init: str
+    best_of: int = 1  # best-of-N at inference, ranked by the user's personalized reward model
+    augment: int = 0  # on-policy augmentation: N samples per support prompt labelled by the reward model
+
+    @property
+    def uses_reward(self) -> bool:
+        return self.best_of > 1 or self.augment > 0
+
+
+def parse_method(text: str) -> Method:
+    """Parse ``meta``, ``scratch+bon4``, ``meta+aug4``, ``/path/to/init+bon2`` ..."""
+    parts = text.split("+")
+    init, best_of, augment = parts[0], 1, 0
+    if not init:
+        raise ConfigError(f"method {text!r}: empty init name")
+    for opt in parts[1:]:
+        try:
+            if opt.startswith("bon"):
+                best_of = int(opt[3:])
+            elif opt.startswith("aug"):
+                augment = int(opt[3:])
+            else:
+                raise ValueError
+        except ValueError as e:
+            raise ConfigError(f"method {text!r}: unknown option {opt!r} (use bon<N> or aug<N>)") from e
+    if best_of < 1 or (augment and augment < 2):
+        raise ConfigError(f"method {text!r}: bon needs N >= 1 and aug N >= 2")
+    return Method(text, init, best_of, augment)
+
+
 def win_rate(personal: Sequence[float], base: Sequence[float]) -> float:
     """Share of prompts where the personalized reward beats base; ties count 1/2."""
     if len(personal) != len(base) or not personal:
@@ -130,7 +165,15 @@ def evaluate_policy(
     from tqdm import tqdm
 
     from metarlhf.io import atomic_write_json
-    from metarlhf.policy import AdaptConfig, adapt_policy, adapter_attached, generate, load_init, resolve_base
+    from metarlhf.policy import (
+        AdaptConfig,
+        adapt_policy,
+        adapter_attached,
+        best_of_n,
+        generate,
+        load_init,
+        resolve_base,
+    )
 
     cfg = config or EvalConfig()
     if not users:
@@ -144,14 +187,17 @@ def evaluate_policy(
     eval_prompts = list(prompts[n_train:n_train + cfg.eval_prompts])
     t_start = time.perf_counter()
     model, tok, base_name = resolve_base(base)
-    inits = {}
-    for m in cfg.methods:
-        if m == "scratch":
-            inits[m] = None
-        elif m == "meta":
-            inits[m] = load_init(cfg.meta_init or "meta", base_name)
+    methods = [parse_method(m) for m in cfg.methods]
+    inits: dict[str, Any] = {}
+    for m in methods:
+        if m.init == "scratch":
+            inits[m.init] = None
+        elif m.init == "meta":
+            inits[m.init] = load_init(cfg.meta_init or "meta", base_name)
         else:
-            inits[m] = load_init(m, base_name)
+            inits[m.init] = load_init(m.init, base_name)
+    reward_model = _load_reward_model() if any(m.uses_reward for m in methods) else None
+    scorers: dict[tuple[str, int], Any] = {}
     acfg = AdaptConfig(steps=cfg.steps, lr=cfg.lr, max_completion_tokens=cfg.max_new_tokens)
     log.info("sampling %d base completions for thumbs and %d for held-out prompts", n_train * s, len(eval_prompts))
     rep = [p for p in train_prompts for _ in range(s)]
@@ -167,7 +213,7 @@ def evaluate_policy(
         "rows": [],
         "summary": [],
     }
-    cells = [(u, k, m) for u in users for k in cfg.ks for m in cfg.methods]
+    cells = [(u, k, m) for u in users for k in cfg.ks for m in methods]
     bar = tqdm(cells, desc="eval policy", disable=not progress)
     for user, k, method in bar:
         rng = random.Random(f"{cfg.seed}:{user.name}")
@@ -176,17 +222,29 @@ def evaluate_policy(
             thumbs += user.thumbs(p, pool[i * s:(i + 1) * s], noise=cfg.label_noise, rng=rng)
         support = thumbs[:k]
         base_r = [user.reward(p, c) for p, c in zip(eval_prompts, base_eval, strict=True)]
+        scorer, rm_s = None, 0.0
+        if method.uses_reward:
+            if (user.name, k) not in scorers:
+                t0 = time.perf_counter()
+                scorers[(user.name, k)] = _personal_scorer(reward_model, support, cfg.seed)
+                rm_s = time.perf_counter() - t0
+            scorer = scorers[(user.name, k)]
         t0 = time.perf_counter()
-        adapter = adapt_policy(support, base=(model, tok), init=inits[method], seed=cfg.seed, config=acfg)
-        adapt_s = time.perf_counter() - t0
+        adapter = adapt_policy(support, base=(model, tok), init=inits[method.init], seed=cfg.seed, config=acfg,
+                               scorer=scorer if method.augment else None, augment_samples=method.augment)
+        adapt_s = time.perf_counter() - t0 + rm_s
         with adapter_attached(model, adapter) as pm:
-            comps = generate(pm, tok, eval_prompts, cfg.max_new_tokens, cfg.eval_temperature, seed=cfg.seed + 1)
+            if method.best_of > 1:
+                comps = best_of_n(pm, tok, eval_prompts, scorer, method.best_of, max_new_tokens=cfg.max_new_tokens,
+                                  temperature=cfg.eval_temperature, seed=cfg.seed + 1)
+            else:
+                comps = generate(pm, tok, eval_prompts, cfg.max_new_tokens, cfg.eval_temperature, seed=cfg.seed + 1)
         pers_r = [user.reward(p, c) for p, c in zip(eval_prompts, comps, strict=True)]
         row = {
             "user": user.name,
             "family": user.family,
             "k": k,
-            "method": method,
+            "method": method.name,
             "n_up": sum(t.label for t in support),
             "win_rate": win_rate(pers_r, base_r),
             "mean_reward": statistics.mean(pers_r),
@@ -198,8 +256,8 @@ def evaluate_policy(
                          for i in range(min(2, len(comps)))],
         }
         result["rows"].append(row)
-        bar.set_postfix(user=user.name[:12], k=k, m=method, win=f"{row['win_rate']:.2f}")
-        log.info("%s K=%d %s: win %.3f reward %.3f (base %.3f) adapt %.1f s", user.name, k, method,
+        bar.set_postfix(user=user.name[:12], k=k, m=method.name, win=f"{row['win_rate']:.2f}")
+        log.info("%s K=%d %s: win %.3f reward %.3f (base %.3f) adapt %.1f s", user.name, k, method.name,
                  row["win_rate"], row["mean_reward"], row["base_mean_reward"], adapt_s)
         result["summary"] = summarize(result["rows"])
         result["wall_s"] = round(time.perf_counter() - t_start, 1)
@@ -208,6 +266,27 @@ def evaluate_policy(
     if out is not None:
         _plot(result, Path(out).with_suffix(".png"))
     return result
+
+
+def _load_reward_model() -> Any:
+    """The reward model (embedded encoder, shipped reward init when present)."""
+    from metarlhf.reward import load_reward_model
+
+    return load_reward_model()
+
+
+def _personal_scorer(reward_model: Any, support: Sequence[Any], seed: int) -> Any:
+    """``adapt_reward`` on the user's K thumbs -> ``scorer(prompts, completions)``."""
+    from metarlhf.reward import SHIPPED_INIT_DIR, adapt_reward
+
+    init = None if (SHIPPED_INIT_DIR / "metarlhf.json").is_file() else "scratch"
+    adapter = adapt_reward(list(support), init=init, encoder=reward_model, seed=seed)
+    params = reward_model.params_from_tensors(adapter.tensors, "personal reward adapter")
+
+    def scorer(prompts: Sequence[str], completions: Sequence[str]) -> Any:
+        return reward_model.scores_with(params, list(prompts), list(completions))
+
+    return scorer
 
 
 def load_result(path: str | os.PathLike) -> dict[str, Any]:

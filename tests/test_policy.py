@@ -279,3 +279,35 @@ def test_win_rate_counts_ties_as_half():
     assert win_rate([2, 1, 0, 3], [1, 1, 1, 3]) == pytest.approx((1 + 0.5 + 0 + 0.5) / 4)
     with pytest.raises(DataError):
         win_rate([], [])
+
+
+def test_parse_method():
+    from metarlhf.evaluate_policy import parse_method
+
+    m = parse_method("meta+bon4")
+    assert (m.init, m.best_of, m.augment, m.uses_reward) == ("meta", 4, 0, True)
+    assert parse_method("scratch+aug3").augment == 3 and not parse_method("scratch").uses_reward
+    with pytest.raises(ConfigError, match="unknown option"):
+        parse_method("meta+xyz")
+    with pytest.raises(ConfigError):
+        parse_method("meta+aug1")
+
+
+def test_eval_with_reward_model_methods(monkeypatch):
+    import metarlhf.evaluate_policy as E
+
+    calls = []
+
+    def fake_scorer(reward_model, support, seed):
+        calls.append(len(support))
+        return lambda ps, cs: [float(c.count("e")) for c in cs]
+
+    monkeypatch.setattr(E, "_load_reward_model", lambda: object())
+    monkeypatch.setattr(E, "_personal_scorer", fake_scorer)
+    model, tok = tiny_policy()
+    cfg = E.EvalConfig(ks=[4], eval_prompts=2, methods=["scratch", "scratch+bon3", "scratch+aug2"], steps=1,
+                       max_new_tokens=4)
+    res = E.evaluate_policy(get_users(["bullets"]), [f"q{i}" for i in range(4)], cfg, base=(model, tok),
+                            progress=False)
+    assert [r["method"] for r in res["rows"]] == ["scratch", "scratch+bon3", "scratch+aug2"]
+    assert calls == [4]  # one personalized reward model per (user, K), shared by both methods
