@@ -189,9 +189,10 @@ def test_cli_lora_run_writes_adapter_metrics_plot(cli_setup):
     assert main(common + ["--reward", f"python:{rew}:share", "--out", str(out), "--eval-prompts",
                           str(tmp_path / "prompts.txt"), "--eval-every", "2", "--kl-bound", "1.0"]) == 0
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert len(rows) == 2 and "eval_reward" in rows[-1]
+    assert [r["step"] for r in rows] == [0, 1, 2]  # step 0: held-out eval of the base policy
+    assert "eval_reward" in rows[0] and "eval_reward" in rows[-1] and "reward" not in rows[0]
     for key in ("reward", "kl", "entropy", "clipfrac", "vf_loss", "explained_variance", "tokens_per_s"):
-        assert key in rows[0]
+        assert key in rows[1]
     assert (out / "curves.png").stat().st_size > 1000
     from metarlhf.adapters import load_adapter
 
@@ -205,7 +206,7 @@ def test_cli_lora_run_writes_adapter_metrics_plot(cli_setup):
     PeftModel.from_pretrained(base, out / "adapter")
     # resume to 3 steps continues from the checkpoint
     assert main(common + ["--steps", "3", "--reward", f"python:{rew}:share", "--out", str(out), "--resume"]) == 0
-    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2, 3]
 
 
 def test_cli_full_run_writes_hf_model(cli_setup):

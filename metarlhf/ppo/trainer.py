@@ -585,11 +585,11 @@ def plot_curves(metrics_path: str | os.PathLike, png_path: str | os.PathLike, kl
     import matplotlib.pyplot as plt
 
     rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
+    evals = [r for r in rows if "eval_reward" in r]
     rows = [r for r in rows if "reward" in r]
     steps = [r["step"] for r in rows]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
     a.plot(steps, [r["reward"] for r in rows], label="train batch")
-    evals = [r for r in rows if "eval_reward" in r]
     if evals:
         a.plot([r["step"] for r in evals], [r["eval_reward"] for r in evals], "o-", label="held-out")
     a.set(xlabel="PPO step", ylabel="mean reward", title="reward")
@@ -683,6 +683,10 @@ def train(
         metrics_path.unlink()
     atomic_write_json(out / "config.json", asdict(cfg))
     last: dict[str, Any] = {}
+    if eval_prompts and eval_every and start == 0:
+        baseline = {"step": 0, **evaluate(trainer, eval_prompts)}  # the base policy, before any update
+        _append_jsonl(metrics_path, baseline)
+        log.info("held-out before training: %s", baseline)
     bar = tqdm(total=cfg.steps, initial=start, desc="ppo", disable=not progress)
     for i, batch in enumerate(prompt_batches(prompts, cfg.batch_size, cfg.seed, start, cfg.steps)):
         step = start + i + 1
