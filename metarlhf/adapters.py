@@ -47,8 +47,12 @@ class Adapter:
         return self.meta.get("base_model")
 
 
-def save_adapter(path: str | os.PathLike, adapter: Adapter) -> Path:
-    """Write ``adapter`` to directory ``path`` atomically (replacing any old one)."""
+def save_adapter(path: str | os.PathLike, adapter: Adapter, extra_files: dict[str, bytes] | None = None) -> Path:
+    """Write ``adapter`` to directory ``path`` atomically (replacing any old one).
+
+    ``extra_files`` (name -> bytes) are written into the same directory, inside the
+    same atomic swap (e.g. a reward init's ``split.json``).
+    """
     path = Path(path)
     meta = dict(adapter.meta)
     meta.setdefault("created_at", time.time())
@@ -58,6 +62,10 @@ def save_adapter(path: str | os.PathLike, adapter: Adapter) -> Path:
         meta["sha256"] = sha256_file(tmp / WEIGHTS_FILE)
         (tmp / CONFIG_FILE).write_text(json.dumps(adapter.config, indent=2, sort_keys=True) + "\n")
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        for name, data in (extra_files or {}).items():
+            if "/" in name or name in (WEIGHTS_FILE, CONFIG_FILE, META_FILE):
+                raise AdapterError(f"invalid extra file name {name!r}")
+            (tmp / name).write_bytes(data)
     adapter.meta = meta
     return path
 

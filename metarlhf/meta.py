@@ -1,0 +1,436 @@
+"""The MAML family on ``torch.func``, and meta-training of the reward init.
+
+Vocabulary from learn2learn: a :class:`MetaLearner` holds the meta-parameters θ;
+``clone()`` gives a functional learner whose parameters start at θ (still attached to
+the autograd graph), and ``adapt(loss_fn)`` takes one inner step
+
+    φ ← φ - α ⊙ ∇_φ L_support(φ)          (gradient by ``torch.func.grad``)
+
+The meta-loop is explicit: adapt on the support set, evaluate the query loss at φ,
+and back-propagate to θ (and α).
+
+* ``maml``     second order: the inner gradient stays in the graph, so the meta-gradient
+               is (I - α H_support) ∇L_query(φ) for one step.
+* ``fomaml``   first order: the inner gradient is detached; meta-gradient ∇L_query(φ).
+* ``reptile``  no query loss: the meta-gradient is θ - φ after k steps on the task's data
+               (support ∪ query), applied by the outer optimiser.
+* ``metasgd``  MAML with learned per-parameter inner learning rates α = exp(log_lr);
+               second order unless ``first_order=True``, in which case the inner
+               gradient is detached but α still gets its gradient -g ⊙ ∇L_query(φ).
+
+Models are called with ``torch.func.functional_call`` on a dict of parameters, so one
+loaded encoder serves every task. Tasks in a meta-batch are processed in a loop, not
+with ``vmap``: a transformer over padded text batches of different lengths is not a
+good fit for ``vmap`` and the CPU gains nothing from it.
+
+Meta-training of the reward model (:func:`meta_train_reward`) adapts, per the config,
+either the head only (``inner="head"``, ANIL: LoRA is meta-learned in the outer loop
+and shared; cheap, and second order costs no extra encoder passes) or LoRA + head
+(``inner="all"``). Users are split deterministically into train / validation / test;
+validation accuracy on held-out users is logged every ``val_every`` steps and the
+best-validation parameters are shipped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from metarlhf.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+ALGOS = ("maml", "fomaml", "reptile", "metasgd")
+Params = dict[str, torch.Tensor]
+
+
+# --------------------------------------------------------------------------- pure updates
+
+
+def inner_update(params: Params, grads: Params, lrs: Params) -> Params:
+    """φ = θ - α ⊙ g for the keys in ``grads``; other keys pass through. Pure."""
+    out = dict(params)
+    for k, g in grads.items():
+        out[k] = params[k] - lrs[k] * g
+    return out
+
+
+def reptile_meta_grad(theta: Params, phis: list[Params]) -> Params:
+    """Reptile's meta-gradient: mean over tasks of θ - φ_task (descending it moves θ toward φ). Pure."""
+    return {k: torch.stack([theta[k].detach() - phi[k].detach() for phi in phis]).mean(0) for k in theta}
+
+
+# --------------------------------------------------------------------------- learners
+
+
+class Clone:
+    """A task-specific learner: parameters φ (functions of θ) and an ``adapt`` verb."""
+
+    def __init__(self, params: Params, lrs: Params, adapt_keys: list[str], first_order: bool):
+        self.params = params
+        self.lrs = lrs
+        self.adapt_keys = adapt_keys
+        self.first_order = first_order
+
+    def adapt(self, loss_fn: Callable[[Params], torch.Tensor]) -> torch.Tensor:
+        """One inner step on ``loss_fn(params) -> scalar``. Returns the pre-step loss (detached)."""
+        from torch.func import grad_and_value
+
+        sub = {k: self.params[k] for k in self.adapt_keys}
+        rest = {k: v for k, v in self.params.items() if k not in sub}
+        grads, loss = grad_and_value(lambda s: loss_fn({**rest, **s}))(sub)
+        if self.first_order:
+            grads = {k: g.detach() for k, g in grads.items()}
+        self.params = inner_update(self.params, grads, self.lrs)
+        return loss.detach()
+
+
+class MetaLearner:
+    """Meta-parameters θ (leaf tensors) and inner learning rates, MAML-family style.
+
+    ``log_lrs`` are meta-learned only for ``metasgd``; the others use a fixed α.
+    """
+
+    def __init__(self, params: Params, algo: str, inner_lr: float | Params, adapt_keys: list[str] | None = None,
+                 first_order: bool | None = None):
+        if algo not in ALGOS:
+            raise ConfigError(f"unknown meta-learning algorithm {algo!r}; choose from {', '.join(ALGOS)}")
+        self.algo = algo
+        self.params = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
+        self.adapt_keys = list(adapt_keys) if adapt_keys is not None else list(params)
+        unknown = set(self.adapt_keys) - set(params)
+        if unknown:
+            raise ConfigError(f"adapt_keys not among the parameters: {sorted(unknown)[:3]}")
+        if first_order is None:
+            first_order = algo in ("fomaml", "reptile")
+        if algo == "maml" and first_order:
+            raise ConfigError("maml is second order; use algo='fomaml' for first order")
+        self.first_order = first_order
+        self.log_lrs: Params = {}
+        for k in self.adapt_keys:
+            lr = inner_lr[k] if isinstance(inner_lr, dict) else inner_lr
+            t = (torch.log(lr.detach().clone()) if isinstance(lr, torch.Tensor)
+                 else torch.full_like(self.params[k], math.log(lr)))
+            self.log_lrs[k] = t.detach().clone().requires_grad_(algo == "metasgd")
+
+    def meta_parameters(self) -> list[torch.Tensor]:
+        out = list(self.params.values())
+        if self.algo == "metasgd":
+            out += list(self.log_lrs.values())
+        return out
+
+    def clone(self) -> Clone:
+        lrs = {k: torch.exp(v) for k, v in self.log_lrs.items()}
+        return Clone(dict(self.params), lrs, self.adapt_keys, self.first_order)
+
+
+def meta_gradients(learner: MetaLearner, tasks: list[Any], inner_steps: int,
+                   support_loss: Callable[[Params, Any], torch.Tensor],
+                   query_loss: Callable[[Params, Any], torch.Tensor]) -> tuple[list[torch.Tensor], float]:
+    """Meta-gradients for one meta-batch (mean over tasks), in ``learner.meta_parameters()`` order.
+
+    For ``reptile`` the inner loop runs on ``support_loss`` and the returned "gradient"
+    is θ - φ; the float returned is the mean query loss at φ (for logging).
+    """
+    params = learner.meta_parameters()
+    total: list[torch.Tensor] | None = None
+    qsum = 0.0
+    for task in tasks:
+        clone = learner.clone()
+        for _ in range(inner_steps):
+            clone.adapt(lambda p, task=task: support_loss(p, task))
+        if learner.algo == "reptile":
+            q = query_loss({k: v.detach() for k, v in clone.params.items()}, task).detach()
+            g = [learner.params[k].detach() - clone.params[k].detach() for k in learner.params]
+        else:
+            q = query_loss(clone.params, task)
+            g = torch.autograd.grad(q, params, allow_unused=True)
+            g = [torch.zeros_like(p) if gi is None else gi for p, gi in zip(params, g, strict=True)]
+        qsum += float(q.detach())
+        total = g if total is None else [a + b for a, b in zip(total, g, strict=True)]
+    n = len(tasks)
+    return [t / n for t in total], qsum / n
+
+
+# --------------------------------------------------------------------------- reward meta-training
+
+
+@dataclass
+class MetaTrainConfig:
+    """Meta-training options for the reward init (stored in the init's metadata)."""
+
+    algo: str = field(default="metasgd", metadata={"help": "maml | fomaml | reptile | metasgd"})
+    first_order: bool = field(default=False, metadata={"help": "metasgd only: detach inner gradients"})
+    inner: str = field(default="head", metadata={"help": "head (ANIL) | all (LoRA + head)"})
+    inner_steps: int = 3
+    inner_lr_head: float = 10.0  # weight; the bias starts at inner_lr_bias
+    inner_lr_bias: float = 1.0
+    inner_lr_lora: float = 1e-3
+    meta_lr: float = 2e-3
+    lr_meta_lr: float = 1e-2  # outer lr of the Meta-SGD log learning rates
+    meta_batch: int = 4
+    k_choices: list[int] = field(default_factory=lambda: [4, 8, 16])
+    n_query: int = 24
+    steps: int = 300
+    val_every: int = 30
+    val_k: int = 8
+    val_query: int = 48
+    ckpt_every: int = 25
+    seed: int = 0
+    holdout_test: int = 20
+    holdout_val: int = 10
+    split_seed: int = 0
+    max_seconds: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.algo not in ALGOS:
+            raise ConfigError(f"unknown meta-learning algorithm {self.algo!r}; choose from {', '.join(ALGOS)}")
+        if self.inner not in ("head", "all"):
+            raise ConfigError(f"inner must be 'head' or 'all', got {self.inner!r}")
+        if self.first_order and self.algo == "maml":
+            raise ConfigError("--first-order with maml is fomaml; pass --algo fomaml")
+        for name in ("inner_steps", "meta_batch", "n_query", "steps", "val_every", "ckpt_every", "val_k"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.k_choices or min(self.k_choices) < 1:
+            raise ConfigError(f"k_choices must be positive, got {self.k_choices}")
+
+
+def split_persona_users(user_ids: list[str], holdout_test: int, holdout_val: int, seed: int = 0) -> dict[str, list[str]]:
+    """Deterministic disjoint train / val / test user split (test first, so it is stable)."""
+    from metarlhf.data import split_users
+
+    if holdout_test + holdout_val >= len(user_ids):
+        raise DataError(f"cannot hold out {holdout_test} test + {holdout_val} validation of {len(user_ids)} users")
+    rest, test = split_users(user_ids, holdout_test, seed=seed) if holdout_test else (sorted(user_ids), [])
+    train, val = split_users(rest, holdout_val, seed=seed + 1) if holdout_val else (rest, [])
+    return {"train": train, "val": val, "test": test, "seed": seed}
+
+
+def _task_loss_fns(model: Any, cfg: MetaTrainConfig) -> tuple[Callable, Callable, Callable]:
+    """support_loss, query_loss and a per-task preparation for the reward model."""
+    from metarlhf.reward import RewardModel, records_loss
+
+    def prepare(params: Params, support: Any, query: Any) -> dict[str, Any]:
+        task: dict[str, Any] = {"support": support, "query": query}
+        if cfg.inner == "head":  # one encoder pass for support + query, in the graph of LoRA
+            emb = model.embed_ids(support.ids + query.ids, params)  # [ns + nq, hidden]
+            task["emb_s"], task["emb_q"] = emb[: len(support.ids)], emb[len(support.ids):]
+        return task
+
+    def support_loss(p: Params, task: dict[str, Any]) -> torch.Tensor:
+        if cfg.inner == "head":
+            return records_loss(RewardModel.head_scores(p, task["emb_s"]), task["support"])
+        return records_loss(RewardModel.head_scores(p, model.embed_ids(task["support"].ids, p)), task["support"])
+
+    def query_loss(p: Params, task: dict[str, Any]) -> torch.Tensor:
+        if cfg.inner == "head":
+            return records_loss(RewardModel.head_scores(p, task["emb_q"]), task["query"])
+        return records_loss(RewardModel.head_scores(p, model.embed_ids(task["query"].ids, p)), task["query"])
+
+    return prepare, support_loss, query_loss
+
+
+def _sample_tasks(model: Any, users: dict[str, list], ids: list[str], cfg: MetaTrainConfig, step: int) -> list:
+    from metarlhf.data import make_task
+
+    rng = random.Random(f"{cfg.seed}:{step}")  # per-step RNG: resuming replays the same tasks
+    out = []
+    for _ in range(cfg.meta_batch):
+        u = rng.choice(ids)
+        k = rng.choice(cfg.k_choices)
+        t = make_task(u, users[u], k, seed=rng.randrange(1 << 30), max_query=cfg.n_query)
+        out.append((model.encode_records(t.support), model.encode_records(t.query)))
+    return out
+
+
+def evaluate_users(model: Any, params: Params, log_lrs: Params, users: dict[str, list], ids: list[str],
+                   k: int, n_query: int, steps: int, inner: str, seed: int = 0) -> float:
+    """Mean query accuracy after adapting from ``params`` on K support records per user."""
+    from metarlhf.data import make_task
+    from metarlhf.reward import adapt_params, records_accuracy
+
+    accs = []
+    for u in ids:
+        t = make_task(u, users[u], k, seed=seed, max_query=n_query)
+        adapted, _ = adapt_params(model, model.encode_records(t.support), params, log_lrs, steps, inner, seed)
+        q = model.encode_records(t.query)
+        with torch.no_grad():
+            scores = model.head_scores(adapted, model.embed_ids(q.ids, adapted))
+        accs.append(records_accuracy(scores, q))
+    return sum(accs) / max(1, len(accs))
+
+
+def _adam_state_tensors(opt: torch.optim.Optimizer, names: list[str]) -> dict[str, torch.Tensor]:
+    out = {}
+    params = [p for g in opt.param_groups for p in g["params"]]
+    for name, p in zip(names, params, strict=True):
+        st = opt.state.get(p)
+        if st:
+            out[f"opt.exp_avg.{name}"] = st["exp_avg"]
+            out[f"opt.exp_avg_sq.{name}"] = st["exp_avg_sq"]
+            out[f"opt.step.{name}"] = torch.as_tensor(st["step"], dtype=torch.float64).reshape(1)
+    return out
+
+
+def _load_adam_state(opt: torch.optim.Optimizer, names: list[str], tensors: dict[str, torch.Tensor]) -> None:
+    params = [p for g in opt.param_groups for p in g["params"]]
+    for name, p in zip(names, params, strict=True):
+        if f"opt.exp_avg.{name}" in tensors:
+            opt.state[p] = {
+                "step": torch.tensor(float(tensors[f"opt.step.{name}"][0])),
+                "exp_avg": tensors[f"opt.exp_avg.{name}"].clone(),
+                "exp_avg_sq": tensors[f"opt.exp_avg_sq.{name}"].clone(),
+            }
+
+
+def meta_train_reward(data: str | Path, out: str | Path, cfg: MetaTrainConfig, encoder_dir: str | Path | None = None,
+                      resume: bool = False, ckpt_dir: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
+    """Meta-train a reward init on the users in ``data``; writes an init adapter to ``out``.
+
+    Checkpoints (safetensors: meta-params, log-lrs, Adam state, best params; JSON: step,
+    best validation, config) and ``metrics.jsonl`` go to ``ckpt_dir`` (default
+    ``<out>.ckpt``). ``resume`` continues from there with the same task sequence.
+    The output directory is written atomically at the end, with ``split.json`` and
+    ``metrics.jsonl`` next to the adapter files.
+    """
+    from tqdm import tqdm
+
+    from metarlhf.adapters import save_adapter
+    from metarlhf.data import group_by_user, load_records
+    from metarlhf.io import atomic_write_json, load_tensors, save_tensors
+    from metarlhf.reward import HEAD_KEYS, INIT_KIND, EncodedRecords, RewardConfig, load_reward_model
+
+    t_start = time.perf_counter()
+    out = Path(out)
+    ckpt = Path(ckpt_dir) if ckpt_dir is not None else out.with_name(out.name + ".ckpt")
+    records, _ = load_records(data)
+    users = group_by_user(records)
+    split = split_persona_users(sorted(users), cfg.holdout_test, cfg.holdout_val, cfg.split_seed)
+    need = max(cfg.k_choices) + 1
+    small = [u for u in split["train"] if len(users[u]) < need]
+    if small:
+        raise DataError(f"user {small[0]!r} has {len(users[small[0]])} records; meta-training needs >= {need} per user")
+    model = load_reward_model(encoder_dir, adapter_dir=None, config=RewardConfig())
+    model.set_params(model.fresh_params(cfg.seed))  # never start from a shipped init
+    torch.manual_seed(cfg.seed)
+    init = model.fresh_params(cfg.seed)
+    keys = list(init)
+    head_keys = list(HEAD_KEYS)
+    adapt_keys = head_keys if cfg.inner == "head" else keys
+    lrs = {k: cfg.inner_lr_lora for k in adapt_keys} | {"head.weight": cfg.inner_lr_head, "head.bias": cfg.inner_lr_bias}
+    learner = MetaLearner(init, cfg.algo, lrs, adapt_keys, first_order=cfg.first_order or None)
+    names = list(learner.params) + ([f"log_lr.{k}" for k in learner.log_lrs] if cfg.algo == "metasgd" else [])
+    groups = [{"params": list(learner.params.values()), "lr": cfg.meta_lr}]
+    if cfg.algo == "metasgd":
+        groups.append({"params": list(learner.log_lrs.values()), "lr": cfg.lr_meta_lr})
+    opt = torch.optim.Adam(groups)
+    step, best_val, best_step = 0, -1.0, 0
+    best: Params = {k: v.detach().clone() for k, v in learner.params.items()}
+    best_lrs: Params = {k: v.detach().clone() for k, v in learner.log_lrs.items()}
+    if resume:
+        state_file = ckpt / "state.json"
+        if not state_file.is_file():
+            raise DataError(f"--resume: no checkpoint at {state_file}")
+        state = json.loads(state_file.read_text())
+        volatile = ("steps", "max_seconds", "val_every", "ckpt_every")
+        if {k: v for k, v in state["config"].items() if k not in volatile} != {
+            k: v for k, v in asdict(cfg).items() if k not in volatile
+        }:
+            raise ConfigError(f"--resume: checkpoint {ckpt} was made with a different configuration")
+        tensors = load_tensors(ckpt / "state.safetensors")
+        with torch.no_grad():
+            for k in learner.params:
+                learner.params[k].copy_(tensors[f"param.{k}"])
+                best[k] = tensors[f"best.{k}"]
+            for k in learner.log_lrs:
+                learner.log_lrs[k].copy_(tensors[f"log_lr.{k}"])
+                best_lrs[k] = tensors[f"best_log_lr.{k}"]
+        _load_adam_state(opt, names, tensors)
+        step, best_val, best_step = state["step"], state["best_val"], state["best_step"]
+        t_start -= state.get("elapsed", 0.0)
+        log.info("resumed from %s at step %d", ckpt, step)
+    ckpt.mkdir(parents=True, exist_ok=True)
+    metrics_path = ckpt / "metrics.jsonl"
+    prepare, support_loss, query_loss = _task_loss_fns(model, cfg)
+
+    def save_ckpt() -> None:
+        t = {f"param.{k}": v for k, v in learner.params.items()}
+        t |= {f"log_lr.{k}": v for k, v in learner.log_lrs.items()}
+        t |= {f"best.{k}": v for k, v in best.items()} | {f"best_log_lr.{k}": v for k, v in best_lrs.items()}
+        t |= _adam_state_tensors(opt, names)
+        save_tensors(ckpt / "state.safetensors", t)
+        atomic_write_json(ckpt / "state.json", {"step": step, "best_val": best_val, "best_step": best_step,
+                                                 "config": asdict(cfg), "elapsed": time.perf_counter() - t_start,
+                                                 "split": split})
+
+    def validate() -> float:
+        if not split["val"]:
+            return float("nan")
+        return evaluate_users(model, {k: v.detach() for k, v in learner.params.items()},
+                              {k: v.detach() for k, v in learner.log_lrs.items()}, users, split["val"],
+                              cfg.val_k, cfg.val_query, cfg.inner_steps, cfg.inner, seed=12345)
+
+    bar = tqdm(total=cfg.steps, initial=step, disable=not progress, desc=f"meta-train {cfg.algo}")
+    with open(metrics_path, "a") as mf:
+        while step < cfg.steps:
+            if cfg.max_seconds is not None and time.perf_counter() - t_start > cfg.max_seconds:
+                log.info("stopping at step %d: --max-seconds reached", step)
+                break
+            t0 = time.perf_counter()
+            tasks = _sample_tasks(model, users, split["train"], cfg, step)
+            prepared = []
+            for s, q in tasks:
+                if cfg.algo == "reptile":  # Reptile adapts on all of the task's data
+                    both = EncodedRecords(s.ids + q.ids, torch.cat([s.thumb_idx, q.thumb_idx + len(s.ids)]),
+                                          torch.cat([s.thumb_labels, q.thumb_labels]),
+                                          torch.cat([s.chosen_idx, q.chosen_idx + len(s.ids)]),
+                                          torch.cat([s.rejected_idx, q.rejected_idx + len(s.ids)]))
+                    s = both
+                prepared.append(prepare(learner.params, s, q))
+            grads, qloss_val = meta_gradients(learner, prepared, cfg.inner_steps, support_loss, query_loss)
+            opt.zero_grad()
+            for p, g in zip(learner.meta_parameters(), grads, strict=True):
+                p.grad = g
+            opt.step()
+            step += 1
+            rec: dict[str, Any] = {"step": step, "query_loss": round(qloss_val, 5),
+                                   "seconds": round(time.perf_counter() - t0, 3)}
+            if step % cfg.val_every == 0 or step == cfg.steps:
+                val = validate()
+                rec["val_acc"] = round(val, 4)
+                if val > best_val:
+                    best_val, best_step = val, step
+                    best = {k: v.detach().clone() for k, v in learner.params.items()}
+                    best_lrs = {k: v.detach().clone() for k, v in learner.log_lrs.items()}
+            mf.write(json.dumps(rec) + "\n")
+            mf.flush()
+            bar.update(1)
+            bar.set_postfix(q=f"{qloss_val:.3f}", val=f"{best_val:.3f}")
+            if step % cfg.ckpt_every == 0:
+                save_ckpt()
+    bar.close()
+    if best_val < 0:  # never validated (e.g. stopped early): validate now
+        val = validate()
+        best_val, best_step = val, step
+        best = {k: v.detach().clone() for k, v in learner.params.items()}
+        best_lrs = {k: v.detach().clone() for k, v in learner.log_lrs.items()}
+    save_ckpt()
+    wall = time.perf_counter() - t_start
+    final_lrs = best_lrs  # fixed (maml, fomaml, reptile) or learned (metasgd) inner lrs
+    meta = {"kind": INIT_KIND, "name": f"meta-{cfg.algo}", "init": "meta", "algo": cfg.algo, "inner": cfg.inner,
+            "inner_steps": cfg.inner_steps, "steps": step, "best_step": best_step, "val_acc": best_val,
+            "meta_config": asdict(cfg), "split": split, "data": str(data), "wall_seconds": round(wall, 1)}
+    adapter = model.make_adapter(best, meta, log_lrs=final_lrs)
+    extra = {"split.json": (json.dumps(split, indent=2) + "\n").encode(), "metrics.jsonl": metrics_path.read_bytes()}
+    save_adapter(out, adapter, extra_files=extra)
+    return {"out": str(out), "steps": step, "best_val": best_val, "best_step": best_step, "wall_seconds": wall}

@@ -1,0 +1,542 @@
+"""Personalised reward model: a text encoder with LoRA plus a scalar head.
+
+    score(prompt, completion) = head( normalize( meanpool( encoder_LoRA([CLS] prompt [SEP] completion [SEP]) ) ) )
+
+* Encoder: any local Hugging Face encoder (default: the embedded all-MiniLM-L6-v2).
+  LoRA (peft, r=8 on ``query``/``value``, no dropout) adapts it; the base weights
+  stay frozen and are shared by every user.
+* Head: ``Linear(hidden, 1)``. It belongs to the user's adapter and is stored next to
+  the LoRA tensors as the extra keys ``head.weight`` / ``head.bias``.
+* Losses: logistic (binary cross-entropy on the score as a logit) for thumbs records,
+  Bradley-Terry ``-log sigmoid(s_chosen - s_rejected)`` for pairs; mixed sets average
+  over records.
+* Few-shot adaptation (:func:`adapt_reward`) runs the *same* inner loop that
+  meta-training (:mod:`metarlhf.meta`) optimised: ``steps`` plain gradient steps with
+  per-parameter learning rates (Meta-SGD) on the parameters the init says to adapt
+  (``head`` = ANIL-style, head only with the meta-learned LoRA kept; ``all`` = LoRA +
+  head). From ``init="scratch"`` it fits a fresh LoRA + zero head with Adam instead.
+
+Simplifications: the prompt is truncated to its first ``prompt_max_tokens`` tokens
+(the completion carries most of the signal), the pooled embedding is L2-normalised,
+and all records of one user are encoded in one padded batch per ``batch_size``.
+Tokenisations are cached per (prompt, completion) pair.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from metarlhf.adapters import Adapter, load_adapter
+from metarlhf.data import Pair, Record, Thumbs
+from metarlhf.errors import AdapterError, ConfigError, DataError, ModelError
+
+#: The shipped meta-trained init (``adapters/meta/reward`` in the repository root).
+SHIPPED_INIT_DIR = Path(__file__).resolve().parent.parent / "adapters" / "meta" / "reward"
+INIT_KIND = "reward_init"
+USER_KIND = "reward"
+LR_PREFIX = "meta_sgd.log_lr."  # extra keys of an init: log inner learning rates
+HEAD_KEYS = ("head.weight", "head.bias")
+
+
+# --------------------------------------------------------------------------- losses
+
+
+def logistic_loss(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean binary cross-entropy of ``sigmoid(scores)`` against 0/1 ``labels``. [n], [n] -> []."""
+    return F.binary_cross_entropy_with_logits(scores, labels.to(scores.dtype))
+
+
+def bradley_terry_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor) -> torch.Tensor:
+    """Mean ``-log sigmoid(chosen - rejected)``. [n], [n] -> []."""
+    return F.softplus(-(chosen_scores - rejected_scores)).mean()
+
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclass
+class RewardConfig:
+    """Shape of the reward adapter. Stored in every adapter's metadata."""
+
+    r: int = field(default=8, metadata={"help": "LoRA rank"})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator"})
+    target_modules: list[str] = field(default_factory=lambda: ["query", "value"])
+    max_length: int = field(default=128, metadata={"help": "max tokens of prompt + completion"})
+    prompt_max_tokens: int = field(default=16, metadata={"help": "prompt tokens kept (from its start)"})
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise ConfigError(f"r must be >= 1, got {self.r}")
+        if self.max_length < 8:
+            raise ConfigError(f"max_length must be >= 8, got {self.max_length}")
+        if not 0 <= self.prompt_max_tokens < self.max_length - 3:
+            raise ConfigError("prompt_max_tokens must be in [0, max_length - 3)")
+
+    def lora_config(self) -> Any:
+        from peft import LoraConfig
+
+        return LoraConfig(
+            r=self.r, lora_alpha=self.lora_alpha, target_modules=list(self.target_modules), lora_dropout=0.0,
+            bias="none",
+        )
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RewardConfig:
+        return cls(**{k: d[k] for k in ("r", "lora_alpha", "target_modules", "max_length", "prompt_max_tokens") if k in d})
+
+
+# --------------------------------------------------------------------------- encoded records
+
+
+@dataclass
+class EncodedRecords:
+    """Records turned into unique token sequences plus index tensors for the losses."""
+
+    ids: list[list[int]]  # one token list per unique (prompt, completion)
+    thumb_idx: torch.Tensor  # [t] rows of thumbs records
+    thumb_labels: torch.Tensor  # [t] 0/1 float
+    chosen_idx: torch.Tensor  # [p]
+    rejected_idx: torch.Tensor  # [p]
+
+    @property
+    def n_records(self) -> int:
+        return len(self.thumb_idx) + len(self.chosen_idx)
+
+    def subset(self, thumbs: torch.Tensor | None = None, pairs: torch.Tensor | None = None) -> EncodedRecords:
+        """Same sequences, only some records (indices into thumbs / pairs)."""
+        ti = self.thumb_idx if thumbs is None else self.thumb_idx[thumbs]
+        tl = self.thumb_labels if thumbs is None else self.thumb_labels[thumbs]
+        ci = self.chosen_idx if pairs is None else self.chosen_idx[pairs]
+        ri = self.rejected_idx if pairs is None else self.rejected_idx[pairs]
+        return EncodedRecords(self.ids, ti, tl, ci, ri)
+
+
+def records_loss(scores: torch.Tensor, enc: EncodedRecords) -> torch.Tensor:
+    """Logistic loss on thumbs + Bradley-Terry on pairs, averaged over records. scores: [n_seqs]."""
+    t, p = len(enc.thumb_idx), len(enc.chosen_idx)
+    if t + p == 0:
+        raise DataError("no records to compute a loss on")
+    total = scores.new_zeros(())
+    if t:
+        total = total + logistic_loss(scores[enc.thumb_idx], enc.thumb_labels) * t
+    if p:
+        total = total + bradley_terry_loss(scores[enc.chosen_idx], scores[enc.rejected_idx]) * p
+    return total / (t + p)
+
+
+def records_accuracy(scores: torch.Tensor, enc: EncodedRecords) -> float:
+    """Thumbs: (score > 0) == label; pairs: chosen scored above rejected."""
+    correct = 0.0
+    if len(enc.thumb_idx):
+        correct += ((scores[enc.thumb_idx] > 0).float() == enc.thumb_labels).float().sum().item()
+    if len(enc.chosen_idx):
+        correct += (scores[enc.chosen_idx] > scores[enc.rejected_idx]).float().sum().item()
+    return correct / max(1, enc.n_records)
+
+
+# --------------------------------------------------------------------------- model
+
+
+class RewardModel(nn.Module):
+    """Encoder + LoRA + scalar head. One instance can serve many users functionally:
+    :meth:`scores_with` / :meth:`embed_with` take an explicit parameter dict, so the
+    loaded weights are never mutated by adaptation."""
+
+    def __init__(self, encoder: nn.Module, tokenizer: Any, base_model: str, config: RewardConfig | None = None):
+        super().__init__()
+        from peft import get_peft_model
+
+        self.config = config or RewardConfig()
+        for p in encoder.parameters():
+            p.requires_grad_(False)
+        try:
+            self.peft = get_peft_model(encoder, self.config.lora_config())
+        except ValueError as e:
+            raise ModelError(f"cannot put LoRA on {self.config.target_modules} of this encoder: {e}") from e
+        hidden = int(encoder.config.hidden_size)
+        self.head = nn.Linear(hidden, 1)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+        self.tokenizer = tokenizer
+        self.base_model = base_model
+        self.hidden_size = hidden
+        self.inner_log_lrs: dict[str, torch.Tensor] = {}
+        self.init_meta: dict[str, Any] = {}
+        self._tok_cache: dict[tuple[str, str], list[int]] = {}
+        self.eval()
+
+    # ---------------------------------------------------------------- parameters
+
+    @property
+    def device(self) -> torch.device:
+        return self.head.weight.device
+
+    def adapter_params(self) -> dict[str, torch.Tensor]:
+        """The per-user parameters (LoRA A/B + head), detached copies, keyed by module name."""
+        return {n: p.detach().clone() for n, p in self.named_parameters() if "lora_" in n or n.startswith("head.")}
+
+    def fresh_params(self, seed: int = 0) -> dict[str, torch.Tensor]:
+        """A from-scratch adapter: peft's LoRA init (A random, B zero) and a zero head."""
+        g = torch.Generator().manual_seed(seed)
+        out = {}
+        for n, p in self.adapter_params().items():
+            if "lora_A" in n:
+                bound = 1.0 / math.sqrt(p.shape[1])  # kaiming_uniform(a=sqrt(5)) bound, as peft
+                out[n] = ((torch.rand(p.shape, generator=g) * 2 - 1) * bound).to(p)
+            else:
+                out[n] = torch.zeros_like(p)
+        return out
+
+    def set_params(self, params: dict[str, torch.Tensor]) -> None:
+        own = dict(self.named_parameters())
+        with torch.no_grad():
+            for n, v in params.items():
+                own[n].copy_(v)
+
+    @staticmethod
+    def to_peft_key(name: str) -> str:
+        return name.removeprefix("peft.").replace(".default.", ".")
+
+    def from_peft_key(self, key: str) -> str:
+        if key in HEAD_KEYS:
+            return key
+        parts = key.split(".")
+        for i, part in enumerate(parts):
+            if part.startswith("lora_"):
+                return "peft." + ".".join(parts[: i + 1] + ["default"] + parts[i + 1 :])
+        return "peft." + key
+
+    def params_from_tensors(self, tensors: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
+        """Adapter tensors (peft key names) -> parameter dict; checks names and shapes."""
+        own = self.adapter_params()
+        out: dict[str, torch.Tensor] = {}
+        for key, value in tensors.items():
+            if key.startswith(LR_PREFIX):
+                continue
+            name = self.from_peft_key(key)
+            if name not in own:
+                raise AdapterError(f"{where}: tensor {key!r} does not fit this encoder")
+            if tuple(value.shape) != tuple(own[name].shape):
+                raise AdapterError(
+                    f"{where}: tensor {key!r} has shape {tuple(value.shape)}, encoder expects {tuple(own[name].shape)}"
+                )
+            out[name] = value.to(own[name])
+        missing = sorted(set(own) - set(out))
+        if missing:
+            raise AdapterError(f"{where}: missing tensors, e.g. {self.to_peft_key(missing[0])!r}")
+        return out
+
+    def load_adapter_dir(self, path: str | os.PathLike, kinds: Sequence[str] = (INIT_KIND, USER_KIND)) -> Adapter:
+        """Load an init or user adapter into this model (weights + inner learning rates)."""
+        adapter = load_adapter(path, expect_base=self.base_model, expect_rank=self.config.r)
+        if adapter.meta.get("kind") not in kinds:
+            raise AdapterError(f"{path}: a {adapter.meta.get('kind')!r} adapter, expected one of {list(kinds)}")
+        self.set_params(self.params_from_tensors(adapter.tensors, str(path)))
+        self.inner_log_lrs = {
+            self.from_peft_key(k[len(LR_PREFIX) :]): v.to(self.device)
+            for k, v in adapter.tensors.items()
+            if k.startswith(LR_PREFIX)
+        }
+        self.init_meta = dict(adapter.meta)
+        return adapter
+
+    def make_adapter(self, params: dict[str, torch.Tensor], meta: dict[str, Any],
+                     log_lrs: dict[str, torch.Tensor] | None = None) -> Adapter:
+        """An :class:`Adapter` in peft format (+ head, + optional Meta-SGD log-lrs)."""
+        tensors = {self.to_peft_key(n): v.detach().float().cpu() for n, v in params.items()}
+        for n, v in (log_lrs or {}).items():
+            tensors[LR_PREFIX + self.to_peft_key(n)] = v.detach().float().cpu()
+        lc = self.config.lora_config()
+        config = {
+            "peft_type": "LORA", "r": lc.r, "lora_alpha": lc.lora_alpha, "target_modules": sorted(lc.target_modules),
+            "lora_dropout": 0.0, "bias": "none", "base_model_name_or_path": self.base_model, "task_type": None,
+            "fan_in_fan_out": False, "inference_mode": True, "modules_to_save": None,
+        }
+        m = {"base_model": self.base_model, "reward_config": asdict(self.config), "head_keys": list(HEAD_KEYS)}
+        m.update(meta)
+        return Adapter(tensors=tensors, config=config, meta=m)
+
+    # ---------------------------------------------------------------- tokenisation
+
+    def _encode_one(self, prompt: str, completion: str) -> list[int]:
+        key = (prompt, completion)
+        hit = self._tok_cache.get(key)
+        if hit is not None:
+            return hit
+        tok, cfg = self.tokenizer, self.config
+        p = tok(prompt, add_special_tokens=False)["input_ids"][: cfg.prompt_max_tokens]
+        c = tok(completion, add_special_tokens=False)["input_ids"]
+        cls = [tok.cls_token_id] if tok.cls_token_id is not None else []
+        sep = [tok.sep_token_id] if tok.sep_token_id is not None else []
+        room = cfg.max_length - len(cls) - 2 * len(sep)
+        c = c[: max(1, room - len(p))]
+        p = p[: room - len(c)]
+        ids = cls + p + sep + c + sep
+        if len(self._tok_cache) > 200_000:
+            self._tok_cache.clear()
+        self._tok_cache[key] = ids
+        return ids
+
+    def encode_texts(self, prompts: Sequence[str], completions: Sequence[str]) -> list[list[int]]:
+        if len(prompts) != len(completions):
+            raise DataError(f"{len(prompts)} prompts but {len(completions)} completions")
+        return [self._encode_one(p, c) for p, c in zip(prompts, completions, strict=True)]
+
+    def encode_records(self, records: Sequence[Record]) -> EncodedRecords:
+        """Tokenise records once; pairs share their prompt's sequences by index."""
+        ids: list[list[int]] = []
+        index: dict[tuple[str, str], int] = {}
+
+        def row(p: str, c: str) -> int:
+            if (p, c) not in index:
+                index[(p, c)] = len(ids)
+                ids.append(self._encode_one(p, c))
+            return index[(p, c)]
+
+        ti, tl, ci, ri = [], [], [], []
+        for r in records:
+            if isinstance(r, Thumbs):
+                ti.append(row(r.prompt, r.completion))
+                tl.append(float(r.label))
+            elif isinstance(r, Pair):
+                ci.append(row(r.prompt, r.chosen))
+                ri.append(row(r.prompt, r.rejected))
+            else:
+                raise DataError(f"not a Thumbs or Pair record: {type(r).__name__}")
+        long = torch.long
+        return EncodedRecords(ids, torch.tensor(ti, dtype=long), torch.tensor(tl), torch.tensor(ci, dtype=long),
+                              torch.tensor(ri, dtype=long))
+
+    def collate(self, ids: Sequence[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-pad to the longest sequence. -> input_ids [n, L], attention_mask [n, L]."""
+        pad = self.tokenizer.pad_token_id or 0
+        length = max(len(x) for x in ids)
+        input_ids = torch.full((len(ids), length), pad, dtype=torch.long)
+        mask = torch.zeros((len(ids), length), dtype=torch.long)
+        for i, x in enumerate(ids):
+            input_ids[i, : len(x)] = torch.tensor(x)
+            mask[i, : len(x)] = 1
+        return input_ids.to(self.device), mask.to(self.device)
+
+    # ---------------------------------------------------------------- forward
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Pooled, L2-normalised embeddings. [n, L] -> [n, hidden]."""
+        out = self.peft(input_ids=input_ids, attention_mask=attention_mask)
+        h = out.last_hidden_state  # [n, L, hidden]
+        m = attention_mask.unsqueeze(-1).to(h.dtype)  # [n, L, 1]
+        pooled = (h * m).sum(1) / m.sum(1).clamp_min(1.0)  # [n, hidden]
+        return F.normalize(pooled, dim=-1)
+
+    def embed_ids(self, ids: Sequence[list[int]], params: dict[str, torch.Tensor] | None = None,
+                  batch_size: int = 32) -> torch.Tensor:
+        """Embeddings of token lists, with explicit adapter params (differentiable). -> [n, hidden]."""
+        from torch.func import functional_call
+
+        chunks = []
+        for i in range(0, len(ids), batch_size):
+            input_ids, mask = self.collate(ids[i : i + batch_size])
+            if params is None:
+                chunks.append(self(input_ids, mask))
+            else:
+                chunks.append(functional_call(self, params, (input_ids, mask), strict=False))
+        return torch.cat(chunks) if chunks else torch.zeros(0, self.hidden_size, device=self.device)
+
+    @staticmethod
+    def head_scores(params: dict[str, torch.Tensor], emb: torch.Tensor) -> torch.Tensor:
+        """[n, hidden] -> [n]."""
+        return emb @ params["head.weight"][0] + params["head.bias"][0]
+
+    def embed_with(self, params: dict[str, torch.Tensor] | None, prompts: Sequence[str],
+                   completions: Sequence[str], batch_size: int = 32) -> torch.Tensor:
+        with torch.no_grad():
+            return self.embed_ids(self.encode_texts(prompts, completions), params, batch_size)
+
+    def scores_with(self, params: dict[str, torch.Tensor] | None, prompts: Sequence[str],
+                    completions: Sequence[str], batch_size: int = 32) -> torch.Tensor:
+        p = params if params is not None else dict(self.named_parameters())
+        emb = self.embed_with(params, prompts, completions, batch_size)
+        with torch.no_grad():
+            return self.head_scores(p, emb)
+
+    def embed(self, prompts: Sequence[str], completions: Sequence[str], batch_size: int = 32) -> torch.Tensor:
+        """Pooled encoder embeddings with the loaded adapter, no grad. -> [n, hidden]."""
+        return self.embed_with(None, prompts, completions, batch_size)
+
+    def score(self, prompts: Sequence[str], completions: Sequence[str], batch_size: int = 32) -> torch.Tensor:
+        """Scalar rewards with the loaded adapter, no grad, batched. -> [n]."""
+        return self.scores_with(None, prompts, completions, batch_size)
+
+
+def load_reward_model(
+    encoder_dir: str | os.PathLike | None = None,
+    adapter_dir: str | os.PathLike | None = None,
+    device: str = "cpu",
+    config: RewardConfig | None = None,
+) -> RewardModel:
+    """Load encoder + LoRA + head.
+
+    ``encoder_dir=None`` is the embedded MiniLM. ``adapter_dir`` may be a user adapter
+    (kind ``reward``) or an init (kind ``reward_init``). With ``adapter_dir=None`` the
+    shipped init (``adapters/meta/reward``) is loaded if it exists *and* was made for
+    this encoder; otherwise the model has a fresh LoRA and a zero head (scores 0).
+    """
+    from metarlhf.models import DEFAULT_ENCODER_NAME, load_encoder, model_name
+
+    enc, tok = load_encoder(encoder_dir, device=device)
+    base = model_name(encoder_dir, DEFAULT_ENCODER_NAME)
+    if config is None:
+        src = Path(adapter_dir) if adapter_dir is not None else SHIPPED_INIT_DIR
+        config = _config_from_adapter(src) if (src / "metarlhf.json").is_file() else RewardConfig()
+    model = RewardModel(enc, tok, base, config).to(device)
+    if adapter_dir is not None:
+        model.load_adapter_dir(adapter_dir)
+    elif (SHIPPED_INIT_DIR / "metarlhf.json").is_file():
+        try:
+            model.load_adapter_dir(SHIPPED_INIT_DIR)
+        except AdapterError:  # made for another encoder: keep the fresh head
+            pass
+    return model
+
+
+def _config_from_adapter(path: Path) -> RewardConfig:
+    from metarlhf.adapters import read_meta
+
+    return RewardConfig.from_dict(read_meta(path).get("reward_config", {}))
+
+
+# --------------------------------------------------------------------------- adaptation
+
+
+def sgd_inner_step(params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor],
+                   log_lrs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One Meta-SGD step: ``p - exp(log_lr) * g`` for every key in ``grads``. Pure."""
+    out = dict(params)
+    for k, g in grads.items():
+        out[k] = params[k] - torch.exp(log_lrs[k]) * g
+    return out
+
+
+def adapt_head(emb: torch.Tensor, enc: EncodedRecords, params: dict[str, torch.Tensor],
+               log_lrs: dict[str, torch.Tensor], steps: int) -> tuple[dict[str, torch.Tensor], list[float]]:
+    """ANIL inner loop on fixed embeddings: ``steps`` Meta-SGD steps on the head only."""
+    from torch.func import grad_and_value
+
+    head = {k: params[k].detach() for k in HEAD_KEYS}
+
+    def loss_fn(h: dict[str, torch.Tensor]) -> torch.Tensor:
+        return records_loss(RewardModel.head_scores(h, emb), enc)
+
+    losses = []
+    for _ in range(steps):
+        g, loss = grad_and_value(loss_fn)(head)
+        losses.append(float(loss))
+        head = sgd_inner_step(head, g, log_lrs)
+    losses.append(float(loss_fn(head)))
+    return {**params, **head}, losses
+
+
+def adapt_params(model: RewardModel, enc: EncodedRecords, params: dict[str, torch.Tensor],
+                 log_lrs: dict[str, torch.Tensor], steps: int, inner: str = "head", seed: int = 0,
+                 adam_lr: float | None = None) -> tuple[dict[str, torch.Tensor], list[float]]:
+    """Fit ``params`` to ``enc``. Returns ``(adapted params, losses)`` (losses[-1] = final).
+
+    ``adam_lr`` set: Adam on LoRA + head (the from-scratch baseline). Otherwise the
+    meta-learned inner loop: Meta-SGD steps on the head (``inner="head"``) or on all
+    adapter parameters (``inner="all"``), with the init's learning rates.
+    """
+    if steps < 0:
+        raise ConfigError(f"steps must be >= 0, got {steps}")
+    torch.manual_seed(seed)
+    if adam_lr is None and inner == "head":
+        with torch.no_grad():
+            emb = model.embed_ids(enc.ids, params)  # [n, hidden]
+        return adapt_head(emb, enc, params, log_lrs, steps)
+    p = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
+    opt = torch.optim.Adam(list(p.values()), lr=adam_lr) if adam_lr is not None else None
+    losses: list[float] = []
+    for _ in range(steps):
+        loss = records_loss(model.head_scores(p, model.embed_ids(enc.ids, p)), enc)
+        losses.append(float(loss))
+        grads = torch.autograd.grad(loss, list(p.values()))
+        if opt is not None:
+            for v, g in zip(p.values(), grads, strict=True):
+                v.grad = g
+            opt.step()
+        else:
+            with torch.no_grad():
+                for (k, v), g in zip(p.items(), grads, strict=True):
+                    if k in log_lrs:
+                        v -= torch.exp(log_lrs[k]) * g
+    with torch.no_grad():
+        losses.append(float(records_loss(model.head_scores(p, model.embed_ids(enc.ids, p)), enc)))
+    return {k: v.detach() for k, v in p.items()}, losses
+
+
+SCRATCH_ADAM_LR = 1e-2
+
+
+def adapt_reward(
+    records: Sequence[Record],
+    init: str | os.PathLike | None = None,
+    encoder: str | os.PathLike | RewardModel | None = None,
+    steps: int | None = None,
+    seed: int = 0,
+    scratch_lr: float = SCRATCH_ADAM_LR,
+) -> Adapter:
+    """Fit one user's reward adapter on their records; returns an :class:`Adapter` (kind ``reward``).
+
+    ``init``: an init directory, ``None`` for the shipped meta-init, or ``"scratch"``
+    (fresh LoRA + zero head trained with Adam). ``encoder``: a local encoder directory,
+    ``None`` for embedded MiniLM, or an already-loaded :class:`RewardModel` (not
+    modified; its tokenisation cache is reused) so a server need not reload it.
+    ``steps=None`` uses the init's inner-step count (scratch: the same default).
+    """
+    t0 = time.perf_counter()
+    if not records:
+        raise DataError("no records to adapt on")
+    users = {r.user_id for r in records}
+    scratch = init is not None and str(init) == "scratch"
+    init_dir = None if scratch else Path(init) if init is not None else SHIPPED_INIT_DIR
+    if init_dir is not None and not (init_dir / "metarlhf.json").is_file():
+        raise AdapterError(f"{init_dir}: no reward init there (expected metarlhf.json); pass init='scratch' or a dir")
+    model = encoder if isinstance(encoder, RewardModel) else load_reward_model(
+        encoder, adapter_dir=init_dir if init_dir is not None else None,
+        config=None if init_dir is not None else RewardConfig())
+    if init_dir is not None:
+        if isinstance(encoder, RewardModel):  # shared model: read the init without touching the model
+            adapter = load_adapter(init_dir, expect_base=model.base_model, expect_rank=model.config.r)
+            if adapter.meta.get("kind") not in (INIT_KIND, USER_KIND):
+                raise AdapterError(f"{init_dir}: a {adapter.meta.get('kind')!r} adapter, not a reward init")
+            params = model.params_from_tensors(adapter.tensors, str(init_dir))
+            log_lrs = {model.from_peft_key(k[len(LR_PREFIX):]): v for k, v in adapter.tensors.items()
+                       if k.startswith(LR_PREFIX)}
+            meta = adapter.meta
+        else:
+            params, log_lrs, meta = model.adapter_params(), model.inner_log_lrs, model.init_meta
+        inner = meta.get("inner", "head")
+        n_steps = int(meta.get("inner_steps", 5)) if steps is None else steps
+        if not log_lrs:
+            raise AdapterError(f"{init_dir}: init has no inner learning rates ({LR_PREFIX}*)")
+        adapted, losses = adapt_params(model, model.encode_records(records), params, log_lrs, n_steps, inner, seed)
+        init_name = str(meta.get("name", init_dir))
+    else:
+        n_steps = 5 if steps is None else steps
+        adapted, losses = adapt_params(model, model.encode_records(records), model.fresh_params(seed), {},
+                                       n_steps, seed=seed, adam_lr=scratch_lr)
+        init_name = "scratch"
+    return model.make_adapter(adapted, {
+        "kind": USER_KIND, "init": init_name, "k": len(records), "steps": n_steps, "losses": losses,
+        "final_loss": losses[-1], "users": sorted(users), "seed": seed,
+        "adapt_seconds": round(time.perf_counter() - t0, 4),
+    })

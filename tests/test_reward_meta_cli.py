@@ -1,0 +1,84 @@
+"""End-to-end CLI tests of meta-train / adapt / eval reward on tiny random models."""
+
+import gzip
+import json
+import random
+
+import pytest
+
+from metarlhf.cli import main
+from metarlhf.testing import save_tiny, tiny_encoder
+
+WORDS = ["cats", "dogs", "taxes", "rain", "music", "code", "tea", "chess", "art", "war", "peace", "money"]
+
+
+def _write_personas(root, n_users=8, n=40, seed=0):
+    """Synthetic persona-format users: user u likes statements containing their liked words."""
+    rng = random.Random(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for u in range(n_users):
+        liked = set(rng.sample(WORDS, 6))
+        lines = []
+        for i in range(n):
+            yes = i % 2 == 0
+            pool = sorted(liked) if yes else sorted(set(WORDS) - liked)
+            st = f"I like {rng.choice(pool)} and {rng.choice(pool)}"
+            lines.append(json.dumps({"question": f'Is the following statement something you would say?\n"{st}"',
+                                     "statement": st, "answer_matching_behavior": " Yes" if yes else " No",
+                                     "answer_not_matching_behavior": " No" if yes else " Yes"}))
+        with gzip.open(root / f"user{u}.jsonl.gz", "wt") as f:
+            f.write("\n".join(lines) + "\n")
+    return root
+
+
+@pytest.fixture
+def setup(tmp_path):
+    enc_dir = save_tiny(*tiny_encoder(), tmp_path / "enc")
+    data = _write_personas(tmp_path / "personas")
+    return tmp_path, enc_dir, data
+
+
+def _meta_train(tmp, enc, data, out, *extra):
+    return main(["meta-train", "reward", "--data", str(data), "--out", str(out), "--encoder", str(enc),
+                 "--steps", "4", "--val-every", "2", "--ckpt-every", "2", "--holdout-test", "2",
+                 "--holdout-val", "2", "--k", "4", "--query", "8", "--meta-batch", "2", "--no-progress", *extra])
+
+
+def test_meta_train_adapt_eval_end_to_end(setup):
+    tmp, enc, data = setup
+    init = tmp / "init"
+    assert _meta_train(tmp, enc, data, init) == 0
+    meta = json.loads((init / "metarlhf.json").read_text())
+    split = json.loads((init / "split.json").read_text())
+    assert meta["kind"] == "reward_init" and meta["steps"] == 4
+    assert set(split["test"]).isdisjoint(split["train"]) and set(split["val"]).isdisjoint(split["train"])
+    lines = (init / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 4 and "val_acc" in json.loads(lines[1])
+    user = split["test"][0]
+    out = tmp / "user_adapter"
+    assert main(["adapt", "reward", "--data", str(data), "--user", user, "--k", "8", "--out", str(out),
+                 "--init", str(init), "--encoder", str(enc)]) == 0
+    m = json.loads((out / "metarlhf.json").read_text())
+    assert m["kind"] == "reward" and m["k"] == 8 and m["steps"] == 3 and "final_loss" in m
+    assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
+    res = tmp / "res" / "results.json"
+    assert main(["eval", "reward", "--data", str(data), "--holdout", "2", "--k", "4", "8", "--out", str(res),
+                 "--init", str(init), "--encoder", str(enc), "--seeds", "1", "--query", "10"]) == 0
+    r = json.loads(res.read_text())
+    assert set(r) == {"methods", "users", "query_per_user"}
+    assert set(r["methods"]) == {"base", "linear", "scratch", "meta"}
+    assert set(r["methods"]["meta"]) == {"4", "8"} and r["users"] == 2 and r["query_per_user"] == 10
+    assert all(0.0 <= v <= 1.0 for m in r["methods"].values() for v in m.values())
+    assert res.with_suffix(".png").is_file()
+
+
+def test_resume_continues_step_count(setup):
+    tmp, enc, data = setup
+    out = tmp / "init"
+    assert _meta_train(tmp, enc, data, out, "--max-seconds", "0") == 0  # stops before any step
+    state = json.loads((tmp / "init.ckpt" / "state.json").read_text())
+    assert state["step"] == 0
+    assert _meta_train(tmp, enc, data, out, "--resume") == 0
+    assert json.loads((out / "metarlhf.json").read_text())["steps"] == 4
+    # resuming a finished run with a different algorithm is refused
+    assert _meta_train(tmp, enc, data, out, "--resume", "--algo", "fomaml") == 2
