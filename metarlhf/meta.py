@@ -172,7 +172,7 @@ class MetaTrainConfig:
     first_order: bool = field(default=False, metadata={"help": "metasgd only: detach inner gradients"})
     inner: str = field(default="head", metadata={"help": "head (ANIL) | all (LoRA + head)"})
     inner_steps: int = 3
-    inner_lr_head: float = 10.0  # weight; the bias starts at inner_lr_bias
+    inner_lr_head: float = 3.0  # weight; the bias starts at inner_lr_bias
     inner_lr_bias: float = 1.0
     inner_lr_lora: float = 1e-3
     meta_lr: float = 2e-3
@@ -382,6 +382,8 @@ def meta_train_reward(data: str | Path, out: str | Path, cfg: MetaTrainConfig, e
 
     bar = tqdm(total=cfg.steps, initial=step, disable=not progress, desc=f"meta-train {cfg.algo}")
     with open(metrics_path, "a") as mf:
+        if step == 0:  # the starting point, for reference
+            mf.write(json.dumps({"step": 0, "val_acc": round(validate(), 4)}) + "\n")
         while step < cfg.steps:
             if cfg.max_seconds is not None and time.perf_counter() - t_start > cfg.max_seconds:
                 log.info("stopping at step %d: --max-seconds reached", step)

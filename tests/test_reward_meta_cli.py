@@ -53,7 +53,7 @@ def test_meta_train_adapt_eval_end_to_end(setup):
     assert meta["kind"] == "reward_init" and meta["steps"] == 4
     assert set(split["test"]).isdisjoint(split["train"]) and set(split["val"]).isdisjoint(split["train"])
     lines = (init / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == 4 and "val_acc" in json.loads(lines[1])
+    assert len(lines) == 5 and "val_acc" in json.loads(lines[0]) and "val_acc" in json.loads(lines[2])
     user = split["test"][0]
     out = tmp / "user_adapter"
     assert main(["adapt", "reward", "--data", str(data), "--user", user, "--k", "8", "--out", str(out),

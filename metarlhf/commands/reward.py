@@ -21,6 +21,7 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
     p.add_argument("--first-order", action="store_true", help="metasgd: detach inner gradients")
     p.add_argument("--inner", choices=["head", "all"], default="head", help="what the inner loop adapts")
     p.add_argument("--inner-steps", type=int, default=3)
+    p.add_argument("--inner-lr-head", type=float, default=3.0, help="initial inner lr of the head weights")
     p.add_argument("--steps", type=int, default=300, help="meta-steps (meta-batches)")
     p.add_argument("--meta-batch", type=int, default=4)
     p.add_argument("--meta-lr", type=float, default=2e-3)
@@ -69,7 +70,7 @@ def _meta_train(args: argparse.Namespace) -> int:
     from metarlhf.meta import MetaTrainConfig, meta_train_reward
 
     cfg = MetaTrainConfig(
-        algo=args.algo, first_order=args.first_order, inner=args.inner, inner_steps=args.inner_steps,
+        algo=args.algo, first_order=args.first_order, inner=args.inner, inner_steps=args.inner_steps, inner_lr_head=args.inner_lr_head,
         steps=args.steps, meta_batch=args.meta_batch, meta_lr=args.meta_lr, k_choices=list(args.k),
         n_query=args.query, val_every=args.val_every, ckpt_every=args.ckpt_every, seed=args.seed,
         holdout_test=args.holdout_test, holdout_val=args.holdout_val, split_seed=args.split_seed,
