@@ -117,27 +117,34 @@ def test_resolve_reward_specs(tmp_path):
         resolve_reward(f"python:{tmp_path}/nope.py:length")
     with pytest.raises(ConfigError, match="no function 'missing'"):
         resolve_reward(f"python:{f}:missing")
-    with pytest.raises(NotFoundError, match="no reward adapter for user 'alice'"):
+    with pytest.raises(NotFoundError, match="no usable reward adapter for user 'alice'"):
         resolve_reward("user:alice", adapters_root=tmp_path)
     (tmp_path / "users/default/bob/reward").mkdir(parents=True)
-    (tmp_path / "users/default/bob/reward/CURRENT").write_text("v2\n")
-    with pytest.raises(NotFoundError, match="names version 'v2'"):
+    (tmp_path / "users/default/bob/reward/CURRENT").write_text("v2\n")  # names a version that is missing
+    with pytest.raises(NotFoundError, match="no usable reward adapter for user 'bob'"):
         resolve_reward("user:bob", adapters_root=tmp_path)
+    with pytest.raises(NotFoundError, match="directory '/nonexistent/adapter' does not exist"):
+        resolve_reward("user:/nonexistent/adapter")
+    with pytest.raises(ConfigError, match="user id must match"):
+        resolve_reward("user:..", adapters_root=tmp_path)
 
 
-def test_user_reward_from_adapter_store(tmp_path, tiny_encoder):
+def test_user_and_base_rewards_from_adapter_store(tmp_path, tiny_encoder):
     reward = pytest.importorskip("metarlhf.reward")
-    from metarlhf.adapters import save_adapter
     from metarlhf.data import Thumbs
+    from metarlhf.store import AdapterStore
 
     enc_dir = save_tiny(*tiny_encoder, tmp_path / "enc")
     records = [Thumbs("carol", "q", "yes indeed", 1), Thumbs("carol", "q", "no", 0)]
     adapter = reward.adapt_reward(records, init="scratch", encoder=str(enc_dir), steps=2)
-    save_adapter(tmp_path / "adapters/users/default/carol/reward/v1", adapter)
-    (tmp_path / "adapters/users/default/carol/reward/CURRENT").write_text("v1")
-    fn = resolve_reward("user:carol", adapters_root=tmp_path / "adapters", encoder_dir=str(enc_dir))
-    scores = score_completions(fn, ["q", "q", "q"], ["yes indeed", "no", "maybe"])
-    assert scores.shape == (3,) and torch.isfinite(scores).all()
+    version = AdapterStore(tmp_path / "adapters").save("default", "carol", "reward", adapter)
+    expected = reward.load_reward_model(str(enc_dir), adapter_dir=version.path).score(["q", "q"], ["yes indeed", "no"])
+    for spec in ("user:carol", f"user:{version.path}"):  # store id, or any adapter dir (e.g. a cluster's)
+        fn = resolve_reward(spec, adapters_root=tmp_path / "adapters", encoder_dir=str(enc_dir))
+        scores = score_completions(fn, ["q", "q"], ["yes indeed", "no"])
+        assert torch.allclose(scores, expected, atol=1e-5)
+    base = resolve_reward("base", adapters_root=tmp_path / "adapters", encoder_dir=str(enc_dir))
+    assert score_completions(base, ["q"], ["hi"]).shape == (1,)
 
 
 def test_device_not_available():
@@ -225,7 +232,7 @@ def test_cli_full_run_writes_hf_model(cli_setup):
         (["--reward", "bogus"], "cannot resolve reward 'bogus'"),
         (["--reward", "python:REW:nan_on_second"], "returned nan for batch item 1 \\(prompt"),
         (["--reward", "python:REW:too_few"], "returned \\(1,\\) values for 4 prompts"),
-        (["--reward", "user:nobody"], "no reward adapter for user 'nobody'"),
+        (["--reward", "user:nobody"], "no usable reward adapter for user 'nobody'"),
     ],
 )
 def test_cli_bad_input_exits_2(cli_setup, capsys, extra, message):
@@ -251,3 +258,14 @@ def test_cli_empty_prompts_and_missing_device(cli_setup, capsys):
     assert main(common + ["--reward", f"python:{rew}:share", "--out", str(tmp_path / "o"),
                           "--mini-batch-size", "8"]) == 2
     assert "mini_batch_size" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_ppo_step_on_cuda_with_bf16_autocast():
+    model, tok = tiny_policy(seed=7)
+    trainer = PPOTrainer(model, tok, distinct_chars, small_config(lora=True), device="cuda")
+    assert trainer.autocast_dtype == torch.bfloat16
+    m = trainer.step(PROMPTS * 2)
+    assert math.isfinite(m["reward"]) and math.isfinite(m["pg_loss"])
+    assert next(trainer.model.parameters()).device.type == "cuda"

@@ -80,19 +80,25 @@ def load_python_reward(spec: str) -> RewardFn:
 
 
 def user_reward_adapter_dir(user: str, adapters_root: str | os.PathLike = "adapters", tenant: str = "default") -> Path:
-    """The serving version of a user's reward adapter (``.../reward/CURRENT``), or a direct path."""
+    """The serving version of a user's reward adapter in the store, or an adapter directory path.
+
+    ``user`` is a user id (resolved with :meth:`metarlhf.store.AdapterStore.resolve`: the
+    ``CURRENT`` version if its checksum verifies, else the newest older one that does) or
+    the path of any reward adapter directory (e.g. a cluster's).
+    """
     direct = Path(user)
-    if direct.is_dir():
+    if (direct / "metarlhf.json").is_file():
         return direct
-    kind_dir = Path(adapters_root) / "users" / tenant / user / "reward"
-    current = kind_dir / "CURRENT"
-    if not current.is_file():
-        raise NotFoundError(f"no reward adapter for user {user!r} (tenant {tenant!r}): {current} does not exist")
-    version = current.read_text().strip()
-    vdir = kind_dir / version
-    if not version or not vdir.is_dir():
-        raise NotFoundError(f"{current} names version {version!r}, but {vdir} does not exist")
-    return vdir
+    if "/" in user or os.sep in user:
+        raise NotFoundError(f"reward adapter directory {user!r} does not exist (no metarlhf.json there)")
+    from metarlhf.store import AdapterStore
+
+    version = AdapterStore(adapters_root).resolve(tenant, user, "reward")
+    if version is None:
+        raise NotFoundError(
+            f"no usable reward adapter for user {user!r} (tenant {tenant!r}) under {str(adapters_root)!r}"
+        )
+    return version.path
 
 
 def _reward_model_fn(adapter_dir: Path | None, encoder_dir: str | None, device: torch.device) -> RewardFn:
