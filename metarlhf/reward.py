@@ -440,7 +440,7 @@ def adapt_head(emb: torch.Tensor, enc: EncodedRecords, params: dict[str, torch.T
     losses = []
     for _ in range(steps):
         g, loss = grad_and_value(loss_fn)(head)
-        losses.append(float(loss))
+        losses.append(loss.item())
         head = sgd_inner_step(head, g, log_lrs)
     losses.append(float(loss_fn(head)))
     return {**params, **head}, losses
@@ -457,7 +457,6 @@ def adapt_params(model: RewardModel, enc: EncodedRecords, params: dict[str, torc
     """
     if steps < 0:
         raise ConfigError(f"steps must be >= 0, got {steps}")
-    torch.manual_seed(seed)
     if adam_lr is None and inner == "head":
         with torch.no_grad():
             emb = model.embed_ids(enc.ids, params)  # [n, hidden]
@@ -467,7 +466,7 @@ def adapt_params(model: RewardModel, enc: EncodedRecords, params: dict[str, torc
     losses: list[float] = []
     for _ in range(steps):
         loss = records_loss(model.head_scores(p, model.embed_ids(enc.ids, p)), enc)
-        losses.append(float(loss))
+        losses.append(loss.item())
         grads = torch.autograd.grad(loss, list(p.values()))
         if opt is not None:
             for v, g in zip(p.values(), grads, strict=True):
