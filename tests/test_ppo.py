@@ -90,10 +90,13 @@ def test_critic_value_model_and_options():
                        adaptive_kl=True, kl_estimator="k3", ent_coef=0.01)
     trainer = PPOTrainer(model, tok, share_of_a, cfg)
     assert trainer.value_head is None and trainer.critic is not None
+    assert all(p.requires_grad for p in trainer.critic.parameters())  # a full critic, not LoRA-frozen
+    critic_before = {n: p.clone() for n, p in trainer.critic.named_parameters()}
     m = trainer.step(PROMPTS * 2)
     for key in ("reward", "kl", "entropy", "clipfrac", "vf_loss", "explained_variance", "tokens_per_s"):
         assert key in m and (math.isfinite(m[key]) or key == "explained_variance")
     assert m["kl_coef"] == cfg.kl_coef and trainer.kl_coef != cfg.kl_coef  # adapted after the step
+    assert any(not torch.equal(p, critic_before[n]) for n, p in trainer.critic.named_parameters())
 
 
 def test_reward_output_is_validated():

@@ -302,6 +302,8 @@ class PPOTrainer:
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         model = model.to(self.device).float()
+        # A separate critic is a full trainable copy of the base trunk, made before LoRA is injected.
+        self.critic = Critic(model).to(self.device).requires_grad_(True) if cfg.value_model == "critic" else None
         self.ref_model: nn.Module | None = None
         if cfg.lora:
             from peft import LoraConfig, get_peft_model
@@ -317,12 +319,11 @@ class PPOTrainer:
         else:
             self.model = model
             self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
-        self.critic = Critic(model).to(self.device) if cfg.value_model == "critic" else None
-        self.value_head = None if self.critic else ValueHead(model.config.hidden_size).to(self.device)
+        self.value_head = None if self.critic is not None else ValueHead(model.config.hidden_size).to(self.device)
         self.model.eval()  # no dropout: PPO ratios must be 1 on the first minibatch
         params = [p for p in self.model.parameters() if p.requires_grad]
-        params += list((self.critic or self.value_head).parameters())
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, eps=1e-5)
+        params += list((self.critic if self.critic is not None else self.value_head).parameters())
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, eps=1e-5, weight_decay=0.0)
         self.kl_coef = cfg.kl_coef
         self.step_count = 0
         use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
