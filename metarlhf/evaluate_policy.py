@@ -43,7 +43,7 @@ class EvalConfig:
     samples_per_prompt: int = 2
     methods: list[str] = field(default_factory=lambda: ["meta", "scratch"])
     steps: int = 8
-    lr: float = 2e-3
+    lr: float = 5e-4
     max_new_tokens: int = 48
     sample_temperature: float = 1.0  # base samples the user labels
     eval_temperature: float = 0.7  # completions compared on held-out prompts

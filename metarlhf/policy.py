@@ -121,7 +121,7 @@ class AdaptConfig:
     """Hyper-parameters of one user's adaptation."""
 
     steps: int = 8  # optimizer steps (bounded)
-    lr: float = 2e-3  # Adam learning rate
+    lr: float = 5e-4  # Adam learning rate (2e-3 wrecked fluency: see the report)
     beta: float = 0.1  # KTO / DPO temperature
     batch_size: int = 16  # records per step (all of them when K <= batch_size)
     max_prompt_tokens: int = 96
@@ -685,7 +685,7 @@ class MetaConfig:
     pool_prompts: int = 64  # prompts whose base samples form the pool
     max_new_tokens: int = 48
     sample_temperature: float = 1.0
-    reptile_eps: float = 0.5  # reptile: theta += eps * (phi - theta)
+    reptile_eps: float = 0.1  # reptile: theta += eps * (phi - theta)
     outer_lr: float = 1e-3  # fomaml: outer Adam lr
     label_noise: float = 0.0
     checkpoint_every: int = 5
