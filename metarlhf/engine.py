@@ -17,12 +17,13 @@ string, or ``max_new_tokens``) are dropped from the batch and from the KV cache.
 
 Two LoRA backends compute the per-row adapter delta ``x @ A_row^T @ B_row^T * s``:
 
-* ``"bgmv"`` (default): the slots are stacked tensors ``A[S+1, in, r]`` and
-  ``B[S+1, r, out]`` (scaling folded into ``B``; index 0 is an all-zero slot that means
-  ``"__base__"``). A forward hook on each target ``nn.Linear`` gathers the rows' A/B once
-  per batch composition and adds ``bmm(bmm(x, A_rows), B_rows)`` to the output: two
-  batched matmuls per layer regardless of how many distinct adapters are in the batch
-  (the punica/LoRAX "BGMV" idea, on plain ``torch.bmm``).
+* ``"stacked"`` (default): the slots are stacked tensors ``A[S, in, r]`` and
+  ``B[S, r, out]`` per layer (scaling folded into ``B``). For each batch composition the
+  U distinct adapters in use are gathered once into ``A_sel[in, U*r]`` and
+  ``B_sel[U*r, out]`` plus a 0/1 row mask ``[b, 1, U*r]``; a forward hook on each target
+  ``nn.Linear`` adds ``((x @ A_sel) * mask) @ B_sel``: two small dense GEMMs per layer
+  whatever the number of distinct adapters (the punica/LoRAX BGMV idea in a CPU-friendly
+  form; a ``__base__`` row has an all-zero mask).
 * ``"peft"``: the model is wrapped by peft with one named LoRA adapter per slot and each
   forward passes ``adapter_names=[...]`` (``"__base__"`` = no adapter). peft loops over the
   distinct adapters of the batch in every LoRA layer. Kept for comparison and as the
@@ -53,6 +54,7 @@ import os
 import secrets
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,7 +64,7 @@ from metarlhf.errors import AdapterError, ConfigError, MetaRLHFError
 BASE = "__base__"
 #: Upper bound for ``SamplingParams.max_new_tokens``.
 MAX_NEW_TOKENS_LIMIT = 4096
-BACKENDS = ("bgmv", "peft")
+BACKENDS = ("stacked", "peft")
 
 
 # ---------------------------------------------------------------------------------------
@@ -259,38 +261,62 @@ def find_target_linears(model: Any, target_modules: Sequence[str]) -> dict[str, 
     return found
 
 
-class BGMVBank:
-    """Stacked slot weights + forward hooks that add a per-row LoRA delta with ``bmm``."""
+def lora_delta(x: Any, a_sel: Any, b_sel: Any, mask: Any) -> Any:
+    """Per-row LoRA delta for a batch using U distinct adapters, as two dense GEMMs.
 
-    name = "bgmv"
+    x ``[b, t, in]``; a_sel ``[in, U*r]`` (the U adapters' A^T side by side); b_sel
+    ``[U*r, out]`` (their B^T stacked, scaling folded in); mask ``[b, 1, U*r]`` is 1 on the
+    r columns of the row's own adapter and 0 elsewhere (all 0 for a base row).
+    Returns ``[b, t, out]`` = ``x @ A_row^T @ B_row^T * scaling`` for every row.
+    """
+    import torch
+
+    h = torch.matmul(x, a_sel) * mask  # [b, t, U*r]: every adapter's down-projection, masked to the row's own
+    return torch.matmul(h, b_sel)  # [b, t, out]
+
+
+class StackedLoRABank:
+    """Slot weights stacked per layer + forward hooks adding a per-row LoRA delta.
+
+    ``A[name]`` is ``[S, in, r]`` and ``B[name]`` is ``[S, r, out]`` (scaling folded in). For a
+    batch, the U distinct slots it uses are gathered once into ``a_sel [in, U*r]`` and
+    ``b_sel [U*r, out]`` and each hooked ``nn.Linear`` adds :func:`lora_delta`, so a layer
+    costs two small dense GEMMs however many different adapters the batch mixes (the
+    BGMV/punica idea, expressed with dense CPU-friendly matmuls; ``torch.bmm`` over tiny
+    per-row matrices measured slower on CPU). The hooks are inert outside ``forward_rows``.
+    """
+
+    name = "stacked"
 
     def __init__(self, model: Any, capacity: int, rank: int, target_modules: Sequence[str]) -> None:
         import torch
 
         self.model = model
+        self.rank = rank
         self.linears = find_target_linears(model, target_modules)
         p = next(model.parameters())
-        self.A: dict[str, Any] = {}  # name -> [S+1, in, r]; row 0 = base (zeros)
-        self.B: dict[str, Any] = {}  # name -> [S+1, r, out]; scaling folded in
-        self._rows: dict[str, tuple[Any, Any]] = {}  # name -> (A_rows [b,in,r], B_rows [b,r,out])
-        self._key: tuple[int, ...] | None = None
+        self.dtype = p.dtype
+        self.A: dict[str, Any] = {}  # name -> [S, in, r]
+        self.B: dict[str, Any] = {}  # name -> [S, r, out]
+        self._sel_key: tuple[int, ...] | None = None
+        self._sel: tuple[dict[str, tuple[Any, Any]], Any] | None = None  # per-batch gathered weights + mask
+        self._active: tuple[dict[str, tuple[Any, Any]], Any] | None = None  # set only around a forward
         self._hooks = []
         for name, lin in self.linears.items():
-            self.A[name] = torch.zeros(capacity + 1, lin.in_features, rank, dtype=p.dtype, device=p.device)
-            self.B[name] = torch.zeros(capacity + 1, rank, lin.out_features, dtype=p.dtype, device=p.device)
+            self.A[name] = torch.zeros(capacity, lin.in_features, rank, dtype=p.dtype, device=p.device)
+            self.B[name] = torch.zeros(capacity, rank, lin.out_features, dtype=p.dtype, device=p.device)
             self._hooks.append(lin.register_forward_hook(self._make_hook(name)))
 
     def _make_hook(self, name: str) -> Callable:
-        import torch
-
         def hook(module: Any, inputs: tuple, output: Any) -> Any:
-            rows = self._rows.get(name)
-            if rows is None:
+            if self._active is None:
                 return output
-            a, b = rows
+            weights, mask = self._active
+            a_sel, b_sel = weights[name]
             x = inputs[0]  # [b, t, in]
-            h = torch.bmm(x, a)  # [b, t, r]
-            return torch.baddbmm(output, h, b)  # [b, t, out]
+            if x.shape[0] != mask.shape[0]:
+                raise RuntimeError(f"LoRA rows set for batch {mask.shape[0]}, got batch {x.shape[0]}")
+            return output + lora_delta(x, a_sel, b_sel, mask)  # [b, t, out]
 
         return hook
 
@@ -299,42 +325,59 @@ class BGMVBank:
 
     def write(self, slot: int, weights: dict[str, tuple[Any, Any, float]]) -> None:
         """Copy ``{module: (A [r, in], B [out, r], scaling)}`` into ``slot`` (others zeroed)."""
-        self._key = None
+        self._sel_key = self._sel = None
         for name in self.linears:
             if name in weights:
                 a, b, s = weights[name]
-                self.A[name][slot + 1].copy_(a.t())
-                self.B[name][slot + 1].copy_(b.t() * s)
+                self.A[name][slot].copy_(a.t())
+                self.B[name][slot].copy_(b.t() * s)
             else:
-                self.A[name][slot + 1].zero_()
-                self.B[name][slot + 1].zero_()
+                self.A[name][slot].zero_()
+                self.B[name][slot].zero_()
 
     def clear(self, slot: int) -> None:
         self.write(slot, {})
 
-    def set_rows(self, slots: Sequence[int | None]) -> dict[str, Any]:
-        """Select each row's slot (None = base) for the following forwards."""
+    def _select(self, slots: Sequence[int | None]) -> tuple[dict[str, tuple[Any, Any]], Any] | None:
         import torch
 
         key = tuple(-1 if s is None else s for s in slots)
-        if key != self._key:
-            self._key = key
-            if all(s is None for s in slots):
-                self._rows = {}
-            else:
-                idx = torch.tensor([k + 1 for k in key], device=next(iter(self.A.values())).device)
-                self._rows = {n: (self.A[n][idx], self.B[n][idx]) for n in self.linears}
-        return {}
+        if key == self._sel_key:
+            return self._sel
+        used = sorted({s for s in slots if s is not None})
+        sel = None
+        if used:
+            r, u = self.rank, len(used)
+            col = {s: j for j, s in enumerate(used)}
+            dev = next(iter(self.A.values())).device
+            mask = torch.zeros(len(slots), 1, u * r, dtype=self.dtype, device=dev)  # [b, 1, U*r]
+            for i, s in enumerate(slots):
+                if s is not None:
+                    mask[i, 0, col[s] * r : (col[s] + 1) * r] = 1
+            idx = torch.tensor(used, device=dev)
+            weights = {}
+            for n, lin in self.linears.items():
+                a_sel = self.A[n][idx].permute(1, 0, 2).reshape(lin.in_features, u * r)  # [in, U*r]
+                b_sel = self.B[n][idx].reshape(u * r, lin.out_features)  # [U*r, out]
+                weights[n] = (a_sel, b_sel)
+            sel = (weights, mask)
+        self._sel_key, self._sel = key, sel
+        return sel
 
-    def invalidate(self) -> None:
-        self._key = None
-        self._rows = {}
+    @contextmanager
+    def forward_rows(self, slots: Sequence[int | None]) -> Iterator[dict[str, Any]]:
+        """Within this block, forwards apply slot ``slots[i]`` to row i (None = base)."""
+        self._active = self._select(slots)
+        try:
+            yield {}
+        finally:
+            self._active = None
 
     def close(self) -> None:
         for h in self._hooks:
             h.remove()
         self._hooks = []
-        self._rows = {}
+        self._active = self._sel = self._sel_key = None
 
 
 class PeftBank:
@@ -374,11 +417,9 @@ class PeftBank:
     def clear(self, slot: int) -> None:
         self.write(slot, {})
 
-    def set_rows(self, slots: Sequence[int | None]) -> dict[str, Any]:
-        return {"adapter_names": [BASE if s is None else f"slot{s}" for s in slots]}
-
-    def invalidate(self) -> None:
-        pass
+    @contextmanager
+    def forward_rows(self, slots: Sequence[int | None]) -> Iterator[dict[str, Any]]:
+        yield {"adapter_names": [BASE if s is None else f"slot{s}" for s in slots]}
 
     def close(self) -> None:
         pass
@@ -428,7 +469,7 @@ class MultiAdapterEngine:
         rank: int = 8,
         target_modules: Sequence[str] = ("q_proj", "v_proj"),
         max_context: int | None = None,
-        backend: str = "bgmv",
+        backend: str = "stacked",
     ) -> None:
         if backend not in BACKENDS:
             raise ConfigError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -447,7 +488,7 @@ class MultiAdapterEngine:
         self.max_context = max_context
         self.backend = backend
         model.eval()
-        bank_cls = BGMVBank if backend == "bgmv" else PeftBank
+        bank_cls = StackedLoRABank if backend == "stacked" else PeftBank
         self._bank = bank_cls(model, capacity, rank, self.target_modules)
         self.model = self._bank.model
         self._shapes = self._bank.shapes()
@@ -527,7 +568,7 @@ class MultiAdapterEngine:
         if not parts:
             raise AdapterError(f"{where}: no LoRA tensors")
         out: dict[str, tuple[Any, Any, float]] = {}
-        dtype = next(iter(self._bank.A.values())).dtype if isinstance(self._bank, BGMVBank) else torch.float32
+        dtype = next(self.model.parameters()).dtype
         for name, ab in parts.items():
             if set(ab) != {"A", "B"}:
                 raise AdapterError(f"{where}: layer {name!r} has lora_{'A' if 'A' not in ab else 'B'} missing")
@@ -747,11 +788,11 @@ class MultiAdapterEngine:
         cache = DynamicCache()
         active = list(rows)
         with torch.inference_mode():
-            kw = self._bank.set_rows([r.slot for r in active])
-            logits = self.model(
-                input_ids=input_ids, attention_mask=attn, position_ids=pos, cache=cache,
-                use_cache=True, logits_to_keep=1, **kw,
-            ).logits[:, -1, :]  # [b, V]
+            with self._bank.forward_rows([r.slot for r in active]) as kw:
+                logits = self.model(
+                    input_ids=input_ids, attention_mask=attn, position_ids=pos, cache=cache,
+                    use_cache=True, logits_to_keep=1, **kw,
+                ).logits[:, -1, :]  # [b, V]
             last_pos = pos[:, -1]  # [b]
             while True:
                 next_ids = self._choose(logits, active)  # [b]
@@ -771,11 +812,11 @@ class MultiAdapterEngine:
                     active = [active[j] for j in keep]
                 attn = torch.cat([attn, attn.new_ones((len(active), 1))], dim=1)  # [b, t+1]
                 last_pos = last_pos + 1
-                kw = self._bank.set_rows([r.slot for r in active])
-                logits = self.model(
-                    input_ids=next_ids[:, None], attention_mask=attn, position_ids=last_pos[:, None],
-                    cache=cache, use_cache=True, **kw,
-                ).logits[:, -1, :]  # [b, V]
+                with self._bank.forward_rows([r.slot for r in active]) as kw:
+                    logits = self.model(
+                        input_ids=next_ids[:, None], attention_mask=attn, position_ids=last_pos[:, None],
+                        cache=cache, use_cache=True, **kw,
+                    ).logits[:, -1, :]  # [b, V]
 
     def _choose(self, logits: Any, rows: list[_Row]) -> Any:
         import torch
@@ -803,6 +844,6 @@ class MultiAdapterEngine:
             r.finish = "length"
 
     def close(self) -> None:
-        """Remove the engine's hooks from the model (bgmv backend)."""
+        """Remove the engine's hooks from the model (stacked backend)."""
         with self._lock:
             self._bank.close()
