@@ -65,6 +65,8 @@ BASE = "__base__"
 #: Upper bound for ``SamplingParams.max_new_tokens``.
 MAX_NEW_TOKENS_LIMIT = 4096
 BACKENDS = ("stacked", "peft")
+#: Older names still accepted ("bgmv" was the first name of the stacked backend).
+BACKEND_ALIASES = {"bgmv": "stacked"}
 
 
 # ---------------------------------------------------------------------------------------
@@ -471,6 +473,7 @@ class MultiAdapterEngine:
         max_context: int | None = None,
         backend: str = "stacked",
     ) -> None:
+        backend = BACKEND_ALIASES.get(backend, backend)
         if backend not in BACKENDS:
             raise ConfigError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:

@@ -358,6 +358,13 @@ def test_adapter_with_wrong_shapes_or_nan_is_refused(tmp_path):
 
 
 # --- prompts, limits, sampling, stop strings, streaming -------------------------------------------
+def test_backend_names(setup):
+    model, tok, _, _ = setup
+    assert MultiAdapterEngine(model, tok, BASE_NAME, backend="bgmv").backend == "stacked"  # old name
+    with pytest.raises(ConfigError, match="backend"):
+        MultiAdapterEngine(model, tok, BASE_NAME, backend="vllm")
+
+
 def test_chat_template_and_context_limit(setup):
     model, tok, _, _ = setup
     eng = MultiAdapterEngine(model, tok, BASE_NAME, max_context=40)
