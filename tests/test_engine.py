@@ -41,7 +41,8 @@ def random_lora(model, seed, r=8, targets=("q_proj", "v_proj"), scale=0.5):
     return tensors
 
 
-def make_adapter(path, model, seed, r=8, base=BASE_NAME, kind="policy", alpha=16, targets=("q_proj", "v_proj")):
+def make_adapter(path, model, seed, r=8, base=BASE_NAME, kind="policy", alpha=16, targets=("q_proj", "v_proj"),
+                 scale=0.5):
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -50,7 +51,7 @@ def make_adapter(path, model, seed, r=8, base=BASE_NAME, kind="policy", alpha=16
         "lora_dropout": 0.0,
         "target_modules": list(targets),
     }
-    save_adapter(path, Adapter(random_lora(model, seed, r, targets), config, {"kind": kind, "base_model": base}))
+    save_adapter(path, Adapter(random_lora(model, seed, r, targets, scale), config, {"kind": kind, "base_model": base}))
     return str(path)
 
 
