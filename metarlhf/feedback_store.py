@@ -365,6 +365,13 @@ class SQLiteFeedbackStore(FeedbackStore):
         return {"total": int(row["total"]), "up": int(row["up"]), "down": int(row["down"]),
                 "pairs": int(row["pairs"]), "new": int(new)}
 
+    def new_count(self, tenant: str, user: str) -> int:
+        """Feedback records since the user's last adaptation attempt (one indexed query)."""
+        return int(self._reader().execute(
+            "SELECT COUNT(*) FROM feedback WHERE tenant=? AND user_id=? AND seq > COALESCE("
+            "(SELECT attempted_upto FROM users WHERE tenant=? AND user_id=?), 0)", (tenant, user, tenant, user),
+        ).fetchone()[0])
+
     def users(self, tenant: str | None = None) -> list[tuple[str, str]]:
         """Every ``(tenant, user)`` with feedback."""
         if tenant is None:

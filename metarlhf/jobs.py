@@ -1,0 +1,295 @@
+"""Background per-user adaptation: feedback -> reward adapter -> policy adapter -> new version.
+
+A job for ``(tenant, user)``:
+
+1. reads the user's most recent ``max_records`` feedback records;
+2. adapts the reward adapter from the reward meta-init, then the policy adapter from
+   the policy meta-init (or, for a user with fewer than ``neighbor_init_below``
+   records, from the nearest user's current policy adapter -- retrieval);
+3. validates both: every tensor finite; after writing, the stored directory must load
+   back (sha256, kind, base, rank) and, if a ``validate_policy`` hook is given (the
+   server passes the serving engine's loader), pass it;
+4. swaps the new versions in: ``CURRENT`` is rewritten atomically only after the whole
+   version is on disk and validated. A failing job removes what it wrote, leaves the
+   previous version serving, and records its error in the feedback store;
+5. updates the user's preference vector in the retrieval index.
+
+Jobs are single-flight: at most one queued-or-running job per user; asking again
+returns the job in flight. Work runs on a small thread pool, separate from serving.
+
+:class:`Personalizer` is what a job needs from the models; :class:`DefaultPersonalizer`
+implements it on :mod:`metarlhf.reward` and :mod:`metarlhf.policy` with its own copy of
+the policy (never the serving engine's), tests inject small fakes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from metarlhf.adapters import Adapter
+from metarlhf.data import Pair, Record, Thumbs
+from metarlhf.errors import ConfigError, DataError, MetaRLHFError
+from metarlhf.feedback_store import SQLiteFeedbackStore
+from metarlhf.retrieval import PreferenceIndex, preference_vector
+from metarlhf.store import AdapterStore
+
+log = logging.getLogger(__name__)
+
+
+class Personalizer(Protocol):
+    """The model-side operations an adaptation job and cold-start retrieval need."""
+
+    policy_base: str  # base model name stamped into policy adapters
+    embed_dim: int
+
+    def adapt_reward(self, records: Sequence[Record]) -> Adapter: ...
+
+    def adapt_policy(self, records: Sequence[Record], init: str | Path | None) -> Adapter: ...
+
+    def embed(self, prompts: list[str], completions: list[str]) -> np.ndarray: ...  # [n, d]
+
+
+def liked_disliked(records: Sequence[Record]) -> tuple[list[str], list[str], list[bool]]:
+    """Flatten records into (prompts, completions, liked) for preference vectors."""
+    prompts, comps, liked = [], [], []
+    for r in records:
+        if isinstance(r, Thumbs):
+            prompts.append(r.prompt)
+            comps.append(r.completion)
+            liked.append(r.label == 1)
+        elif isinstance(r, Pair):
+            prompts += [r.prompt, r.prompt]
+            comps += [r.chosen, r.rejected]
+            liked += [True, False]
+    return prompts, comps, liked
+
+
+def user_preference(personalizer: Personalizer, records: Sequence[Record]) -> np.ndarray:
+    """The user's preference vector (see :mod:`metarlhf.retrieval`). Raises DataError."""
+    prompts, comps, liked = liked_disliked(records)
+    if not prompts:
+        raise DataError("no feedback to embed")
+    return preference_vector(personalizer.embed(prompts, comps), liked)
+
+
+def check_finite(adapter: Adapter, what: str) -> None:
+    import torch
+
+    for k, t in adapter.tensors.items():
+        if not torch.is_tensor(t) or not torch.isfinite(t).all():
+            raise DataError(f"{what} adapter tensor {k!r} has NaN or infinite values")
+
+
+class DefaultPersonalizer:
+    """Real adaptation on the embedded (or given) models.
+
+    Loads the reward encoder once and a private copy of the policy (adaptation must not
+    touch the serving engine's weights). Thread-safe by a lock: one adaptation at a time.
+    """
+
+    def __init__(self, policy_dir: str | None = None, encoder_dir: str | None = None,
+                 reward_steps: int | None = None, policy_steps: int | None = None) -> None:
+        from metarlhf.models import DEFAULT_POLICY_NAME, load_policy, model_name
+        from metarlhf.policy import DEFAULT_INIT_DIR
+        from metarlhf.reward import SHIPPED_INIT_DIR, load_reward_model
+
+        self.reward_model = load_reward_model(encoder_dir)
+        self.reward_init: str | None = None if (SHIPPED_INIT_DIR / "metarlhf.json").is_file() else "scratch"
+        self.policy = load_policy(policy_dir)
+        self.policy_base = model_name(policy_dir, DEFAULT_POLICY_NAME)
+        self.policy_init = "meta" if (DEFAULT_INIT_DIR / "metarlhf.json").is_file() else "scratch"
+        self.reward_steps = reward_steps
+        self.policy_steps = policy_steps
+        self.embed_dim = int(self.reward_model.encoder.config.hidden_size)
+        self._lock = threading.Lock()
+        if self.reward_init == "scratch" or self.policy_init == "scratch":
+            log.warning("no shipped meta-init for %s; adapting from scratch",
+                        " and ".join(k for k, v in (("reward", self.reward_init), ("policy", self.policy_init))
+                                     if v == "scratch"))
+
+    def adapt_reward(self, records: Sequence[Record]) -> Adapter:
+        from metarlhf.reward import adapt_reward
+
+        with self._lock:
+            return adapt_reward(records, init=self.reward_init, encoder=self.reward_model, steps=self.reward_steps)
+
+    def adapt_policy(self, records: Sequence[Record], init: str | Path | None) -> Adapter:
+        from metarlhf.policy import adapt_policy
+
+        with self._lock:
+            return adapt_policy(records, base=self.policy, init=str(init) if init is not None else self.policy_init,
+                                steps=self.policy_steps)
+
+    def embed(self, prompts: list[str], completions: list[str]) -> np.ndarray:
+        import torch
+
+        with self._lock, torch.no_grad():
+            return self.reward_model.embed(prompts, completions).float().cpu().numpy()  # [n, d]
+
+
+class AdaptationRunner:
+    """Single-flight background adaptation jobs, one thread pool."""
+
+    def __init__(
+        self,
+        feedback: SQLiteFeedbackStore,
+        store: AdapterStore,
+        personalizer: Personalizer,
+        index: PreferenceIndex | None = None,
+        threshold: int = 4,
+        workers: int = 1,
+        max_records: int = 64,
+        neighbor_init_below: int = 8,
+        validate_policy: Callable[[str, str, int, Path], None] | None = None,
+        on_new_version: Callable[[str, str, dict[str, Any]], None] | None = None,
+    ) -> None:
+        if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 1:
+            raise ConfigError(f"adaptation threshold must be an int >= 1, got {threshold!r}")
+        self.feedback = feedback
+        self.store = store
+        self.personalizer = personalizer
+        self.index = index
+        self.threshold = threshold
+        self.max_records = max_records
+        self.neighbor_init_below = neighbor_init_below
+        self.validate_policy = validate_policy
+        self.on_new_version = on_new_version
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="adapt")
+        self._lock = threading.Lock()
+        self._inflight: dict[tuple[str, str], str] = {}  # (tenant, user) -> job id
+        self.stats = {"succeeded": 0, "failed": 0, "started": 0}
+
+    @property
+    def queue_depth(self) -> int:
+        with self._lock:
+            return len(self._inflight)
+
+    def inflight(self, tenant: str, user: str) -> str | None:
+        with self._lock:
+            return self._inflight.get((tenant, user))
+
+    def maybe_enqueue(self, tenant: str, user: str) -> dict[str, Any] | None:
+        """Enqueue a job if the user has >= threshold new records and none is in flight."""
+        if self.inflight(tenant, user) is not None:
+            return None
+        if self.feedback.new_count(tenant, user) < self.threshold:
+            return None
+        return self.enqueue(tenant, user, reason="threshold")
+
+    def enqueue(self, tenant: str, user: str, reason: str = "manual") -> dict[str, Any]:
+        """Start a job for the user, or return the one already in flight."""
+        with self._lock:
+            jid = self._inflight.get((tenant, user))
+            if jid is None:
+                if self.feedback.max_seq(tenant, user) == 0:
+                    raise DataError(f"user {user!r} has no feedback to adapt on")
+                job = self.feedback.create_job(tenant, user, reason)
+                self._inflight[(tenant, user)] = job["id"]
+                self._pool.submit(self._run, tenant, user, job["id"])
+                return job
+        return self.feedback.get_job(tenant, jid)
+
+    def wait_idle(self, timeout: float = 60.0) -> bool:
+        """Block until no job is in flight (tests, benchmarks)."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self.queue_depth == 0:
+                return True
+            time.sleep(0.02)
+        return False
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    # -- the job -------------------------------------------------------------------------
+    def _policy_init(self, tenant: str, user: str, records: Sequence[Record]) -> tuple[Path | None, str | None]:
+        """The nearest user's current policy adapter, for users with few records."""
+        if self.index is None or len(records) >= self.neighbor_init_below:
+            return None, None
+        try:
+            vec = user_preference(self.personalizer, records)
+        except DataError:
+            return None, None
+        for other, _ in self.index.search(tenant, vec, k=3, exclude=user):
+            v = self.store.resolve(tenant, other, "policy", expect_base=self.personalizer.policy_base)
+            if v is not None:
+                return v.path, other
+        return None, None
+
+    def _run(self, tenant: str, user: str, job_id: str) -> None:
+        t0 = time.perf_counter()
+        written: list[Path] = []
+        try:
+            self.stats["started"] += 1
+            self.feedback.update_job(job_id, "running")
+            records = self.feedback.records(tenant, user, limit=self.max_records)
+            if not records:
+                raise DataError("the user's feedback was erased before the job ran")
+            reward = self.personalizer.adapt_reward(records)
+            check_finite(reward, "reward")
+            init, neighbor = self._policy_init(tenant, user, records)
+            policy = self.personalizer.adapt_policy(records, init)
+            check_finite(policy, "policy")
+            if neighbor is not None:
+                policy.meta["init_neighbor"] = neighbor
+            rv = self.store.save(tenant, user, "reward", reward, make_current=False)
+            written.append(rv.path)
+            pv = self.store.save(tenant, user, "policy", policy, make_current=False)
+            written.append(pv.path)
+            self.store.verify(rv.path, "reward")
+            self.store.verify(pv.path, "policy", expect_base=self.personalizer.policy_base)
+            if self.validate_policy is not None:
+                self.validate_policy(tenant, user, pv.version, pv.path)
+            # All checks passed: swap both in (reward first: serving reads only the policy).
+            self.store.set_current(tenant, user, "reward", rv.version)
+            self.store.set_current(tenant, user, "policy", pv.version)
+            written.clear()
+            if self.feedback.max_seq(tenant, user) == 0:  # erased (DELETE) while the job ran
+                self.store.delete_user(tenant, user)
+                raise DataError("the user was erased while the job ran; the new adapters were removed")
+            if self.index is not None:
+                try:
+                    self.index.upsert(tenant, user, user_preference(self.personalizer, records))
+                    if self.index.path is not None:
+                        self.index.save()
+                except DataError as e:
+                    log.warning("user %s/%s: no preference vector: %s", tenant, user, e)
+            result = {"policy_version": pv.version, "reward_version": rv.version, "n_records": len(records),
+                      "seconds": round(time.perf_counter() - t0, 3), "policy_init": str(init) if init is not None else "default",
+                      "reward_final_loss": _last(reward.meta.get("losses")),
+                      "policy_final_loss": _last(policy.meta.get("losses"))}
+            self.feedback.update_job(job_id, "succeeded", result=result)
+            self.stats["succeeded"] += 1
+            if self.on_new_version is not None:
+                self.on_new_version(tenant, user, result)
+            log.info("adapted %s/%s -> policy v%d, reward v%d in %.1fs", tenant, user, pv.version, rv.version,
+                     result["seconds"])
+        except Exception as e:  # noqa: BLE001 - any failure is recorded; previous version keeps serving
+            for p in written:
+                shutil.rmtree(p, ignore_errors=True)
+            msg = f"{type(e).__name__}: {e}" if not isinstance(e, MetaRLHFError) else str(e)
+            log.error("adaptation job %s for %s/%s failed: %s", job_id, tenant, user, msg)
+            self.stats["failed"] += 1
+            try:
+                self.feedback.update_job(job_id, "failed", error=msg)
+            except Exception:  # noqa: BLE001 - store closed during shutdown
+                log.exception("could not record the failure of job %s", job_id)
+        finally:
+            with self._lock:
+                self._inflight.pop((tenant, user), None)
+
+
+def _last(xs: Any) -> float | None:
+    if isinstance(xs, list) and xs and isinstance(xs[-1], int | float) and math.isfinite(xs[-1]):
+        return float(xs[-1])
+    return None

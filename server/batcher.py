@@ -1,0 +1,135 @@
+"""Dynamic batching of generation requests from many users onto one engine.
+
+Requests from any number of concurrent HTTP handlers are put on a bounded queue. One
+worker thread takes the first waiting request, keeps collecting for up to
+``wait_s`` (or until ``max_batch`` rows), and runs them as one
+``engine.generate(batch)`` call: rows of different users, each with its own adapter,
+decode together. Results resolve the callers' asyncio futures.
+
+Admission is bounded: ``limit`` rows may be queued or running (streams count too,
+via :meth:`Batcher.reserve`). Past the limit :class:`Overloaded` is raised and the
+server answers 429 with ``Retry-After``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+class Overloaded(Exception):
+    """The queue is full."""
+
+
+class Batcher:
+    def __init__(self, engine: Any, max_batch: int = 16, wait_s: float = 0.008, limit: int = 64,
+                 on_batch: Callable[[int, float], None] | None = None) -> None:
+        self.engine = engine
+        self.max_batch = max_batch
+        self.wait_s = wait_s
+        self.limit = limit
+        self.on_batch = on_batch
+        self._q: queue.Queue = queue.Queue()
+        self._pending = 0
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self.batches = 0
+        self.rows = 0
+
+    @property
+    def depth(self) -> int:
+        """Rows admitted and not finished (queued + running + open streams)."""
+        return self._pending
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="batcher", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._q.put(None)
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    def _admit(self, k: int) -> None:
+        with self._lock:
+            if self._pending + k > self.limit:
+                raise Overloaded(f"generation queue is full ({self._pending} of {self.limit} slots in use)")
+            self._pending += k
+
+    def _done(self, k: int) -> None:
+        with self._lock:
+            self._pending -= k
+
+    @contextmanager
+    def reserve(self, k: int = 1) -> Any:
+        """Hold ``k`` admission slots (for work that bypasses the queue, e.g. streams)."""
+        self._admit(k)
+        try:
+            yield
+        finally:
+            self._done(k)
+
+    async def submit_many(self, requests: list[Any]) -> list[Any]:
+        """Queue all requests (admitted together or not at all) and await their results."""
+        self._admit(len(requests))
+        loop = asyncio.get_running_loop()
+        futs = [loop.create_future() for _ in requests]
+        for req, fut in zip(requests, futs, strict=True):
+            self._q.put((req, fut, loop))
+        try:
+            return list(await asyncio.gather(*futs))
+        finally:
+            pass  # slots are released by the worker when each row finishes
+
+    def _loop(self) -> None:
+        while True:
+            item = self._q.get()
+            if item is None:
+                return
+            batch = [item]
+            deadline = time.monotonic() + self.wait_s
+            stop = False
+            while len(batch) < self.max_batch:
+                timeout = deadline - time.monotonic()
+                try:
+                    nxt = self._q.get(timeout=max(timeout, 0)) if timeout > 0 else self._q.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stop = True
+                    break
+                batch.append(nxt)
+            t0 = time.perf_counter()
+            try:
+                results = self.engine.generate([req for req, _, _ in batch])
+            except Exception as e:  # noqa: BLE001 - hand the error to every caller of this batch
+                log.exception("engine.generate failed for a batch of %d", len(batch))
+                results = [e] * len(batch)
+            self.batches += 1
+            self.rows += len(batch)
+            if self.on_batch is not None:
+                self.on_batch(len(batch), time.perf_counter() - t0)
+            self._done(len(batch))
+            for (_, fut, loop), res in zip(batch, results, strict=True):
+                loop.call_soon_threadsafe(_resolve, fut, res)
+            if stop:
+                return
+
+
+def _resolve(fut: asyncio.Future, res: Any) -> None:
+    if fut.done():
+        return
+    if isinstance(res, BaseException):
+        fut.set_exception(res)
+    else:
+        fut.set_result(res)

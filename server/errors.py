@@ -1,0 +1,97 @@
+"""The one place where errors become HTTP responses.
+
+Every error body is ``{"error": {"type": ..., "message": ...}}``. Domain errors
+(:mod:`metarlhf.errors`) map by class, never by message text:
+
+=====================  ======  ==============================================
+error                  status  when
+=====================  ======  ==============================================
+ConfigError            400     invalid generation parameters, prompt too long
+DataError              422     malformed feedback, Idempotency-Key body mismatch
+AdapterError           422     an adapter that cannot be used
+NotFoundError          404     unknown user, completion, job or version (also
+                               another tenant's: tenants are invisible)
+ModelError             500     model files missing or broken
+request validation     422     ``invalid_request`` (pydantic, unknown fields)
+ApiError               any     401 auth, 413 body too large, 429 overloaded
+=====================  ======  ==============================================
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from metarlhf.errors import AdapterError, ConfigError, DataError, MetaRLHFError, ModelError, NotFoundError
+
+log = logging.getLogger(__name__)
+
+STATUS: dict[type[MetaRLHFError], int] = {
+    ConfigError: 400,
+    DataError: 422,
+    AdapterError: 422,
+    NotFoundError: 404,
+    ModelError: 500,
+}
+
+
+class ApiError(Exception):
+    """An HTTP-level error that is not a domain error (auth, limits, overload)."""
+
+    def __init__(self, status: int, type_: str, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.type = type_
+        self.message = message
+        self.headers = headers or {}
+
+
+def error_body(type_: str, message: str) -> dict:
+    return {"error": {"type": type_, "message": message}}
+
+
+def status_of(e: MetaRLHFError) -> int:
+    for cls in type(e).__mro__:
+        if cls in STATUS:
+            return STATUS[cls]
+    return 400
+
+
+def error_response(status: int, type_: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error_body(type_, message), status_code=status, headers=headers)
+
+
+def _validation_message(e: RequestValidationError) -> str:
+    parts = []
+    for err in e.errors()[:5]:
+        loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
+        parts.append(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")))
+    return "; ".join(parts) or "invalid request"
+
+
+def install(app: FastAPI) -> None:
+    """Register the exception handlers on ``app``."""
+
+    @app.exception_handler(MetaRLHFError)
+    async def _domain(request: Request, e: MetaRLHFError) -> JSONResponse:
+        status = status_of(e)
+        if status >= 500:
+            log.error("%s %s: %s", request.method, request.url.path, e)
+        return error_response(status, e.type, str(e))
+
+    @app.exception_handler(ApiError)
+    async def _api(request: Request, e: ApiError) -> JSONResponse:
+        return error_response(e.status, e.type, e.message, e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, e: RequestValidationError) -> JSONResponse:
+        return error_response(422, "invalid_request", _validation_message(e))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        type_ = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "http_error")
+        return error_response(e.status_code, type_, str(e.detail), getattr(e, "headers", None))

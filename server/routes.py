@@ -1,0 +1,274 @@
+"""HTTP routes. Thin: validate (schemas), authenticate (tenant), call the Runtime."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from metarlhf.engine import GenerationRequest, SamplingParams
+from metarlhf.errors import ConfigError, MetaRLHFError
+from metarlhf.store import check_id
+from server.batcher import Overloaded
+from server.errors import ApiError, error_body, status_of
+from server.runtime import Runtime
+from server.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    FeedbackRequest,
+    GenerationFields,
+    RollbackRequest,
+)
+from server.settings import Settings, get_settings
+
+router = APIRouter()
+bearer = HTTPBearer(auto_error=False, description="API key; each key belongs to one tenant")
+
+
+def get_runtime(request: Request) -> Runtime:
+    rt = getattr(request.app.state, "runtime", None)
+    if rt is None:
+        raise ApiError(503, "not_ready", "the server is still loading its models")
+    return rt
+
+
+def get_tenant(creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+               settings: Annotated[Settings, Depends(get_settings)]) -> str:
+    if creds is None or creds.scheme.lower() != "bearer":
+        raise ApiError(401, "unauthorized", "missing API key: send 'Authorization: Bearer <key>'",
+                       {"WWW-Authenticate": "Bearer"})
+    tenant = settings.api_keys.get(creds.credentials)
+    if tenant is None:
+        raise ApiError(401, "unauthorized", "invalid API key", {"WWW-Authenticate": "Bearer"})
+    return tenant
+
+
+def user_path(user_id: str) -> str:
+    try:
+        return check_id(user_id)
+    except ConfigError as e:
+        raise ApiError(422, "invalid_request", str(e)) from e
+
+
+Tenant = Annotated[str, Depends(get_tenant)]
+RT = Annotated[Runtime, Depends(get_runtime)]
+UserId = Annotated[str, Depends(user_path)]
+
+
+# ------------------------------------------------------------------------------ operations
+@router.get("/healthz", tags=["ops"])
+def healthz() -> dict:
+    return {"status": "ok"}
+
+
+@router.get("/readyz", tags=["ops"])
+def readyz(request: Request) -> JSONResponse:
+    ready = bool(getattr(request.app.state, "ready", False))
+    return JSONResponse({"status": "ready" if ready else "loading"}, status_code=200 if ready else 503)
+
+
+@router.get("/metrics", tags=["ops"], response_class=PlainTextResponse)
+def metrics(rt: RT, tenant: Tenant) -> PlainTextResponse:
+    return PlainTextResponse(rt.metrics.render(), media_type="text/plain; version=0.0.4")
+
+
+# ------------------------------------------------------------------------------ completions
+def sampling(body: GenerationFields, settings: Settings) -> tuple[SamplingParams, int]:
+    """SamplingParams from OpenAI fields; invalid values raise ConfigError (400)."""
+    n_tok = body.max_tokens if body.max_tokens is not None else body.max_completion_tokens
+    n_tok = settings.default_max_tokens if n_tok is None else n_tok
+    if not 1 <= n_tok <= settings.max_tokens_limit:
+        raise ConfigError(f"max_tokens must be in [1, {settings.max_tokens_limit}], got {n_tok}")
+    if not 1 <= body.n <= settings.max_n:
+        raise ConfigError(f"n must be in [1, {settings.max_n}], got {body.n}")
+    if body.stream and body.n != 1:
+        raise ConfigError("stream=true supports n=1 only")
+    temperature = 1.0 if body.temperature is None else body.temperature
+    top_p = 1.0 if body.top_p is None else body.top_p
+    stop = body.stop if body.stop is not None else []
+    return SamplingParams(max_new_tokens=n_tok, temperature=temperature, top_p=top_p, stop=stop,
+                          seed=body.seed), body.n
+
+
+def requests_for(body: GenerationFields, settings: Settings, chat: bool) -> list[GenerationRequest]:
+    params, n = sampling(body, settings)
+    out = []
+    for i in range(n):
+        p = params if i == 0 or params.seed is None else SamplingParams(
+            params.max_new_tokens, params.temperature, params.top_p, params.stop, params.seed + i)
+        if chat:
+            msgs = [{"role": m.role, "content": m.content} for m in body.messages]  # type: ignore[attr-defined]
+            out.append(GenerationRequest(messages=msgs, params=p))
+        else:
+            out.append(GenerationRequest(prompt=body.prompt, params=p))  # type: ignore[attr-defined]
+    return out
+
+
+def feedback_prompt(body: GenerationFields, chat: bool) -> str:
+    if not chat:
+        return body.prompt  # type: ignore[attr-defined]
+    users = [m.content for m in body.messages if m.role == "user"]  # type: ignore[attr-defined]
+    return users[-1] if users else body.messages[-1].content  # type: ignore[attr-defined]
+
+
+async def _complete(body: GenerationFields, rt: Runtime, tenant: str, settings: Settings, chat: bool) -> Any:
+    reqs = requests_for(body, settings, chat)
+    cid = rt.new_completion_id("chatcmpl" if chat else "cmpl")
+    model = body.model or settings.model_name
+    if body.stream:
+        return await _stream(body, reqs[0], rt, tenant, cid, model, chat)
+    try:
+        results, info = await rt.generate(tenant, body.user, reqs)
+    except Overloaded as e:
+        raise ApiError(429, "overloaded", str(e), {"Retry-After": "1"}) from e
+    if body.user is not None:
+        await run_in_threadpool(rt.feedback.add_completion, tenant, body.user, cid, feedback_prompt(body, chat),
+                                results[0].text, info)
+    rt.metrics.inc("generated_tokens_total", "completion tokens generated",
+                   sum(r.completion_tokens for r in results))
+    created = int(time.time())
+    usage = {"prompt_tokens": results[0].prompt_tokens, "completion_tokens": sum(r.completion_tokens for r in results),
+             "total_tokens": results[0].prompt_tokens + sum(r.completion_tokens for r in results)}
+    fp = f"{info['source']}-v{info.get('version') or info.get('neighbor_version') or 0}"
+    if chat:
+        choices = [{"index": i, "message": {"role": "assistant", "content": r.text}, "finish_reason": r.finish_reason,
+                    "logprobs": None} for i, r in enumerate(results)]
+        obj = "chat.completion"
+    else:
+        choices = [{"index": i, "text": r.text, "finish_reason": r.finish_reason, "logprobs": None}
+                   for i, r in enumerate(results)]
+        obj = "text_completion"
+    return {"id": cid, "object": obj, "created": created, "model": model, "choices": choices, "usage": usage,
+            "system_fingerprint": fp, "adapter": info}
+
+
+async def _stream(body: GenerationFields, req: GenerationRequest, rt: Runtime, tenant: str, cid: str, model: str,
+                  chat: bool) -> StreamingResponse:
+    """SSE stream via ``engine.stream`` (streams are not batched with other requests)."""
+    try:
+        slot = rt.batcher.reserve(1)
+        slot.__enter__()
+    except Overloaded as e:
+        raise ApiError(429, "overloaded", str(e), {"Retry-After": "1"}) from e
+    try:
+        ref, info = rt.serving_adapter(tenant, body.user)
+        req.adapter = ref
+        gen = await run_in_threadpool(rt.engine.stream, req)  # validates; errors raise here, before any byte
+    except BaseException:
+        slot.__exit__(None, None, None)
+        raise
+    created = int(time.time())
+    obj = "chat.completion.chunk" if chat else "text_completion"
+    include_usage = bool((body.stream_options or {}).get("include_usage"))
+
+    def chunk(delta: str | None, finish: str | None, first: bool = False) -> str:
+        if chat:
+            d: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
+            if delta:
+                d["content"] = delta
+            choice: dict[str, Any] = {"index": 0, "delta": d, "finish_reason": finish, "logprobs": None}
+        else:
+            choice = {"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}
+        return "data: " + json.dumps({"id": cid, "object": obj, "created": created, "model": model,
+                                      "choices": [choice], "adapter": info}) + "\n\n"
+
+    def events() -> Iterator[str]:
+        text = []
+        try:
+            yield chunk(None, None, first=True)
+            try:
+                while True:
+                    delta = next(gen)
+                    text.append(delta)
+                    yield chunk(delta, None)
+            except StopIteration as stop:
+                result = stop.value
+            except MetaRLHFError as e:
+                yield "data: " + json.dumps(error_body(e.type, str(e))) + "\n\n"
+                return
+            finish = getattr(result, "finish_reason", "stop")
+            yield chunk(None, finish)
+            if include_usage and result is not None:
+                usage = {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
+                         "total_tokens": result.prompt_tokens + result.completion_tokens}
+                yield "data: " + json.dumps({"id": cid, "object": obj, "created": created, "model": model,
+                                             "choices": [], "usage": usage}) + "\n\n"
+            if body.user is not None:
+                rt.feedback.add_completion(tenant, body.user, cid, feedback_prompt(body, chat), "".join(text), info)
+            yield "data: [DONE]\n\n"
+        finally:
+            gen.close()
+            slot.__exit__(None, None, None)
+
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Completion-Id": cid})
+
+
+@router.post("/v1/chat/completions", tags=["completions"])
+async def chat_completions(body: ChatCompletionRequest, rt: RT, tenant: Tenant,
+                           settings: Annotated[Settings, Depends(get_settings)]) -> Any:
+    return await _complete(body, rt, tenant, settings, chat=True)
+
+
+@router.post("/v1/completions", tags=["completions"])
+async def completions(body: CompletionRequest, rt: RT, tenant: Tenant,
+                      settings: Annotated[Settings, Depends(get_settings)]) -> Any:
+    return await _complete(body, rt, tenant, settings, chat=False)
+
+
+# ------------------------------------------------------------------------------ feedback
+@router.post("/v1/feedback", status_code=202, tags=["feedback"])
+def feedback(body: FeedbackRequest, rt: RT, tenant: Tenant, response: Response,
+             idempotency_key: Annotated[str | None, Header(max_length=255)] = None) -> dict:
+    """Store one feedback item durably (answered only after the commit is fsynced)."""
+    fid, created = rt.add_feedback(tenant, body.model_dump(exclude_none=True), idempotency_key)
+    if not created:
+        response.headers["Idempotent-Replayed"] = "true"
+    return {"id": fid, "object": "feedback", "user_id": body.user_id, "replayed": not created,
+            "job": rt.runner.inflight(tenant, body.user_id)}
+
+
+# ------------------------------------------------------------------------------ users & jobs
+@router.get("/v1/users/{user_id}", tags=["users"])
+def get_user(user_id: UserId, rt: RT, tenant: Tenant) -> dict:
+    return rt.user_info(tenant, user_id)
+
+
+@router.post("/v1/users/{user_id}/adapt", status_code=202, tags=["users"])
+def adapt_now(user_id: UserId, rt: RT, tenant: Tenant) -> dict:
+    rt.require_user(tenant, user_id)
+    return {"object": "job", **rt.runner.enqueue(tenant, user_id, reason="manual")}
+
+
+@router.post("/v1/users/{user_id}/rollback", tags=["users"])
+def rollback(user_id: UserId, body: RollbackRequest, rt: RT, tenant: Tenant) -> dict:
+    """Serve an earlier version again (default: the one before the current)."""
+    return {"user_id": user_id, "current": rt.rollback(tenant, user_id, body.kind, body.version)}
+
+
+@router.delete("/v1/users/{user_id}", status_code=204, tags=["users"])
+def delete_user(user_id: UserId, rt: RT, tenant: Tenant) -> Response:
+    """Right to erasure: the user's feedback, completions, jobs and adapters."""
+    rt.delete_user(tenant, user_id)
+    return Response(status_code=204)
+
+
+@router.get("/v1/users/{user_id}/neighbors", tags=["users"])
+def neighbors(user_id: UserId, rt: RT, tenant: Tenant,
+              k: Annotated[int, Query(ge=1, le=100)] = 5) -> dict:
+    rt.require_user(tenant, user_id)
+    return {"user_id": user_id, "neighbors": rt.neighbors(tenant, user_id, k)}
+
+
+@router.get("/v1/jobs/{job_id}", tags=["users"])
+def get_job(job_id: str, rt: RT, tenant: Tenant) -> dict:
+    return {"object": "job", **rt.feedback.get_job(tenant, job_id)}
+
+
+__all__ = ["router", "status_of"]

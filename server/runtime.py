@@ -1,0 +1,298 @@
+"""Everything the routes use, wired together once per process.
+
+:class:`Runtime` owns the serving engine, the dynamic batcher, the feedback store, the
+adapter store, the preference index and the background adaptation runner. Routes
+stay thin and call its methods; nothing here imports torch directly.
+
+Which adapter serves a user (:meth:`Runtime.serving_adapter`):
+
+1. the user's own ``CURRENT`` policy version, if it verifies (sha256, base, rank);
+   a corrupted version is logged and skipped, falling back to older versions;
+2. cold start: a user with some feedback but no adapter yet is served with the
+   nearest user's adapter (faiss over preference embeddings, same tenant);
+3. otherwise the base model.
+
+Engine adapter keys are ``"<tenant>/<user>"`` with the store's version number, so a
+new version is a new cache key and stale weights are never served.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from metarlhf.engine import AdapterRef, GenerationRequest, GenerationResult
+from metarlhf.errors import AdapterError, DataError, NotFoundError
+from metarlhf.feedback_store import FeedbackInput, SQLiteFeedbackStore, body_sha256, open_feedback_store
+from metarlhf.jobs import AdaptationRunner, Personalizer, user_preference
+from metarlhf.retrieval import PreferenceIndex
+from metarlhf.store import AdapterStore
+from server.batcher import Batcher
+from server.metrics import Metrics
+from server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def engine_key(tenant: str, user: str) -> str:
+    return f"{tenant}/{user}"
+
+
+class Runtime:
+    def __init__(self, settings: Settings, engine: Any, personalizer: Personalizer) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.personalizer = personalizer
+        self.metrics = Metrics()
+        self.started_at = time.time()
+        self.store = AdapterStore(settings.adapter_root, keep=settings.adapter_keep)
+        self.feedback: SQLiteFeedbackStore = open_feedback_store(  # type: ignore[assignment]
+            settings.feedback_location, synchronous=settings.sqlite_synchronous)
+        n = self.feedback.fail_unfinished_jobs()
+        if n:
+            log.warning("%d adaptation job(s) were interrupted by a restart; marked failed", n)
+        self.index = PreferenceIndex.load(settings.index_location, personalizer.embed_dim)
+        self.runner = AdaptationRunner(
+            self.feedback, self.store, personalizer, self.index, threshold=settings.adapt_threshold,
+            workers=settings.adapt_workers, max_records=settings.adapt_max_records,
+            neighbor_init_below=settings.neighbor_init_below, validate_policy=self._validate_policy,
+            on_new_version=self._on_new_version)
+        self.batcher = Batcher(engine, settings.max_batch, settings.batch_wait_ms / 1000, settings.queue_limit,
+                               on_batch=self._on_batch)
+        self._serving: dict[tuple[str, str], tuple[AdapterRef | None, dict[str, Any]]] = {}
+        self._bad: set[tuple[str, int]] = set()  # (engine key, version) known corrupted
+        self._pref_cache: dict[tuple[str, str], tuple[int, Any]] = {}
+        self._changed: dict[tuple[str, str], float] = {}
+        self._lock = threading.Lock()
+        self._install_gauges()
+
+    # -- lifecycle -----------------------------------------------------------------------
+    def start(self) -> None:
+        self.batcher.start()
+        threading.Thread(target=self._rebuild_index, name="index-rebuild", daemon=True).start()
+
+    def close(self) -> None:
+        self.batcher.stop()
+        self.runner.close()
+        try:
+            self.index.save()
+        except Exception:  # noqa: BLE001 - best effort at shutdown
+            log.exception("could not save the preference index")
+        self.feedback.close()
+
+    def _rebuild_index(self) -> None:
+        """Add users that have an adapter but no vector (e.g. the index file was lost)."""
+        added = 0
+        for tenant, user in self.store.users():
+            if self.index.get(tenant, user) is not None or self.store.current(tenant, user, "policy") is None:
+                continue
+            records = self.feedback.records(tenant, user, limit=self.settings.adapt_max_records)
+            try:
+                self.index.upsert(tenant, user, user_preference(self.personalizer, records))
+                added += 1
+            except DataError:
+                continue
+        if added:
+            self.index.save()
+            log.info("preference index: rebuilt %d user vector(s) from stored feedback", added)
+
+    def _install_gauges(self) -> None:
+        m = self.metrics
+        m.gauge("queue_depth", "generation rows queued or running", lambda: self.batcher.depth)
+        m.gauge("adaptation_queue_depth", "adaptation jobs queued or running", lambda: self.runner.queue_depth)
+        m.gauge("adapter_cache_hits", "engine adapter cache hits", lambda: self.engine.stats.get("hits", 0))
+        m.gauge("adapter_cache_misses", "engine adapter cache misses", lambda: self.engine.stats.get("misses", 0))
+        m.gauge("adapter_cache_resident", "adapters resident in the engine", lambda: self.engine.stats.get("resident", 0))
+        m.gauge("adaptations_succeeded", "adaptation jobs that succeeded", lambda: self.runner.stats["succeeded"])
+        m.gauge("adaptations_failed", "adaptation jobs that failed", lambda: self.runner.stats["failed"])
+        m.gauge("indexed_users", "users in the preference index", lambda: len(self.index))
+
+    def _on_batch(self, rows: int, seconds: float) -> None:
+        self.metrics.observe("batch_seconds", "engine.generate time per batch", seconds)
+        self.metrics.inc("batch_rows_total", "rows generated through the batcher", rows)
+
+    # -- adapters ------------------------------------------------------------------------
+    def _validate_policy(self, tenant: str, user: str, version: int, path: Path) -> None:
+        """Before a new version goes live: the serving engine must accept it."""
+        self.engine.preload(AdapterRef(engine_key(tenant, user), version, str(path)))
+
+    def _on_new_version(self, tenant: str, user: str, result: dict[str, Any]) -> None:
+        with self._lock:
+            self._serving.pop((tenant, user), None)
+            self._changed[(tenant, user)] = time.time()
+        self.metrics.inc("adaptations_total", "adaptation jobs finished", state="succeeded")
+
+    def invalidate(self, tenant: str, user: str) -> None:
+        with self._lock:
+            self._serving.pop((tenant, user), None)
+            self._pref_cache.pop((tenant, user), None)
+
+    def own_adapter(self, tenant: str, user: str) -> tuple[AdapterRef, int] | None:
+        key = engine_key(tenant, user)
+        cur = self.store.current(tenant, user, "policy")
+        if cur is None:
+            return None
+        for v in [cur] + [v for v in reversed(self.store.versions(tenant, user, "policy")) if v < cur]:
+            if (key, v) in self._bad:
+                continue
+            path = self.store.path(tenant, user, "policy", v)
+            try:
+                self.store.verify(path, "policy", expect_base=self.engine.base_name, expect_rank=self.engine.rank)
+            except AdapterError as e:
+                log.error("user %s: policy adapter v%d is unusable, falling back: %s", key, v, e)
+                self._bad.add((key, v))
+                continue
+            return AdapterRef(key, v, str(path)), cur
+        return None
+
+    def preference(self, tenant: str, user: str) -> Any | None:
+        """The user's preference vector from their feedback (cached per feedback count)."""
+        seq = self.feedback.max_seq(tenant, user)
+        if seq == 0:
+            return None
+        hit = self._pref_cache.get((tenant, user))
+        if hit is not None and hit[0] == seq:
+            return hit[1]
+        try:
+            vec = user_preference(self.personalizer, self.feedback.records(tenant, user, limit=64))
+        except DataError:
+            vec = None
+        self._pref_cache[(tenant, user)] = (seq, vec)
+        return vec
+
+    def neighbors(self, tenant: str, user: str, k: int) -> list[dict[str, Any]]:
+        vec = self.index.get(tenant, user)
+        if vec is None:
+            vec = self.preference(tenant, user)
+        if vec is None:
+            return []
+        out = []
+        for other, score in self.index.search(tenant, vec, k=k, exclude=user):
+            out.append({"user_id": other, "similarity": round(score, 6),
+                        "policy_version": self.store.current(tenant, other, "policy")})
+        return out
+
+    def serving_adapter(self, tenant: str, user: str | None) -> tuple[AdapterRef | None, dict[str, Any]]:
+        """``(engine adapter or None = base, description)`` for a request by ``user``."""
+        if user is None:
+            return None, {"source": "base", "user_id": None, "version": None}
+        with self._lock:
+            hit = self._serving.get((tenant, user))
+        if hit is not None:
+            return hit
+        own = self.own_adapter(tenant, user)
+        if own is not None:
+            ref, cur = own
+            out = (ref, {"source": "own", "user_id": user, "version": ref.version,
+                         **({"fallback_from": cur} if ref.version != cur else {})})
+        else:
+            out = (None, {"source": "base", "user_id": user, "version": None})
+            vec = self.preference(tenant, user)
+            if vec is not None:
+                for other, score in self.index.search(tenant, vec, k=self.settings.neighbors_k, exclude=user):
+                    nb = self.own_adapter(tenant, other)
+                    if nb is not None:
+                        out = (nb[0], {"source": "neighbor", "user_id": user, "version": None,
+                                       "neighbor": other, "neighbor_version": nb[0].version,
+                                       "similarity": round(score, 6)})
+                        break
+        with self._lock:
+            self._serving[(tenant, user)] = out
+        return out
+
+    # -- generation ----------------------------------------------------------------------
+    async def generate(self, tenant: str, user: str | None, reqs: list[GenerationRequest]) -> tuple[
+            list[GenerationResult], dict[str, Any]]:
+        """Generate through the batcher with the user's adapter; a corrupted adapter is
+        marked bad and the request retried once with the fallback."""
+        for attempt in range(3):
+            ref, info = self.serving_adapter(tenant, user)
+            for r in reqs:
+                r.adapter = ref
+            results = await self.batcher.submit_many(reqs)
+            bad = [r.error for r in results if isinstance(r.error, AdapterError)]
+            if not bad or ref is None or attempt == 2:
+                break
+            log.error("user %s/%s: adapter v%d failed to load, falling back: %s", tenant, user, ref.version, bad[0])
+            self._bad.add((ref.user, ref.version))
+            with self._lock:
+                self._serving.clear()  # neighbours may have pointed at it too
+        for r in results:
+            if r.error is not None:
+                raise r.error
+        return results, info
+
+    # -- feedback ------------------------------------------------------------------------
+    def add_feedback(self, tenant: str, body: dict[str, Any], idempotency_key: str | None) -> tuple[str, bool]:
+        user = body["user_id"]
+        if body.get("completion_id") is not None:
+            c = self.feedback.get_completion(tenant, user, body["completion_id"])
+            item = FeedbackInput("thumbs", c["prompt"], completion=c["completion"],
+                                 label=1 if body["rating"] == "up" else 0, completion_id=body["completion_id"])
+        elif body.get("rating") is not None:
+            item = FeedbackInput("thumbs", body["prompt"], completion=body["completion"],
+                                 label=1 if body["rating"] == "up" else 0)
+        else:
+            item = FeedbackInput("pair", body["prompt"], chosen=body["chosen"], rejected=body["rejected"])
+        fid, created = self.feedback.add_feedback(tenant, user, item, idempotency_key,
+                                                  body_sha256(body) if idempotency_key is not None else None)
+        if created:
+            self.metrics.inc("feedback_total", "feedback records stored", kind=item.kind)
+            with self._lock:
+                if self._serving.get((tenant, user), (None, {}))[1].get("source") != "own":
+                    self._serving.pop((tenant, user), None)  # cold start may now find a neighbour
+            self.runner.maybe_enqueue(tenant, user)
+        return fid, created
+
+    def new_completion_id(self, prefix: str) -> str:
+        return f"{prefix}-{secrets.token_hex(12)}"
+
+    # -- users ---------------------------------------------------------------------------
+    def require_user(self, tenant: str, user: str) -> None:
+        if not (self.feedback.user_exists(tenant, user) or self.store.user_dir(tenant, user).exists()):
+            raise NotFoundError(f"user {user!r} not found")
+
+    def user_info(self, tenant: str, user: str) -> dict[str, Any]:
+        self.require_user(tenant, user)
+        _, serving = self.serving_adapter(tenant, user)
+        jid = self.runner.inflight(tenant, user)
+        changed = self._changed.get((tenant, user))
+        policy = self.store.describe(tenant, user, "policy")
+        if changed is None and policy["current"] is not None:
+            cur = [v for v in policy["versions"] if v["version"] == policy["current"]]
+            changed = cur[0]["created_at"] if cur else None
+        return {
+            "object": "user", "user_id": user, "feedback": self.feedback.counts(tenant, user),
+            "adapt_threshold": self.settings.adapt_threshold,
+            "policy": policy, "reward": self.store.describe(tenant, user, "reward"),
+            "serving": serving, "policy_changed_at": changed,
+            "job": {"in_flight": jid, "latest": self.feedback.latest_job(tenant, user)},
+        }
+
+    def rollback(self, tenant: str, user: str, kind: str, version: int | None) -> dict[str, Any]:
+        self.require_user(tenant, user)
+        kinds = ["policy", "reward"] if kind == "both" else [kind]
+        out = {}
+        for k in kinds:
+            out[k] = self.store.rollback(tenant, user, k, version)
+        self.engine.evict(engine_key(tenant, user))
+        with self._lock:
+            self._serving.clear()
+            self._changed[(tenant, user)] = time.time()
+        return out
+
+    def delete_user(self, tenant: str, user: str) -> None:
+        self.require_user(tenant, user)
+        self.feedback.delete_user(tenant, user)
+        self.store.delete_user(tenant, user)
+        self.engine.evict(engine_key(tenant, user))
+        if self.index.remove(tenant, user):
+            self.index.save()
+        with self._lock:
+            self._serving.clear()
+            self._pref_cache.pop((tenant, user), None)
+            self._changed.pop((tenant, user), None)

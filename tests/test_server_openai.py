@@ -1,0 +1,85 @@
+"""The official ``openai`` client against a live uvicorn server (tiny models)."""
+
+import pytest
+
+pytest.importorskip("metarlhf.reward", reason="the server tests adapt with metarlhf.reward (not in this tree yet)")
+
+openai = pytest.importorskip("openai", reason="the openai package is in the test extra: pip install openai")
+
+from server.app import create_app  # noqa: E402
+from server.settings import Settings  # noqa: E402
+from server.testing import LiveServer, TinyPersonalizer, tiny_engine  # noqa: E402
+
+KEY = "sk-openai-client-test"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    s = Settings(api_keys={KEY: "acme"}, adapter_root=str(tmp_path_factory.mktemp("adapters")),
+                 adapt_threshold=2, max_tokens_limit=32)
+    app = create_app(s, engine=tiny_engine(), personalizer=TinyPersonalizer())
+    with LiveServer(app) as url:
+        yield url, app
+
+
+def client(url, key=KEY):
+    return openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=30)
+
+
+def test_chat_completion_with_user(server):
+    url, _ = server
+    r = client(url).chat.completions.create(model="metarlhf", messages=[{"role": "user", "content": "Hi"}],
+                                            user="alice", max_tokens=5, temperature=0, seed=1)
+    assert r.id.startswith("chatcmpl-") and r.object == "chat.completion"
+    assert isinstance(r.choices[0].message.content, str) and r.choices[0].finish_reason in ("stop", "length")
+    assert r.usage.completion_tokens >= 1
+    assert r.model_extra["adapter"]["source"] == "base"
+
+
+def test_streaming(server):
+    url, _ = server
+    c = client(url)
+    kw = {"model": "metarlhf", "messages": [{"role": "user", "content": "Hi"}], "user": "alice", "max_tokens": 5,
+          "temperature": 0}
+    stream = c.chat.completions.create(stream=True, **kw)
+    parts, finish = [], None
+    for chunk in stream:
+        if chunk.choices:
+            parts.append(chunk.choices[0].delta.content or "")
+            finish = chunk.choices[0].finish_reason or finish
+    assert finish in ("stop", "length")
+    assert "".join(parts) == c.chat.completions.create(**kw).choices[0].message.content
+
+
+def test_text_completions(server):
+    url, _ = server
+    r = client(url).completions.create(model="metarlhf", prompt="Once upon", max_tokens=4, user="bob")
+    assert isinstance(r.choices[0].text, str)
+
+
+def test_errors_become_openai_exceptions(server):
+    url, _ = server
+    with pytest.raises(openai.BadRequestError) as e:
+        client(url).chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}], max_tokens=0)
+    assert e.value.status_code == 400 and "max_tokens" in str(e.value)
+    with pytest.raises(openai.AuthenticationError):
+        client(url, key="sk-not-a-valid-key").chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "x"}])
+
+
+def test_feedback_then_personalised_completion(server):
+    url, app = server
+    import httpx
+
+    c = client(url)
+    h = {"Authorization": f"Bearer {KEY}"}
+    for rating in ("up", "down"):
+        r = c.chat.completions.create(model="m", messages=[{"role": "user", "content": "Tell me"}], user="zoe",
+                                      max_tokens=4)
+        fb = httpx.post(url + "/v1/feedback", json={"user_id": "zoe", "completion_id": r.id, "rating": rating},
+                        headers=h)
+        assert fb.status_code == 202
+    assert app.state.runtime.runner.wait_idle(60)
+    r = c.chat.completions.create(model="m", messages=[{"role": "user", "content": "Tell me"}], user="zoe",
+                                  max_tokens=4)
+    assert r.model_extra["adapter"] == {"source": "own", "user_id": "zoe", "version": 1}
