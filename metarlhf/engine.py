@@ -23,7 +23,8 @@ Two LoRA backends compute the per-row adapter delta ``x @ A_row^T @ B_row^T * s`
   ``B_sel[U*r, out]`` plus a 0/1 row mask ``[b, 1, U*r]``; a forward hook on each target
   ``nn.Linear`` adds ``((x @ A_sel) * mask) @ B_sel``: two small dense GEMMs per layer
   whatever the number of distinct adapters (the punica/LoRAX BGMV idea in a CPU-friendly
-  form; a ``__base__`` row has an all-zero mask).
+  form; a ``__base__`` row has an all-zero mask). ``q_proj`` and ``v_proj`` read the same
+  input, so their down-projections are computed in one matmul.
 * ``"peft"``: the model is wrapped by peft with one named LoRA adapter per slot and each
   forward passes ``adapter_names=[...]`` (``"__base__"`` = no adapter). peft loops over the
   distinct adapters of the batch in every LoRA layer. Kept for comparison and as the
@@ -282,10 +283,19 @@ class StackedLoRABank:
 
     ``A[name]`` is ``[S, in, r]`` and ``B[name]`` is ``[S, r, out]`` (scaling folded in). For a
     batch, the U distinct slots it uses are gathered once into ``a_sel [in, U*r]`` and
-    ``b_sel [U*r, out]`` and each hooked ``nn.Linear`` adds :func:`lora_delta`, so a layer
-    costs two small dense GEMMs however many different adapters the batch mixes (the
-    BGMV/punica idea, expressed with dense CPU-friendly matmuls; ``torch.bmm`` over tiny
-    per-row matrices measured slower on CPU). The hooks are inert outside ``forward_rows``.
+    ``b_sel [U*r, out]`` and each hooked ``nn.Linear`` adds :func:`lora_delta`: two small
+    dense GEMMs per layer however many different adapters the batch mixes (the
+    BGMV/punica idea, in a form that suits CPUs, where many tiny per-row matmuls cost more
+    in dispatch than in arithmetic).
+
+    Target modules that share a parent and an input width (``q_proj`` and ``v_proj`` of
+    one attention block read the same hidden states) form a *group*: the first hook of
+    a group computes the down-projection of all its modules at once (``A`` side by side)
+    and the others reuse it when they see the same input tensor, so a Llama layer costs
+    one ``matmul`` + one ``mul`` + one ``addmm_`` per module instead of two GEMMs each. Each
+    module's up-projection ``b_pad`` is zero outside its own block, so reusing or
+    recomputing the shared ``h`` gives the same result. The hooks are inert outside
+    ``forward_rows``.
     """
 
     name = "stacked"
@@ -300,25 +310,44 @@ class StackedLoRABank:
         self.dtype = p.dtype
         self.A: dict[str, Any] = {}  # name -> [S, in, r]
         self.B: dict[str, Any] = {}  # name -> [S, r, out]
+        self.groups: dict[tuple[str, int], list[str]] = {}  # (parent, in) -> module names
+        self._group_of: dict[str, tuple[str, int]] = {}
         self._sel_key: tuple[int, ...] | None = None
-        self._sel: tuple[dict[str, tuple[Any, Any]], Any] | None = None  # per-batch gathered weights + mask
-        self._active: tuple[dict[str, tuple[Any, Any]], Any] | None = None  # set only around a forward
+        self._sel: dict[str, Any] | None = None  # per-batch gathered weights + masks
+        self._active: dict[str, Any] | None = None  # set only inside forward_rows
+        self._h: dict[tuple[str, int], tuple[Any, Any]] = {}  # group -> (input x, masked h)
         self._hooks = []
         for name, lin in self.linears.items():
             self.A[name] = torch.zeros(capacity, lin.in_features, rank, dtype=p.dtype, device=p.device)
             self.B[name] = torch.zeros(capacity, rank, lin.out_features, dtype=p.dtype, device=p.device)
+            g = (name.rsplit(".", 1)[0] if "." in name else "", lin.in_features)
+            self.groups.setdefault(g, []).append(name)
+            self._group_of[name] = g
             self._hooks.append(lin.register_forward_hook(self._make_hook(name)))
 
     def _make_hook(self, name: str) -> Callable:
+        import torch
+
+        g = self._group_of[name]
+
         def hook(module: Any, inputs: tuple, output: Any) -> Any:
             if self._active is None:
                 return output
-            weights, mask = self._active
-            a_sel, b_sel = weights[name]
             x = inputs[0]  # [b, t, in]
+            a_sel, mask = self._active["a"][g], self._active["mask"][g]  # [in, K], [b, 1, K]
             if x.shape[0] != mask.shape[0]:
                 raise RuntimeError(f"LoRA rows set for batch {mask.shape[0]}, got batch {x.shape[0]}")
-            return output + lora_delta(x, a_sel, b_sel, mask)  # [b, t, out]
+            cached = self._h.get(g)
+            if cached is not None and cached[0] is x:
+                h = cached[1]
+            else:
+                h = torch.matmul(x, a_sel).mul_(mask)  # [b, t, K]: the group's down-projections, row-masked
+                self._h[g] = (x, h)
+            b_pad = self._active["b"][name]  # [K, out], zero outside this module's block
+            if output.is_contiguous():
+                output.view(-1, output.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), b_pad)
+                return output
+            return output + torch.matmul(h, b_pad)
 
         return hook
 
@@ -340,7 +369,7 @@ class StackedLoRABank:
     def clear(self, slot: int) -> None:
         self.write(slot, {})
 
-    def _select(self, slots: Sequence[int | None]) -> tuple[dict[str, tuple[Any, Any]], Any] | None:
+    def _select(self, slots: Sequence[int | None]) -> dict[str, Any] | None:
         import torch
 
         key = tuple(-1 if s is None else s for s in slots)
@@ -357,12 +386,17 @@ class StackedLoRABank:
                 if s is not None:
                     mask[i, 0, col[s] * r : (col[s] + 1) * r] = 1
             idx = torch.tensor(used, device=dev)
-            weights = {}
-            for n, lin in self.linears.items():
-                a_sel = self.A[n][idx].permute(1, 0, 2).reshape(lin.in_features, u * r)  # [in, U*r]
-                b_sel = self.B[n][idx].reshape(u * r, lin.out_features)  # [U*r, out]
-                weights[n] = (a_sel, b_sel)
-            sel = (weights, mask)
+            sel = {"a": {}, "mask": {}, "b": {}}
+            for g, names in self.groups.items():
+                k = len(names)
+                a_parts = [self.A[n][idx].permute(1, 0, 2).reshape(g[1], u * r) for n in names]  # [in, U*r] each
+                sel["a"][g] = torch.cat(a_parts, dim=1)  # [in, k*U*r]
+                sel["mask"][g] = mask.repeat(1, 1, k)  # [b, 1, k*U*r]
+                for j, n in enumerate(names):
+                    out = self.linears[n].out_features
+                    b_pad = torch.zeros(k * u * r, out, dtype=self.dtype, device=dev)  # [k*U*r, out]
+                    b_pad[j * u * r : (j + 1) * u * r] = self.B[n][idx].reshape(u * r, out)
+                    sel["b"][n] = b_pad
         self._sel_key, self._sel = key, sel
         return sel
 
@@ -374,6 +408,7 @@ class StackedLoRABank:
             yield {}
         finally:
             self._active = None
+            self._h = {}
 
     def close(self) -> None:
         for h in self._hooks:
