@@ -4,8 +4,6 @@ import json
 import logging
 
 import pytest
-
-pytest.importorskip("metarlhf.reward", reason="the server tests adapt with metarlhf.reward (not in this tree yet)")
 from fastapi.testclient import TestClient
 
 from server.app import create_app

@@ -2,8 +2,6 @@
 
 import pytest
 
-pytest.importorskip("metarlhf.reward", reason="the server tests adapt with metarlhf.reward (not in this tree yet)")
-
 openai = pytest.importorskip("openai", reason="the openai package is in the test extra: pip install openai")
 
 from server.app import create_app  # noqa: E402

@@ -5,8 +5,6 @@ import shutil
 
 import pytest
 
-pytest.importorskip("metarlhf.reward", reason="the server tests adapt with metarlhf.reward (not in this tree yet)")
-
 CHROMIUM = os.environ.get("METARLHF_CHROMIUM", "/usr/bin/chromium")
 if not (os.path.exists(CHROMIUM) or shutil.which("chromium")):
     pytest.skip(f"Debian chromium not installed at {CHROMIUM} (apt-get install -y chromium)", allow_module_level=True)
