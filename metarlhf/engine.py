@@ -508,6 +508,8 @@ class MultiAdapterEngine:
         max_context: int | None = None,
         backend: str = "stacked",
     ) -> None:
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
+            raise ConfigError(f"capacity must be an int >= 1, got {capacity!r}")
         backend = BACKEND_ALIASES.get(backend, backend)
         if backend not in BACKENDS:
             raise ConfigError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -541,6 +543,8 @@ class MultiAdapterEngine:
                 eos.update(int(x) for x in e)
         self.eos_ids = frozenset(eos)
         self.generated_tokens = 0
+        self._last_stats: dict[str, Any] = {}
+        self._last_stats = self.stats
 
     @classmethod
     def from_pretrained(cls, model_dir: str | None = None, **kw: Any) -> MultiAdapterEngine:
@@ -558,11 +562,22 @@ class MultiAdapterEngine:
 
     @property
     def stats(self) -> dict[str, Any]:
-        with self._lock:
+        """Cache counters: hits, misses, resident, capacity, pinned, evictions, load_errors,
+        load_ms (mean per miss), load_ms_last, load_ms_max; plus backend, generated_tokens.
+
+        Never blocks for long: while a generation holds the engine, the last snapshot
+        taken is returned (so a metrics endpoint does not wait for a batch to finish).
+        """
+        if not self._lock.acquire(timeout=0.05):
+            return dict(self._last_stats)
+        try:
             s = self._cache.snapshot()
             s["backend"] = self.backend
             s["generated_tokens"] = self.generated_tokens
-            return s
+            self._last_stats = s
+            return dict(s)
+        finally:
+            self._lock.release()
 
     @property
     def resident(self) -> list[tuple[str, int]]:

@@ -366,6 +366,21 @@ def test_backend_names(setup):
     assert MultiAdapterEngine(model, tok, BASE_NAME, backend="bgmv").backend == "stacked"  # old name
     with pytest.raises(ConfigError, match="backend"):
         MultiAdapterEngine(model, tok, BASE_NAME, backend="vllm")
+    with pytest.raises(ConfigError, match="capacity"):
+        MultiAdapterEngine(model, tok, BASE_NAME, capacity=0)
+
+
+def test_stats_do_not_block_during_generation(setup):
+    model, tok, refs, _ = setup
+    eng = MultiAdapterEngine(model, tok, BASE_NAME)
+    eng.preload(refs[0])
+    before = eng.stats
+    got = []
+    with eng._lock:  # as if a batch were running in another thread
+        t = threading.Thread(target=lambda: got.append(eng.stats))
+        t.start()
+        t.join(timeout=5)
+    assert got == [before] and before["misses"] == 1
 
 
 def test_chat_template_and_context_limit(setup):
