@@ -5,6 +5,7 @@
     metarlhf eval       {reward,policy} ...
     metarlhf ppo ...
     metarlhf serve ...
+    metarlhf generate ...
 
 Each feature module contributes its subcommands through ``register(groups)``; this
 file only wires them up and turns domain errors into a message and exit code 2.
@@ -26,6 +27,7 @@ COMMAND_MODULES = [
     "metarlhf.commands.policy",
     "metarlhf.commands.ppo",
     "metarlhf.commands.serve",
+    "metarlhf.commands.generate",
 ]
 
 
