@@ -213,7 +213,7 @@ def evaluate_policy(
         "rows": [],
         "summary": [],
     }
-    cells = [(u, k, m) for u in users for k in cfg.ks for m in methods]
+    cells = [(u, k, m) for k in cfg.ks for u in users for m in methods]  # K-major: the first K completes first
     bar = tqdm(cells, desc="eval policy", disable=not progress)
     for user, k, method in bar:
         rng = random.Random(f"{cfg.seed}:{user.name}")

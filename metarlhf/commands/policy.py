@@ -157,7 +157,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     users = _users(args.users, args.users_file, HELDOUT_USERS)
     cfg = EvalConfig(
-        ks=sorted(set(args.k)), eval_prompts=args.eval_prompts, samples_per_prompt=args.samples_per_prompt,
+        ks=list(dict.fromkeys(args.k)), eval_prompts=args.eval_prompts, samples_per_prompt=args.samples_per_prompt,
         methods=[m.strip() for m in args.methods.split(",") if m.strip()], steps=args.steps, lr=args.lr,
         max_new_tokens=args.max_new_tokens, label_noise=args.label_noise, seed=args.seed, meta_init=args.init,
     )
