@@ -110,7 +110,7 @@ class DefaultPersonalizer:
         self.policy_init = "meta" if (DEFAULT_INIT_DIR / "metarlhf.json").is_file() else "scratch"
         self.reward_steps = reward_steps
         self.policy_steps = policy_steps
-        self.embed_dim = int(self.reward_model.encoder.config.hidden_size)
+        self.embed_dim = int(self.reward_model.hidden_size)
         self._lock = threading.Lock()
         if self.reward_init == "scratch" or self.policy_init == "scratch":
             log.warning("no shipped meta-init for %s; adapting from scratch",
