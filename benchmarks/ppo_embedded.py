@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     p.add_argument("--personas", default=str(DATA / "personas"))
     p.add_argument("--train-prompts", type=int, default=512)
     p.add_argument("--heldout", type=int, default=32)
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--steps", type=int, default=30)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--mini-batch-size", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=24)

@@ -601,10 +601,12 @@ def plot_curves(metrics_path: str | os.PathLike, png_path: str | os.PathLike, kl
         a.plot([r["step"] for r in evals], [r["eval_reward"] for r in evals], "o-", label="held-out")
     a.set(xlabel="PPO step", ylabel="mean reward", title="reward")
     a.legend()
-    b.plot(steps, [r["kl"] for r in rows], label="KL (policy || base)")
+    b.plot(steps, [r["kl"] for r in rows], label="train batch")
+    if evals:
+        b.plot([r["step"] for r in evals], [r["eval_kl"] for r in evals], "o-", label="held-out")
     if kl_bound is not None:
         b.axhline(kl_bound, color="r", ls="--", label=f"bound {kl_bound}")
-    b.set(xlabel="PPO step", ylabel="KL per sequence (nats)", title="KL")
+    b.set(xlabel="PPO step", ylabel="KL per sequence (nats)", title="KL(policy || base)")
     b.legend()
     fig.tight_layout()
     import io as _io
