@@ -116,7 +116,7 @@ def main() -> int:
     cache = {line.split()[0]: float(line.split()[1]) for line in stats.splitlines()
              if line.startswith("metarlhf_adapter_cache_")}
     result = {
-        "command": "flock /tmp/metarlhf-cpu.lock .venv/bin/python benchmarks/server_load.py " + " ".join(sys.argv[1:]),
+        "command": ".venv/bin/python benchmarks/server_load.py " + " ".join(sys.argv[1:]),
         "machine": "CPU only, 2 shared cores; server and client on the same host",
         "model": "SmolLM2-135M-Instruct (embedded), engine backend bgmv, greedy",
         "users": args.users, "rounds": args.rounds, "max_tokens": args.max_tokens,
