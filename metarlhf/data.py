@@ -215,6 +215,20 @@ def make_task(
     return UserTask(user_id, [records[i] for i in support_idx], query)
 
 
+def user_support(path: str | Path, user_id: str, k: int, seed: int = 0) -> list[Record]:
+    """K support records of one user from a data file or directory (all of them if K = their count).
+
+    Raises :class:`DataError` if the user has no records or fewer than K.
+    """
+    records, _ = load_records(path)
+    recs = group_by_user(records).get(user_id)
+    if not recs:
+        raise DataError(f"user {user_id!r} has no records in {path}")
+    if k < 1 or k > len(recs):
+        raise DataError(f"K={k} but user {user_id!r} has only {len(recs)} records")
+    return recs if k == len(recs) else make_task(user_id, recs, k, seed=seed).support
+
+
 def split_users(user_ids: Iterable[str], holdout: int, seed: int = 0) -> tuple[list[str], list[str]]:
     """Deterministically hold out ``holdout`` whole users: ``(train_ids, heldout_ids)``."""
     ids = sorted(user_ids)

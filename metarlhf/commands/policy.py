@@ -5,31 +5,31 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-from metarlhf.errors import ConfigError, DataError, NotFoundError
+from metarlhf.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 
-def _positive(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from e
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
-    return n
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``minimum``."""
+
+    def parse(value: str) -> int:
+        try:
+            n = int(value)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from e
+        if n < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {n}")
+        return n
+
+    return parse
 
 
-def _nonneg(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from e
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {n}")
-    return n
+_positive = _int_at_least(1)
+_nonneg = _int_at_least(0)
 
 
 def register(groups: dict[str, argparse._SubParsersAction]) -> None:
@@ -128,17 +128,10 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
 
 def cmd_adapt(args: argparse.Namespace) -> int:
     from metarlhf.adapters import save_adapter
-    from metarlhf.data import group_by_user, load_records, make_task
+    from metarlhf.data import user_support
     from metarlhf.policy import AdaptConfig, adapt_policy
 
-    records, _ = load_records(args.data)
-    by_user = group_by_user(records)
-    if args.user not in by_user:
-        raise NotFoundError(f"user {args.user!r} has no records in {args.data}")
-    recs = by_user[args.user]
-    if args.k > len(recs):
-        raise DataError(f"--k {args.k} but user {args.user!r} has only {len(recs)} records")
-    support = recs if args.k == len(recs) else make_task(args.user, recs, args.k, seed=args.seed).support
+    support = user_support(args.data, args.user, args.k, seed=args.seed)
     cfg = AdaptConfig(steps=args.steps, lr=args.lr, beta=args.beta)
     init = None if args.init == "scratch" else args.init
     t0 = time.perf_counter()

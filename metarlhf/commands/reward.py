@@ -84,17 +84,10 @@ def _meta_train(args: argparse.Namespace) -> int:
 
 def _adapt(args: argparse.Namespace) -> int:
     from metarlhf.adapters import save_adapter
-    from metarlhf.data import group_by_user, load_records, make_task
+    from metarlhf.data import user_support
     from metarlhf.reward import adapt_reward
 
-    records, _ = load_records(args.data)
-    users = group_by_user(records)
-    if args.user not in users:
-        raise DataError(f"user {args.user!r} has no records in {args.data}")
-    recs = users[args.user]
-    if args.k < 1 or args.k > len(recs):
-        raise DataError(f"K={args.k} but user {args.user!r} has {len(recs)} records")
-    support = recs if args.k == len(recs) else make_task(args.user, recs, args.k, seed=args.seed).support
+    support = user_support(args.data, args.user, args.k, seed=args.seed)
     t0 = time.perf_counter()
     adapter = adapt_reward(support, init=args.init, encoder=args.encoder, steps=args.steps, seed=args.seed)
     save_adapter(args.out, adapter)
