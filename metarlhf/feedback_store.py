@@ -28,6 +28,7 @@ autoincrement ``seq`` of the feedback table.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -39,7 +40,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from metarlhf.data import Pair, Record, Thumbs
 from metarlhf.errors import ConfigError, DataError, NotFoundError
@@ -159,14 +160,26 @@ class FeedbackStore:
         raise NotImplementedError
 
 
-class _Write:
-    __slots__ = ("fn", "done", "result", "error")
+class Ack(NamedTuple):
+    """What a stored feedback write answers: its id, whether it was new (False for a
+    replayed Idempotency-Key), and the user's records since the last adaptation attempt,
+    counted inside the same transaction (so the caller needs no second query)."""
 
-    def __init__(self, fn: Callable[[sqlite3.Connection], Any]) -> None:
+    id: str
+    created: bool
+    new: int
+
+
+class _Write:
+    __slots__ = ("fn", "done", "result", "error", "callback")
+
+    def __init__(self, fn: Callable[[sqlite3.Connection], Any],
+                 callback: Callable[[_Write], None] | None = None) -> None:
         self.fn = fn
         self.done = threading.Event()
         self.result: Any = None
         self.error: BaseException | None = None
+        self.callback = callback  # called by the writer thread once committed (or failed)
 
 
 class SQLiteFeedbackStore(FeedbackStore):
@@ -244,6 +257,24 @@ class SQLiteFeedbackStore(FeedbackStore):
             raise w.error
         return w.result
 
+    async def _awrite(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        """:meth:`_write` for an asyncio caller: awaits the group commit without holding
+        a thread (the writer thread resolves the future through the event loop)."""
+        if self._closed:
+            raise ConfigError("feedback store is closed")
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[_Write] = loop.create_future()
+
+        def resolve(w: _Write) -> None:
+            if not fut.done():
+                fut.set_result(w)
+
+        self._queue.put(_Write(fn, lambda w: loop.call_soon_threadsafe(resolve, w)))
+        w = await fut
+        if w.error is not None:
+            raise w.error
+        return w.result
+
     def _write_loop(self) -> None:
         conn = self._wconn
         while True:
@@ -284,6 +315,11 @@ class SQLiteFeedbackStore(FeedbackStore):
                     w.result = None
             for w in batch:
                 w.done.set()
+                if w.callback is not None:
+                    try:
+                        w.callback(w)
+                    except RuntimeError:  # the caller's event loop is gone: nobody to wake
+                        pass
             if stop:
                 return
 
@@ -298,17 +334,32 @@ class SQLiteFeedbackStore(FeedbackStore):
     # -- feedback ----------------------------------------------------------------------
     def add_feedback(self, tenant: str, user: str, item: FeedbackInput, idempotency_key: str | None = None,
                      body_hash: str | None = None) -> tuple[str, bool]:
+        ack = self.store_feedback(tenant, user, item, idempotency_key, body_hash)
+        return ack.id, ack.created
+
+    def store_feedback(self, tenant: str, user: str, item: FeedbackInput, idempotency_key: str | None = None,
+                       body_hash: str | None = None) -> Ack:
+        """Store one item durably; see :class:`Ack`."""
+        return self._write(self._feedback_tx(tenant, user, item, idempotency_key, body_hash))
+
+    async def astore_feedback(self, tenant: str, user: str, item: FeedbackInput, idempotency_key: str | None = None,
+                              body_hash: str | None = None) -> Ack:
+        """:meth:`store_feedback` for asyncio callers (the HTTP route): returns once durable."""
+        return await self._awrite(self._feedback_tx(tenant, user, item, idempotency_key, body_hash))
+
+    def _feedback_tx(self, tenant: str, user: str, item: FeedbackInput, idempotency_key: str | None,
+                     body_hash: str | None) -> Callable[[sqlite3.Connection], Ack]:
         fid = new_id("fb")
         now = time.time()
 
-        def tx(conn: sqlite3.Connection) -> tuple[str, bool]:
+        def tx(conn: sqlite3.Connection) -> Ack:
             if idempotency_key is not None:
                 row = conn.execute("SELECT body_sha256, feedback_id FROM idempotency WHERE tenant=? AND key=?",
                                    (tenant, idempotency_key)).fetchone()
                 if row is not None:
                     if row["body_sha256"] != body_hash:
                         raise DataError("Idempotency-Key was already used with a different request body")
-                    return row["feedback_id"], False
+                    return Ack(row["feedback_id"], False, 0)
                 conn.execute("INSERT INTO idempotency (tenant, key, body_sha256, feedback_id, created_at) "
                              "VALUES (?, ?, ?, ?, ?)", (tenant, idempotency_key, body_hash or "", fid, now))
             conn.execute(
@@ -317,9 +368,9 @@ class SQLiteFeedbackStore(FeedbackStore):
                 (fid, tenant, user, item.kind, item.prompt, item.completion, item.label, item.chosen, item.rejected,
                  item.completion_id, now),
             )
-            return fid, True
+            return Ack(fid, True, self._new_count(conn, tenant, user))
 
-        return self._write(tx)
+        return tx
 
     def has_feedback(self, feedback_id: str) -> bool:
         row = self._reader().execute("SELECT 1 FROM feedback WHERE id=?", (feedback_id,)).fetchone()
@@ -367,7 +418,11 @@ class SQLiteFeedbackStore(FeedbackStore):
 
     def new_count(self, tenant: str, user: str) -> int:
         """Feedback records since the user's last adaptation attempt (one indexed query)."""
-        return int(self._reader().execute(
+        return self._new_count(self._reader(), tenant, user)
+
+    @staticmethod
+    def _new_count(conn: sqlite3.Connection, tenant: str, user: str) -> int:
+        return int(conn.execute(
             "SELECT COUNT(*) FROM feedback WHERE tenant=? AND user_id=? AND seq > COALESCE("
             "(SELECT attempted_upto FROM users WHERE tenant=? AND user_id=?), 0)", (tenant, user, tenant, user),
         ).fetchone()[0])

@@ -178,11 +178,16 @@ class AdaptationRunner:
         with self._lock:
             return self._inflight.get((tenant, user))
 
-    def maybe_enqueue(self, tenant: str, user: str) -> dict[str, Any] | None:
-        """Enqueue a job if the user has >= threshold new records and none is in flight."""
+    def wants_job(self, tenant: str, user: str, new: int) -> bool:
+        """Whether ``new`` records since the last attempt call for a job (none in flight)."""
+        return new >= self.threshold and self.inflight(tenant, user) is None
+
+    def maybe_enqueue(self, tenant: str, user: str, new: int | None = None) -> dict[str, Any] | None:
+        """Enqueue a job if the user has >= threshold new records and none is in flight.
+        ``new`` is the count if the caller already has it (the feedback write returns it)."""
         if self.inflight(tenant, user) is not None:
             return None
-        if self.feedback.new_count(tenant, user) < self.threshold:
+        if (self.feedback.new_count(tenant, user) if new is None else new) < self.threshold:
             return None
         return self.enqueue(tenant, user, reason="threshold")
 

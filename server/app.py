@@ -148,7 +148,11 @@ def create_app(settings: Settings | None = None, *, engine: Any = None, personal
                   description="Per-user LoRA personalization with an OpenAI-compatible API.")
     app.state.settings = settings
     app.state.ready = False
-    app.dependency_overrides[get_settings] = lambda: settings
+
+    async def app_settings() -> Settings:  # async: FastAPI would run a plain def in the thread pool
+        return settings
+
+    app.dependency_overrides[get_settings] = app_settings
     errors.install(app)
 
     from server import routes

@@ -31,15 +31,15 @@ router = APIRouter()
 bearer = HTTPBearer(auto_error=False, description="API key; each key belongs to one tenant")
 
 
-def get_runtime(request: Request) -> Runtime:
+async def get_runtime(request: Request) -> Runtime:
     rt = getattr(request.app.state, "runtime", None)
     if rt is None:
         raise ApiError(503, "not_ready", "the server is still loading its models")
     return rt
 
 
-def get_tenant(creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
-               settings: Annotated[Settings, Depends(get_settings)]) -> str:
+async def get_tenant(creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+                     settings: Annotated[Settings, Depends(get_settings)]) -> str:
     if creds is None or creds.scheme.lower() != "bearer":
         raise ApiError(401, "unauthorized", "missing API key: send 'Authorization: Bearer <key>'",
                        {"WWW-Authenticate": "Bearer"})
@@ -224,10 +224,10 @@ async def completions(body: CompletionRequest, rt: RT, tenant: Tenant,
 
 # ------------------------------------------------------------------------------ feedback
 @router.post("/v1/feedback", status_code=202, tags=["feedback"])
-def feedback(body: FeedbackRequest, rt: RT, tenant: Tenant, response: Response,
-             idempotency_key: Annotated[str | None, Header(max_length=255)] = None) -> dict:
+async def feedback(body: FeedbackRequest, rt: RT, tenant: Tenant, response: Response,
+                   idempotency_key: Annotated[str | None, Header(max_length=255)] = None) -> dict:
     """Store one feedback item durably (answered only after the commit is fsynced)."""
-    fid, created = rt.add_feedback(tenant, body.model_dump(exclude_none=True), idempotency_key)
+    fid, created = await rt.aadd_feedback(tenant, body.model_dump(exclude_none=True), idempotency_key)
     if not created:
         response.headers["Idempotent-Replayed"] = "true"
     return {"id": fid, "object": "feedback", "user_id": body.user_id, "replayed": not created,

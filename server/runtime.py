@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from starlette.concurrency import run_in_threadpool
+
 from metarlhf.engine import AdapterRef, GenerationRequest, GenerationResult
 from metarlhf.errors import AdapterError, DataError, NotFoundError
 from metarlhf.feedback_store import FeedbackInput, SQLiteFeedbackStore, body_sha256, open_feedback_store
@@ -227,26 +229,44 @@ class Runtime:
         return results, info
 
     # -- feedback ------------------------------------------------------------------------
-    def add_feedback(self, tenant: str, body: dict[str, Any], idempotency_key: str | None) -> tuple[str, bool]:
-        user = body["user_id"]
+    def _feedback_item(self, tenant: str, body: dict[str, Any]) -> FeedbackInput:
         if body.get("completion_id") is not None:
-            c = self.feedback.get_completion(tenant, user, body["completion_id"])
-            item = FeedbackInput("thumbs", c["prompt"], completion=c["completion"],
+            c = self.feedback.get_completion(tenant, body["user_id"], body["completion_id"])
+            return FeedbackInput("thumbs", c["prompt"], completion=c["completion"],
                                  label=1 if body["rating"] == "up" else 0, completion_id=body["completion_id"])
-        elif body.get("rating") is not None:
-            item = FeedbackInput("thumbs", body["prompt"], completion=body["completion"],
+        if body.get("rating") is not None:
+            return FeedbackInput("thumbs", body["prompt"], completion=body["completion"],
                                  label=1 if body["rating"] == "up" else 0)
-        else:
-            item = FeedbackInput("pair", body["prompt"], chosen=body["chosen"], rejected=body["rejected"])
-        fid, created = self.feedback.add_feedback(tenant, user, item, idempotency_key,
+        return FeedbackInput("pair", body["prompt"], chosen=body["chosen"], rejected=body["rejected"])
+
+    def _after_feedback(self, tenant: str, user: str, kind: str) -> None:
+        self.metrics.inc("feedback_total", "feedback records stored", kind=kind)
+        with self._lock:
+            if self._serving.get((tenant, user), (None, {}))[1].get("source") != "own":
+                self._serving.pop((tenant, user), None)  # cold start may now find a neighbour
+
+    def add_feedback(self, tenant: str, body: dict[str, Any], idempotency_key: str | None) -> tuple[str, bool]:
+        """Store one feedback body durably; may start an adaptation job. Blocking."""
+        item = self._feedback_item(tenant, body)
+        ack = self.feedback.store_feedback(tenant, body["user_id"], item, idempotency_key,
+                                           body_sha256(body) if idempotency_key is not None else None)
+        if ack.created:
+            self._after_feedback(tenant, body["user_id"], item.kind)
+            self.runner.maybe_enqueue(tenant, body["user_id"], ack.new)
+        return ack.id, ack.created
+
+    async def aadd_feedback(self, tenant: str, body: dict[str, Any], idempotency_key: str | None) -> tuple[str, bool]:
+        """:meth:`add_feedback` for the event loop: awaits the group commit instead of
+        parking a thread on it; the (rare) job creation runs in the thread pool."""
+        item = self._feedback_item(tenant, body)  # one indexed read for completion_id (WAL: never blocks)
+        user = body["user_id"]
+        ack = await self.feedback.astore_feedback(tenant, user, item, idempotency_key,
                                                   body_sha256(body) if idempotency_key is not None else None)
-        if created:
-            self.metrics.inc("feedback_total", "feedback records stored", kind=item.kind)
-            with self._lock:
-                if self._serving.get((tenant, user), (None, {}))[1].get("source") != "own":
-                    self._serving.pop((tenant, user), None)  # cold start may now find a neighbour
-            self.runner.maybe_enqueue(tenant, user)
-        return fid, created
+        if ack.created:
+            self._after_feedback(tenant, user, item.kind)
+            if self.runner.wants_job(tenant, user, ack.new):
+                await run_in_threadpool(self.runner.maybe_enqueue, tenant, user, ack.new)
+        return ack.id, ack.created
 
     def new_completion_id(self, prefix: str) -> str:
         return f"{prefix}-{secrets.token_hex(12)}"

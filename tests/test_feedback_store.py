@@ -198,3 +198,33 @@ def test_unopenable_database_is_a_config_error(tmp_path):
     bad.write_bytes(b"this is not a database" * 100)
     with pytest.raises(ConfigError):
         SQLiteFeedbackStore(bad)
+
+
+def test_store_feedback_counts_new_records_in_its_transaction(store):
+    assert [store.store_feedback("t", "u", thumbs(i % 2)).new for i in range(3)] == [1, 2, 3]
+    store.create_job("t", "u", "threshold")  # moves the watermark
+    assert store.store_feedback("t", "u", thumbs(0)).new == 1
+    assert store.store_feedback("t", "other", thumbs(0)).new == 1
+    first = store.store_feedback("t", "u", thumbs(1), "key", "h")
+    assert first.created and first.new == 2
+    replay = store.store_feedback("t", "u", thumbs(1), "key", "h")
+    assert (replay.id, replay.created) == (first.id, False)
+    assert store.new_count("t", "u") == 2
+
+
+def test_async_writes_are_durable_and_group_committed(store, tmp_path):
+    import asyncio
+
+    async def main() -> list:
+        return await asyncio.gather(*(store.astore_feedback("t", f"u{i % 3}", thumbs(i % 2)) for i in range(40)))
+
+    commits0 = store.commits
+    acks = asyncio.run(main())
+    assert len({a.id for a in acks}) == 40 and all(a.created for a in acks)
+    assert max(a.new for a in acks[0::3]) == 14  # u0 got i = 0, 3, ..., 39
+    assert store.commits - commits0 < 40  # batched: fewer fsyncs than writes
+    asyncio.run(store.astore_feedback("t", "u0", thumbs(0), "k", "a"))
+    with pytest.raises(DataError):  # the writer's error reaches the awaiting caller
+        asyncio.run(store.astore_feedback("t", "u0", thumbs(0), "k", "b"))
+    fresh = sqlite3.connect(tmp_path / "fb.db")
+    assert fresh.execute("SELECT COUNT(*) FROM feedback").fetchone()[0] == 41
