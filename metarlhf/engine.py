@@ -50,6 +50,7 @@ Simplifications
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import secrets
@@ -61,6 +62,8 @@ from typing import Any
 
 from metarlhf.adapter_cache import AdapterCache, CacheFullError
 from metarlhf.errors import AdapterError, ConfigError, MetaRLHFError
+
+log = logging.getLogger(__name__)
 
 BASE = "__base__"
 #: Upper bound for ``SamplingParams.max_new_tokens``.
@@ -150,6 +153,9 @@ class GenerationRequest:
     prompt: str | None = None
     adapter: AdapterRef | None = None
     params: SamplingParams = field(default_factory=SamplingParams)
+    # Streaming inside a batch: called (on the engine's thread) with each new piece of
+    # text as it is decoded; stop strings are never passed on. None: no streaming.
+    on_text: Callable[[str], None] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if (self.messages is None) == (self.prompt is None):
@@ -478,6 +484,16 @@ class _Row:
     text: str = ""
     finish: str | None = None
     emitted: int = 0  # characters already streamed
+    on_text: Callable[[str], None] | None = None
+
+    def emit(self) -> str:
+        """The text that is now safe to stream (never a possible stop-string prefix)."""
+        end = safe_stream_end(self.text, self.params.stop, final=self.finish is not None)
+        if end <= self.emitted:
+            return ""
+        delta = self.text[self.emitted : end]
+        self.emitted = end
+        return delta
 
 
 def _strip_peft_key(key: str) -> tuple[str, str] | None:
@@ -701,7 +717,7 @@ class MultiAdapterEngine:
         if req.params.temperature > 0:
             gen = torch.Generator(device=self._device)
             gen.manual_seed(req.params.seed if req.params.seed is not None else secrets.randbits(63))
-        return _Row(index=i, ids=ids, params=req.params, slot=slot, generator=gen)
+        return _Row(index=i, ids=ids, params=req.params, slot=slot, generator=gen, on_text=req.on_text)
 
     @property
     def _device(self) -> Any:
@@ -758,9 +774,11 @@ class MultiAdapterEngine:
                                 continue
                             held[ref.key] = slot
                     rows.append(self._new_row(i, requests[i], encoded[i], slot))
+                streaming = [r for r in rows if r.on_text is not None]
                 try:
                     for _ in self._decode(rows):
-                        pass
+                        for r in streaming:
+                            self._push(r)
                 finally:
                     for key, slot in held.items():
                         self._cache.release(key, slot)
@@ -768,6 +786,18 @@ class MultiAdapterEngine:
                     results[row.index] = self._result(row)
                 pending = deferred
         return results  # type: ignore[return-value]
+
+    @staticmethod
+    def _push(row: _Row) -> None:
+        """Hand a streaming row's new text to its callback; a failing callback (client
+        gone) is dropped without disturbing the batch."""
+        delta = row.emit()
+        if delta and row.on_text is not None:
+            try:
+                row.on_text(delta)
+            except Exception:  # noqa: BLE001
+                log.warning("stream callback failed; the row finishes without streaming", exc_info=True)
+                row.on_text = None
 
     def generate_one(self, request: GenerationRequest) -> GenerationResult:
         """Generate for one request; raises its error instead of returning it."""
@@ -805,10 +835,8 @@ class MultiAdapterEngine:
                         next(steps)
                     except StopIteration:
                         break
-                end = safe_stream_end(row.text, row.params.stop, final=row.finish is not None)
-                if end > row.emitted:
-                    delta = row.text[row.emitted : end]
-                    row.emitted = end
+                delta = row.emit()
+                if delta:
                     yield delta
         finally:
             steps.close()

@@ -4,10 +4,11 @@ Requests from any number of concurrent HTTP handlers are put on a bounded queue.
 worker thread takes the first waiting request, keeps collecting for up to
 ``wait_s`` (or until ``max_batch`` rows), and runs them as one
 ``engine.generate(batch)`` call: rows of different users, each with its own adapter,
-decode together. Results resolve the callers' asyncio futures.
+decode together. Results resolve the callers' asyncio futures. Streamed requests are
+ordinary rows whose ``on_text`` callback receives the text as it is decoded.
 
-Admission is bounded: ``limit`` rows may be queued or running (streams count too,
-via :meth:`Batcher.reserve`). Past the limit :class:`Overloaded` is raised and the
+Admission is bounded: ``limit`` rows may be queued or running (work outside the
+queue can hold slots through :meth:`Batcher.reserve`). Past the limit :class:`Overloaded` is raised and the
 server answers 429 with ``Retry-After``.
 """
 
@@ -46,7 +47,7 @@ class Batcher:
 
     @property
     def depth(self) -> int:
-        """Rows admitted and not finished (queued + running + open streams)."""
+        """Rows admitted and not finished (queued + running + reserved)."""
         return self._pending
 
     def start(self) -> None:
@@ -72,7 +73,7 @@ class Batcher:
 
     @contextmanager
     def reserve(self, k: int = 1) -> Any:
-        """Hold ``k`` admission slots (for work that bypasses the queue, e.g. streams)."""
+        """Hold ``k`` admission slots (for work that bypasses the queue)."""
         self._admit(k)
         try:
             yield

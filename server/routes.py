@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
@@ -150,19 +151,25 @@ async def _complete(body: GenerationFields, rt: Runtime, tenant: str, settings: 
 
 async def _stream(body: GenerationFields, req: GenerationRequest, rt: Runtime, tenant: str, cid: str, model: str,
                   chat: bool) -> StreamingResponse:
-    """SSE stream via ``engine.stream`` (streams are not batched with other requests)."""
-    try:
-        slot = rt.batcher.reserve(1)
-        slot.__enter__()
-    except Overloaded as e:
-        raise ApiError(429, "overloaded", str(e), {"Retry-After": "1"}) from e
-    try:
-        ref, info = rt.serving_adapter(tenant, body.user)
-        req.adapter = ref
-        gen = await run_in_threadpool(rt.engine.stream, req)  # validates; errors raise here, before any byte
-    except BaseException:
-        slot.__exit__(None, None, None)
-        raise
+    """SSE stream. The request joins the dynamic batch like any other row; the engine
+    hands each new piece of text to ``req.on_text``, which feeds this response.
+
+    The response starts only once the first text (or the end) is there, so a bad
+    request, a full queue or a broken adapter still gets a proper HTTP error status."""
+    loop = asyncio.get_running_loop()
+    deltas: asyncio.Queue[str] = asyncio.Queue()
+    req.on_text = lambda d: loop.call_soon_threadsafe(deltas.put_nowait, d)
+    _, info = rt.serving_adapter(tenant, body.user)
+    task = asyncio.ensure_future(rt.generate(tenant, body.user, [req]))
+    first = asyncio.ensure_future(deltas.get())
+    await asyncio.wait({task, first}, return_when=asyncio.FIRST_COMPLETED)
+    if not first.done():
+        first.cancel()
+    if task.done() and task.exception() is not None:
+        e = task.exception()
+        if isinstance(e, Overloaded):
+            raise ApiError(429, "overloaded", str(e), {"Retry-After": "1"}) from e
+        raise e
     created = int(time.time())
     obj = "chat.completion.chunk" if chat else "text_completion"
     include_usage = bool((body.stream_options or {}).get("include_usage"))
@@ -178,33 +185,41 @@ async def _stream(body: GenerationFields, req: GenerationRequest, rt: Runtime, t
         return "data: " + json.dumps({"id": cid, "object": obj, "created": created, "model": model,
                                       "choices": [choice], "adapter": info}) + "\n\n"
 
-    def events() -> Iterator[str]:
-        text = []
+    async def events() -> AsyncIterator[str]:
+        nonlocal info
         try:
             yield chunk(None, None, first=True)
+            if first.done() and not first.cancelled():
+                yield chunk(first.result(), None)
+            while not task.done():
+                get = asyncio.ensure_future(deltas.get())
+                await asyncio.wait({get, task}, return_when=asyncio.FIRST_COMPLETED)
+                if get.done():
+                    yield chunk(get.result(), None)
+                else:
+                    get.cancel()
+            while not deltas.empty():  # text pushed before the batch resolved
+                yield chunk(deltas.get_nowait(), None)
             try:
-                while True:
-                    delta = next(gen)
-                    text.append(delta)
-                    yield chunk(delta, None)
-            except StopIteration as stop:
-                result = stop.value
+                results, info = task.result()
             except MetaRLHFError as e:
                 yield "data: " + json.dumps(error_body(e.type, str(e))) + "\n\n"
                 return
-            finish = getattr(result, "finish_reason", "stop")
-            yield chunk(None, finish)
-            if include_usage and result is not None:
+            result = results[0]
+            yield chunk(None, result.finish_reason)
+            if include_usage:
                 usage = {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
                          "total_tokens": result.prompt_tokens + result.completion_tokens}
                 yield "data: " + json.dumps({"id": cid, "object": obj, "created": created, "model": model,
                                              "choices": [], "usage": usage}) + "\n\n"
+            rt.metrics.inc("generated_tokens_total", "completion tokens generated", result.completion_tokens)
             if body.user is not None:
-                rt.feedback.add_completion(tenant, body.user, cid, feedback_prompt(body, chat), "".join(text), info)
+                await run_in_threadpool(rt.feedback.add_completion, tenant, body.user, cid,
+                                        feedback_prompt(body, chat), result.text, info)
             yield "data: [DONE]\n\n"
         finally:
-            gen.close()
-            slot.__exit__(None, None, None)
+            if not task.done():  # client went away: stop waiting (the batch row finishes on its own)
+                task.cancel()
 
     return StreamingResponse(events(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Completion-Id": cid})

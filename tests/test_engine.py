@@ -528,3 +528,26 @@ def test_concurrent_generate_and_cache_operations(setup):
         assert [r.token_ids for r in eng.generate(reqs)] == expect
     t.join()
     assert not errors and eng.stats["resident"] <= 3
+
+
+def test_generate_streams_rows_of_a_batch_through_on_text(setup):
+    model, tok, refs, _ = setup
+    ascii_only(model, tok)
+    eng = MultiAdapterEngine(model, tok, BASE_NAME)
+    base, stop, cut = _stop_setup(eng, refs)
+    got: dict[str, list[str]] = {"plain": [], "stop": []}
+
+    def broken(delta: str) -> None:
+        raise RuntimeError("client went away")
+
+    reqs = [GenerationRequest(prompt="abc", adapter=refs[2], params=SamplingParams(**SAMPLED),
+                              on_text=got["plain"].append),
+            GenerationRequest(prompt="abc", adapter=refs[2], params=SamplingParams(**SAMPLED, stop=[stop]),
+                              on_text=got["stop"].append),
+            GenerationRequest(prompt="abc", adapter=refs[2], params=SamplingParams(**SAMPLED), on_text=broken),
+            GenerationRequest(prompt="xyz", adapter=refs[0], params=SamplingParams(max_new_tokens=4))]
+    out = eng.generate(reqs)
+    assert all(o.error is None for o in out)
+    assert len(got["plain"]) > 1 and "".join(got["plain"]) == out[0].text == base.text
+    assert "".join(got["stop"]) == out[1].text == base.text[:cut] and stop not in "".join(got["stop"])
+    assert out[2].text == base.text  # a failing callback is dropped; the row still finishes

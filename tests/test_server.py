@@ -141,6 +141,46 @@ def test_streaming_sse(client):
     assert r.status_code == 202
 
 
+def _stream_text(c, user, content="hi"):
+    body = {"messages": [{"role": "user", "content": content}], "max_tokens": 5, "temperature": 0,
+            "stream": True, "user": user}
+    with c.stream("POST", "/v1/chat/completions", json=body, headers=A) as r:
+        assert r.status_code == 200, r.read()
+        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    return "".join(json.loads(e)["choices"][0]["delta"].get("content", "") for e in events[:-1])
+
+
+def test_concurrent_streams_are_batched_together(make_client):
+    import threading
+
+    c = make_client(batch_wait_ms=400)  # long window: both streams must land in one batch
+    alone = [_stream_text(c, u, content=u) for u in ("alice", "bob")]
+    b = rt(c).batcher
+    batches, rows = b.batches, b.rows
+    out: dict[int, str] = {}
+    threads = [threading.Thread(target=lambda i=i, u=u: out.__setitem__(i, _stream_text(c, u, content=u)))
+               for i, u in enumerate(("alice", "bob"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert (b.batches - batches, b.rows - rows) == (1, 2)
+    assert [out[0], out[1]] == alone  # greedy: the same text alone or batched
+
+
+def test_stream_gets_http_errors_before_the_first_byte(client):
+    b = rt(client).batcher
+    b._pending = b.limit
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "stream": True, "user": "alice"}
+    r = client.post("/v1/chat/completions", json=body, headers=A)
+    assert_error(r, 429, "overloaded")
+    b._pending = 0
+    r = client.post("/v1/chat/completions", json={**body, "messages": [{"role": "user", "content": "x" * 5000}]},
+                    headers=A)
+    assert "limit" in assert_error(r, 400, "invalid_config")
+
+
 @pytest.mark.parametrize("field,value,needle", [
     ("max_tokens", 0, "max_tokens"), ("max_tokens", 33, "max_tokens"), ("max_tokens", -5, "max_tokens"),
     ("temperature", -0.1, "temperature"), ("top_p", 0, "top_p"), ("top_p", 1.5, "top_p"), ("n", 4, "n must"),
