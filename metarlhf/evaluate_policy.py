@@ -4,11 +4,18 @@ For each held-out simulated user and each K:
 
 1. the user gives K thumbs on base-model samples: ``samples_per_prompt`` samples for
    each of the first ``ceil(K / samples_per_prompt)`` training prompts (the pool is
-   sampled once and shared by all users; each user labels it with its own reward);
+   sampled once and shared by all users; each user labels it with its own reward).
+   Two exploration protocols (``explore``): ``plain`` samples the plain prompt;
+   ``hints`` draws most samples with a style hint added to the prompt
+   (:data:`metarlhf.policy.STYLE_HINTS`, a generic menu, in a seeded random order; every
+   ``plain_every``-th sample is plain), as an app would show a new user varied answers.
+   The user rates (plain prompt, completion): the hint is never shown or trained on, so
+   the adapter must produce the liked style from the plain prompt (context distillation);
 2. the user's policy LoRA is adapted from each init (``meta``: the shipped meta-trained
    init, ``scratch``: peft's default init) with the same step budget;
 3. on held-out prompts, one personalized completion and one base completion per prompt
-   (same sampling seed) are compared under the user's true reward. A win counts 1, a
+   (same sampling seed, both on the plain prompt) are compared under the user's true
+   reward. A win counts 1, a
    tie 1/2, a loss 0.
 
 Reported per user and averaged over users: win rate against base, mean true reward
@@ -50,8 +57,16 @@ class EvalConfig:
     label_noise: float = 0.0
     seed: int = 0
     meta_init: str | None = None  # adapter dir for method "meta" (None: the shipped init)
+    explore: list[str] = field(default_factory=lambda: ["hints", "plain"])  # exploration protocols
+    plain_every: int = 4  # hints protocol: every n-th sample is plain
+    kto_weight: float = 1.0
+    sft_weight: float = 0.0
+    pair_weight: float = 0.0
+    train_layers: int = 0  # 0: all layers
 
     def __post_init__(self) -> None:
+        if not self.explore or any(e not in ("hints", "plain") for e in self.explore):
+            raise ConfigError(f"explore must be a non-empty list of 'hints' / 'plain', got {self.explore}")
         if not self.ks or any(k < 1 for k in self.ks):
             raise ConfigError(f"K values must be >= 1, got {self.ks}")
         if not self.methods:
@@ -114,9 +129,12 @@ def _plot(result: dict[str, Any], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for method in result["config"]["methods"]:
-        rows = sorted((r for r in result["summary"] if r["method"] == method), key=lambda r: r["k"])
-        if rows:
-            ax.plot([r["k"] for r in rows], [r["win_rate"] for r in rows], marker="o", label=method)
+        for explore in result["config"].get("explore", ["plain"]):
+            rows = sorted((r for r in result["summary"] if r["method"] == method
+                           and r.get("explore", "plain") == explore), key=lambda r: r["k"])
+            if rows:
+                ax.plot([r["k"] for r in rows], [r["win_rate"] for r in rows], marker="o",
+                        ls="-" if explore == "hints" else "--", label=f"{method} (explore: {explore})")
     ax.axhline(0.75, ls="--", c="grey", lw=1, label="target 0.75")
     ax.axhline(0.5, ls=":", c="black", lw=1, label="base (tie)")
     ax.set_xlabel("K (thumbs)")
@@ -139,10 +157,12 @@ def _plot(result: dict[str, Any], path: Path) -> None:
 def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Average the per-user rows for each (method, K)."""
     out = []
-    for method, k in sorted({(r["method"], r["k"]) for r in rows}, key=lambda t: (t[0], t[1])):
-        sel = [r for r in rows if r["method"] == method and r["k"] == k]
+    keys = sorted({(r["method"], r.get("explore", "plain"), r["k"]) for r in rows})
+    for method, explore, k in keys:
+        sel = [r for r in rows if r["method"] == method and r.get("explore", "plain") == explore and r["k"] == k]
         out.append({
             "method": method,
+            "explore": explore,
             "k": k,
             "users": len(sel),
             "win_rate": statistics.mean(r["win_rate"] for r in sel),
@@ -170,6 +190,7 @@ def evaluate_policy(
         adapt_policy,
         adapter_attached,
         best_of_n,
+        exploration_hints,
         generate,
         load_init,
         resolve_base,
@@ -198,10 +219,18 @@ def evaluate_policy(
             inits[m.init] = load_init(m.init, base_name)
     reward_model = _load_reward_model() if any(m.uses_reward for m in methods) else None
     scorers: dict[tuple[str, int], Any] = {}
-    acfg = AdaptConfig(steps=cfg.steps, lr=cfg.lr, max_completion_tokens=cfg.max_new_tokens)
+    acfg = AdaptConfig(steps=cfg.steps, lr=cfg.lr, max_completion_tokens=cfg.max_new_tokens,
+                       kto_weight=cfg.kto_weight, sft_weight=cfg.sft_weight, pair_weight=cfg.pair_weight,
+                       train_layers=cfg.train_layers)
     log.info("sampling %d base completions for thumbs and %d for held-out prompts", n_train * s, len(eval_prompts))
     rep = [p for p in train_prompts for _ in range(s)]
-    pool = generate(model, tok, rep, cfg.max_new_tokens, cfg.sample_temperature, seed=cfg.seed)
+    pools: dict[str, list[str]] = {}
+    hint_log: dict[str, list[str | None]] = {}
+    for explore in cfg.explore:
+        hints = exploration_hints(len(rep), explore, cfg.plain_every, seed=cfg.seed)
+        pools[explore] = generate(model, tok, rep, cfg.max_new_tokens, cfg.sample_temperature, seed=cfg.seed,
+                                  hints=hints)
+        hint_log[explore] = hints
     base_eval = generate(model, tok, eval_prompts, cfg.max_new_tokens, cfg.eval_temperature, seed=cfg.seed + 1)
     result: dict[str, Any] = {
         "config": asdict(cfg),
@@ -210,13 +239,16 @@ def evaluate_policy(
         "families": {u.name: u.family for u in users},
         "n_train_prompts": n_train,
         "n_eval_prompts": len(eval_prompts),
+        "exploration_hints": hint_log,
         "rows": [],
         "summary": [],
     }
-    cells = [(u, k, m) for k in cfg.ks for u in users for m in methods]  # K-major: the first K completes first
+    # K-major: the first K completes first
+    cells = [(u, k, e, m) for k in cfg.ks for u in users for e in cfg.explore for m in methods]
     bar = tqdm(cells, desc="eval policy", disable=not progress)
-    for user, k, method in bar:
+    for user, k, explore, method in bar:
         rng = random.Random(f"{cfg.seed}:{user.name}")
+        pool = pools[explore]
         thumbs = []
         for i, p in enumerate(train_prompts):
             thumbs += user.thumbs(p, pool[i * s:(i + 1) * s], noise=cfg.label_noise, rng=rng)
@@ -224,11 +256,11 @@ def evaluate_policy(
         base_r = [user.reward(p, c) for p, c in zip(eval_prompts, base_eval, strict=True)]
         scorer, rm_s = None, 0.0
         if method.uses_reward:
-            if (user.name, k) not in scorers:
+            if (user.name, k, explore) not in scorers:
                 t0 = time.perf_counter()
-                scorers[(user.name, k)] = _personal_scorer(reward_model, support, cfg.seed)
+                scorers[(user.name, k, explore)] = _personal_scorer(reward_model, support, cfg.seed)
                 rm_s = time.perf_counter() - t0
-            scorer = scorers[(user.name, k)]
+            scorer = scorers[(user.name, k, explore)]
         t0 = time.perf_counter()
         adapter = adapt_policy(support, base=(model, tok), init=inits[method.init], seed=cfg.seed, config=acfg,
                                scorer=scorer if method.augment else None, augment_samples=method.augment)
@@ -245,19 +277,22 @@ def evaluate_policy(
             "family": user.family,
             "k": k,
             "method": method.name,
+            "explore": explore,
             "n_up": sum(t.label for t in support),
+            "support_mean_reward": statistics.mean(user.reward(t.prompt, t.completion) for t in support),
             "win_rate": win_rate(pers_r, base_r),
             "mean_reward": statistics.mean(pers_r),
             "base_mean_reward": statistics.mean(base_r),
             "adapt_s": round(adapt_s, 2),
+            "reward_model_s": round(rm_s, 2),
             "loss_first": adapter.meta["losses"][0],
             "loss_last": adapter.meta["losses"][-1],
             "examples": [{"prompt": eval_prompts[i], "base": base_eval[i], "personalized": comps[i]}
                          for i in range(min(2, len(comps)))],
         }
         result["rows"].append(row)
-        bar.set_postfix(user=user.name[:12], k=k, m=method.name, win=f"{row['win_rate']:.2f}")
-        log.info("%s K=%d %s: win %.3f reward %.3f (base %.3f) adapt %.1f s", user.name, k, method.name,
+        bar.set_postfix(user=user.name[:12], k=k, e=explore, m=method.name, win=f"{row['win_rate']:.2f}")
+        log.info("%s K=%d %s %s: win %.3f reward %.3f (base %.3f) adapt %.1f s", user.name, k, explore, method.name,
                  row["win_rate"], row["mean_reward"], row["base_mean_reward"], adapt_s)
         result["summary"] = summarize(result["rows"])
         result["wall_s"] = round(time.perf_counter() - t_start, 1)

@@ -51,6 +51,7 @@ import logging
 import math
 import os
 import random
+import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -129,8 +130,20 @@ class AdaptConfig:
     desirable_weight: float = 1.0
     undesirable_weight: float = 1.0
     precision: str = "auto"  # "auto": bf16 autocast on CPUs with bf16 support, else fp32; "fp32"; "bf16"
+    kto_weight: float = 1.0  # weight of the KTO term on thumbs
+    sft_weight: float = 0.0  # weight of the NLL (per token) of thumbs-up / chosen completions
+    pair_weight: float = 0.0  # weight of DPO on (up, down) thumbs of the same prompt
+    train_layers: int = 0  # train the LoRA of the top N decoder layers only (0: all); lower ones stay at init
 
     def __post_init__(self) -> None:
+        for name in ("kto_weight", "sft_weight", "pair_weight"):
+            value = getattr(self, name)
+            if not (value >= 0 and math.isfinite(value)):
+                raise ConfigError(f"{name} must be a finite number >= 0, got {value}")
+        if self.kto_weight + self.sft_weight + self.pair_weight <= 0:
+            raise ConfigError("at least one of kto_weight, sft_weight, pair_weight must be > 0")
+        if self.train_layers < 0:
+            raise ConfigError(f"train_layers must be >= 0 (0 = all layers), got {self.train_layers}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
         if not 1 <= self.steps <= 10_000:
@@ -289,13 +302,136 @@ def lora_state(peft_model: Any) -> dict[str, Any]:
     return {k: v.detach().clone() for k, v in get_peft_model_state_dict(peft_model).items()}
 
 
-def trainable_params(peft_model: Any) -> list[Any]:
-    return [p for n, p in peft_model.named_parameters() if p.requires_grad and "lora_" in n]
+def trainable_params(peft_model: Any, start_layer: int = 0) -> list[Any]:
+    """LoRA parameters that train: those of decoder layers ``>= start_layer``."""
+    return [
+        p for n, p in peft_model.named_parameters()
+        if p.requires_grad and "lora_" in n and layer_index(n) >= start_layer
+    ]
+
+
+_LAYER = re.compile(r"\.layers\.(\d+)\.")
+
+
+def layer_index(name: str) -> int:
+    """Decoder layer index in a parameter name (``...layers.12.self_attn...`` -> 12); -1 if none."""
+    m = _LAYER.search(name)
+    return int(m.group(1)) if m else -1
+
+
+def decoder_of(model: Any) -> Any | None:
+    """The module holding the decoder ``layers`` (Llama-style ``model.model``), or None."""
+    import torch
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    dec = getattr(base, "model", None)
+    if dec is not None and isinstance(getattr(dec, "layers", None), torch.nn.ModuleList) and hasattr(dec, "norm"):
+        return dec
+    return None
+
+
+def start_layer_for(model: Any, train_layers: int) -> int:
+    """First trained layer for ``train_layers`` (0 when all layers train or the model is not Llama-style)."""
+    dec = decoder_of(model)
+    if dec is None or train_layers <= 0 or train_layers >= len(dec.layers):
+        return 0
+    return len(dec.layers) - train_layers
+
+
+@contextmanager
+def layer_slice(model: Any, start: int, stop: int | None = None) -> Iterator[None]:
+    """Run only decoder layers ``[start:stop]`` inside this context (the model is restored on exit)."""
+    import torch
+
+    dec = decoder_of(model)
+    if dec is None:
+        raise ModelError("this model has no Llama-style decoder layers to slice")
+    full = dec.layers
+    dec.layers = torch.nn.ModuleList(list(full)[start:stop])
+    try:
+        yield
+    finally:
+        dec.layers = full
+
+
+def hidden_at(model: Any, batch: SeqBatch, layer: int, chunk: int = 16) -> Any:
+    """Residual stream entering decoder layer ``layer`` (no grad): ``[n, T, d]``.
+
+    Lower layers (with their LoRA at its current value) run once; training then starts
+    from these states (:func:`sequence_logps` with ``hidden``).
+    """
+    import torch
+
+    dec = decoder_of(model)
+    got: list[Any] = []
+    hook = dec.norm.register_forward_pre_hook(lambda _m, args: got.append(args[0].detach()))
+    try:
+        with torch.no_grad(), layer_slice(model, 0, layer):
+            for i in range(0, batch.input_ids.shape[0], chunk):
+                sl = slice(i, i + chunk)
+                model(input_ids=batch.input_ids[sl], attention_mask=batch.attention_mask[sl],
+                      position_ids=batch.position_ids[sl], logits_to_keep=1, use_cache=False)
+    finally:
+        hook.remove()
+    return torch.cat(got)
+
+
+# ----------------------------------------------------------------------------- exploration
+#: Style hints for exploration: a generic menu of common answer styles, one or two per
+#: family of taste (length, format, tone, content, vocabulary). Chosen from the family
+#: names only, not from any held-out user's reward function; no topic/theme hints.
+STYLE_HINTS: tuple[str, ...] = (
+    "Answer in one short sentence.",
+    "Answer as a numbered list.",
+    "Be enthusiastic and upbeat!",
+    "Speak directly to the reader as \"you\".",
+    "Answer as a bulleted list.",
+    "Give a detailed, thorough answer.",
+    "Use a formal tone.",
+    "Be casual and friendly.",
+    "Give a concrete example.",
+    "End by asking me a question.",
+    "Use simple, plain words.",
+    "Say \"we\" and \"us\".",
+)
+
+
+def exploration_hints(n: int, explore: str = "hints", plain_every: int = 4, seed: int | None = 0) -> list[str | None]:
+    """Hints for ``n`` exploration samples (None = plain prompt).
+
+    ``"plain"``: all None. ``"hints"``: every ``plain_every``-th sample is plain (0: none
+    is), the others cycle through :data:`STYLE_HINTS` in an order shuffled by ``seed``
+    (None: the listed order), so K >= 12 hinted samples show every style once.
+    """
+    if explore not in ("hints", "plain"):
+        raise ConfigError(f"explore must be 'hints' or 'plain', got {explore!r}")
+    if plain_every < 0:
+        raise ConfigError(f"plain_every must be >= 0, got {plain_every}")
+    if explore == "plain":
+        return [None] * n
+    menu = list(STYLE_HINTS)
+    if seed is not None:
+        random.Random(f"hints:{seed}").shuffle(menu)
+    out: list[str | None] = []
+    k = 0
+    for i in range(n):
+        if plain_every and i % plain_every == plain_every - 1:
+            out.append(None)
+        else:
+            out.append(menu[k % len(menu)])
+            k += 1
+    return out
 
 
 # ----------------------------------------------------------------------------- tokens
-def chat_prompt(tok: Any, prompt: str) -> str:
-    """The prompt in the model's chat format, ready for the assistant's answer."""
+def chat_prompt(tok: Any, prompt: str, hint: str | None = None) -> str:
+    """The prompt in the model's chat format, ready for the assistant's answer.
+
+    ``hint`` (exploration only, see :data:`STYLE_HINTS`) is appended to the user's
+    message as ``"\n\n(<hint>)"``; training and serving always use the plain prompt.
+    """
+    if hint:
+        prompt = f"{prompt}\n\n({hint})"
     if getattr(tok, "chat_template", None):
         return tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
     return prompt + "\n"
@@ -342,10 +478,12 @@ def encode_pairs(
     return SeqBatch(ids, mask, pos, comp, C)
 
 
-def sequence_logps(model: Any, batch: SeqBatch, rows: Any = None) -> Any:
+def sequence_logps(model: Any, batch: SeqBatch, rows: Any = None, hidden: Any = None, start: int = 0) -> Any:
     """Summed log-prob of each row's completion tokens: ``[n]``.
 
     Only the last ``C + 1`` positions go through the LM head (``logits_to_keep``).
+    With ``hidden`` (``[n, T, d]`` from :func:`hidden_at` at layer ``start``) only the
+    layers from ``start`` up run.
     """
     import torch
 
@@ -353,7 +491,13 @@ def sequence_logps(model: Any, batch: SeqBatch, rows: Any = None) -> Any:
     if rows is not None:
         ids, mask, pos, comp = ids[rows], mask[rows], pos[rows], comp[rows]
     C = batch.comp_len
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=C + 1, use_cache=False)
+    if hidden is not None and start > 0:
+        h = hidden if rows is None else hidden[rows]  # [n, T, d]
+        with layer_slice(model, start):
+            out = model(inputs_embeds=h, attention_mask=mask, position_ids=pos, logits_to_keep=C + 1,
+                        use_cache=False)
+    else:
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=C + 1, use_cache=False)
     logits = out.logits[:, :-1, :].float()  # [n, C, V] predicts the last C tokens
     targets = ids[:, -C:]  # [n, C]
     logp = torch.gather(logits, -1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)  # [n, C]
@@ -372,6 +516,11 @@ class Prepared:
     dpo_r: SeqBatch | None
     dpo_ref_c: Any
     dpo_ref_r: Any
+    kto_pairs: Any = None  # [m, 2] (up row, down row) of thumbs on the same prompt
+    start: int = 0  # first trained decoder layer; > 0: the *_h fields hold the states entering it
+    kto_h: Any = None  # [n_kto, T, d]
+    dpo_c_h: Any = None
+    dpo_r_h: Any = None
 
     @property
     def n_kto(self) -> int:
@@ -448,7 +597,34 @@ def prepare(
         dpo_r = encode_pairs(tok, ps, [r.rejected for r in pairs], **enc)
         ref_c = refs(dpo_c, ps, [r.chosen for r in pairs])
         ref_r = refs(dpo_r, ps, [r.rejected for r in pairs])
-    return Prepared(kto, labels, kto_ref, dpo_c, dpo_r, ref_c, ref_r)
+    data = Prepared(kto, labels, kto_ref, dpo_c, dpo_r, ref_c, ref_r)
+    if thumbs:
+        data.kto_pairs = thumb_pairs([r.prompt for r in thumbs], [r.label for r in thumbs])
+    data.start = start_layer_for(peft_model, cfg.train_layers)
+    if data.start:
+        with autocast(cfg.precision):
+            if kto is not None:
+                data.kto_h = hidden_at(peft_model, kto, data.start, cfg.batch_size)
+            if dpo_c is not None:
+                data.dpo_c_h = hidden_at(peft_model, dpo_c, data.start, cfg.batch_size)
+                data.dpo_r_h = hidden_at(peft_model, dpo_r, data.start, cfg.batch_size)
+    return data
+
+
+def thumb_pairs(prompts: Sequence[str], labels: Sequence[int]) -> Any:
+    """``[m, 2]`` row indices (up, down) of every up/down combination on the same prompt."""
+    import torch
+
+    out = [
+        (i, j) for i in range(len(prompts)) for j in range(len(prompts))
+        if labels[i] == 1 and labels[j] == 0 and prompts[i] == prompts[j]
+    ]
+    return torch.tensor(out, dtype=torch.long).reshape(-1, 2)
+
+
+def sft_loss(logps: Any, n_tokens: Any) -> Any:
+    """Mean per-token negative log-likelihood ``mean(-logps / n_tokens)``; inputs ``[n]``."""
+    return (-logps / n_tokens.clamp(min=1)).mean()
 
 
 def feedback_loss(
@@ -463,16 +639,31 @@ def feedback_loss(
         dpo_rows = torch.arange(data.n_dpo)
     total, n = 0.0, 0
     if data.n_kto and len(kto_rows):
-        pol = sequence_logps(model, data.kto, kto_rows)  # [b]
-        loss, _ = kto_loss(
-            pol, data.kto_ref[kto_rows], data.kto_labels[kto_rows], cfg.beta, cfg.desirable_weight,
-            cfg.undesirable_weight,
-        )
+        pol = sequence_logps(model, data.kto, kto_rows, data.kto_h, data.start)  # [b]
+        labels = data.kto_labels[kto_rows]  # [b]
+        loss = 0.0
+        if cfg.kto_weight:
+            kto, _ = kto_loss(pol, data.kto_ref[kto_rows], labels, cfg.beta, cfg.desirable_weight,
+                              cfg.undesirable_weight)
+            loss = loss + cfg.kto_weight * kto
+        up = labels == 1
+        if cfg.sft_weight and bool(up.any()):
+            ntok = data.kto.comp_mask[kto_rows].sum(-1)  # [b]
+            loss = loss + cfg.sft_weight * sft_loss(pol[up], ntok[up])
+        if cfg.pair_weight and data.kto_pairs is not None and len(data.kto_pairs):
+            where = {int(r): i for i, r in enumerate(kto_rows)}  # row -> position in this batch
+            pairs = [(where[int(a)], where[int(b)]) for a, b in data.kto_pairs if int(a) in where and int(b) in where]
+            if pairs:
+                ia, ib = torch.tensor(pairs).T
+                ref = data.kto_ref[kto_rows]
+                loss = loss + cfg.pair_weight * dpo_loss(pol[ia], pol[ib], ref[ia], ref[ib], cfg.beta)
         total, n = total + loss * len(kto_rows), n + len(kto_rows)
     if data.n_dpo and len(dpo_rows):
-        pc = sequence_logps(model, data.dpo_c, dpo_rows)
-        pr = sequence_logps(model, data.dpo_r, dpo_rows)
+        pc = sequence_logps(model, data.dpo_c, dpo_rows, data.dpo_c_h, data.start)
+        pr = sequence_logps(model, data.dpo_r, dpo_rows, data.dpo_r_h, data.start)
         loss = dpo_loss(pc, pr, data.dpo_ref_c[dpo_rows], data.dpo_ref_r[dpo_rows], cfg.beta)
+        if cfg.sft_weight:
+            loss = loss + cfg.sft_weight * sft_loss(pc, data.dpo_c.comp_mask[dpo_rows].sum(-1))
         total, n = total + loss * len(dpo_rows), n + len(dpo_rows)
     if n == 0:
         raise DataError("empty training batch")
@@ -496,7 +687,7 @@ def train_steps(peft_model: Any, data: Prepared, cfg: AdaptConfig, steps: int, r
     """``steps`` Adam steps on the LoRA parameters; returns the loss of each step."""
     import torch
 
-    params = trainable_params(peft_model)
+    params = trainable_params(peft_model, data.start)
     if not params:
         raise ModelError("the model has no trainable LoRA parameters")
     opt = torch.optim.Adam(params, lr=cfg.lr)
@@ -526,14 +717,19 @@ def generate(
     batch_size: int = 16,
     max_prompt_tokens: int = 96,
     precision: str = "auto",
+    hints: Sequence[str | None] | None = None,
 ) -> list[str]:
     """One sampled completion per prompt (``temperature=0`` is greedy), left-padded batches.
 
     Each batch reseeds torch from ``seed`` and its index, so the same model and prompts
-    always give the same completions.
+    always give the same completions. ``hints`` (one per prompt, None = plain) are style
+    hints added to the user's message (:func:`chat_prompt`), for exploration.
     """
     import torch
 
+    if hints is not None and len(hints) != len(prompts):
+        raise ConfigError(f"need one hint (or None) per prompt: {len(hints)} hints, {len(prompts)} prompts")
+    hints = list(hints) if hints is not None else [None] * len(prompts)
     if max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if temperature < 0:
@@ -542,8 +738,8 @@ def generate(
     outs: list[str] = []
     for b, start in enumerate(range(0, len(prompts), batch_size)):
         rows = [
-            tok(chat_prompt(tok, p), add_special_tokens=False)["input_ids"][-max_prompt_tokens:]
-            for p in prompts[start:start + batch_size]
+            tok(chat_prompt(tok, p, h), add_special_tokens=False)["input_ids"][-max_prompt_tokens:]
+            for p, h in zip(prompts[start:start + batch_size], hints[start:start + batch_size], strict=True)
         ]
         T = max(len(r) for r in rows)
         ids = torch.full((len(rows), T), pad, dtype=torch.long)

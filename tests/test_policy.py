@@ -259,9 +259,13 @@ def test_cli_eval_policy_with_users_file(tmp_path, tiny_dir):
                "--steps", "1", "--max-new-tokens", "4", "--policy", str(tiny_dir), "--out", str(out)])
     assert rc == 0
     res = json.loads(out.read_text())
-    assert len(res["rows"]) == 4 and {r["user"] for r in res["rows"]} == {"likes-e", "bullets"}
+    # 2 users x 2 K x 2 exploration protocols (hints and plain, both by default)
+    assert len(res["rows"]) == 8 and {r["user"] for r in res["rows"]} == {"likes-e", "bullets"}
     assert all(0 <= r["win_rate"] <= 1 and r["adapt_s"] > 0 for r in res["rows"])
-    assert {(s["method"], s["k"]) for s in res["summary"]} == {("scratch", 2), ("scratch", 4)}
+    assert {(s["method"], s["explore"], s["k"]) for s in res["summary"]} == {
+        ("scratch", e, k) for e in ("hints", "plain") for k in (2, 4)}
+    hints = res["exploration_hints"]
+    assert set(hints["plain"]) == {None} and sum(h is not None for h in hints["hints"]) == 3  # 4 samples, 1 plain
     assert out.with_suffix(".png").stat().st_size > 1000
 
 
@@ -306,7 +310,7 @@ def test_eval_with_reward_model_methods(monkeypatch):
     monkeypatch.setattr(E, "_personal_scorer", fake_scorer)
     model, tok = tiny_policy()
     cfg = E.EvalConfig(ks=[4], eval_prompts=2, methods=["scratch", "scratch+bon3", "scratch+aug2"], steps=1,
-                       max_new_tokens=4)
+                       max_new_tokens=4, explore=["plain"])
     res = E.evaluate_policy(get_users(["bullets"]), [f"q{i}" for i in range(4)], cfg, base=(model, tok),
                             progress=False)
     assert [r["method"] for r in res["rows"]] == ["scratch", "scratch+bon3", "scratch+aug2"]

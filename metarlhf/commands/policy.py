@@ -67,6 +67,7 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
     p.add_argument("--steps", type=_positive, default=8)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--beta", type=float, default=0.1)
+    _recipe_args(p)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_adapt)
 
@@ -84,10 +85,28 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--max-new-tokens", type=_positive, default=48)
     p.add_argument("--label-noise", type=float, default=0.0)
+    p.add_argument("--explore", nargs="+", choices=["hints", "plain"], default=["hints", "plain"],
+                   help="exploration protocols for the thumbs samples: style hints (context distillation) / plain")
+    p.add_argument("--plain-every", type=_nonneg, default=4, help="hints protocol: every n-th sample is plain")
+    _recipe_args(p)
     p.add_argument("--policy", default=None, help="base policy model directory (default: embedded SmolLM2)")
     p.add_argument("--out", required=True, help="results JSON (a PNG is written next to it)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_eval)
+
+
+def _recipe_args(p: argparse.ArgumentParser) -> None:
+    """Loss mix and trained layers of the adaptation (defaults: :class:`metarlhf.policy.AdaptConfig`)."""
+    from metarlhf.policy import AdaptConfig
+
+    d = AdaptConfig()
+    p.add_argument("--kto-weight", type=float, default=d.kto_weight, help="weight of KTO on thumbs")
+    p.add_argument("--sft-weight", type=float, default=d.sft_weight,
+                   help="weight of the per-token NLL of thumbs-up / chosen completions")
+    p.add_argument("--pair-weight", type=float, default=d.pair_weight,
+                   help="weight of DPO on (up, down) thumbs of the same prompt")
+    p.add_argument("--train-layers", type=_nonneg, default=d.train_layers,
+                   help="train the LoRA of the top N decoder layers only (0: all)")
 
 
 def _users(names: str | None, users_file: str | None, default: tuple[str, ...]) -> list:
@@ -132,7 +151,8 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     from metarlhf.policy import AdaptConfig, adapt_policy
 
     support = user_support(args.data, args.user, args.k, seed=args.seed)
-    cfg = AdaptConfig(steps=args.steps, lr=args.lr, beta=args.beta)
+    cfg = AdaptConfig(steps=args.steps, lr=args.lr, beta=args.beta, kto_weight=args.kto_weight,
+                      sft_weight=args.sft_weight, pair_weight=args.pair_weight, train_layers=args.train_layers)
     init = None if args.init == "scratch" else args.init
     t0 = time.perf_counter()
     adapter = adapt_policy(support, base=args.policy, init=init, seed=args.seed, config=cfg)
@@ -153,12 +173,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
         ks=list(dict.fromkeys(args.k)), eval_prompts=args.eval_prompts, samples_per_prompt=args.samples_per_prompt,
         methods=[m.strip() for m in args.methods.split(",") if m.strip()], steps=args.steps, lr=args.lr,
         max_new_tokens=args.max_new_tokens, label_noise=args.label_noise, seed=args.seed, meta_init=args.init,
+        explore=list(dict.fromkeys(args.explore)), plain_every=args.plain_every, kto_weight=args.kto_weight,
+        sft_weight=args.sft_weight, pair_weight=args.pair_weight, train_layers=args.train_layers,
     )
     n_train = -(-max(cfg.ks) // cfg.samples_per_prompt)
     prompts = read_prompts(args.prompts, limit=args.offset + n_train + cfg.eval_prompts)[args.offset:]
     result = evaluate_policy(users, prompts, cfg, base=args.policy, out=args.out)
     for row in result["summary"]:
-        print(f"{row['method']:>8} K={row['k']:<3} win rate {row['win_rate']:.3f}  "
+        print(f"{row['method']:>8} {row['explore']:>5} K={row['k']:<3} win rate {row['win_rate']:.3f}  "
               f"mean reward {row['mean_reward']:+.3f} (base {row['base_mean_reward']:+.3f})  "
               f"adapt {row['adapt_s']:.1f} s")
     print(f"wrote {args.out}")

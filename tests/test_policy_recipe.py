@@ -1,0 +1,126 @@
+"""The adaptation recipe: cached lower layers, SFT / paired-thumbs terms, exploration hints."""
+
+import math
+import random
+
+import pytest
+import torch
+
+from metarlhf import policy as P
+from metarlhf.data import Thumbs
+from metarlhf.errors import ConfigError
+from metarlhf.testing import tiny_policy
+
+
+def _records(user="u"):
+    return [
+        Thumbs(user, "tell me", "- a\n- b\n- c", 1),
+        Thumbs(user, "tell me", "just words", 0),
+        Thumbs(user, "say more", "- x\n- y", 1),
+        Thumbs(user, "say more", "nope nope", 0),
+    ]
+
+
+def _randomize_lora(pm):
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def test_sft_loss_hand_computed():
+    loss = P.sft_loss(torch.tensor([-4.0, -9.0]), torch.tensor([2, 3]))
+    assert float(loss) == pytest.approx((2.0 + 3.0) / 2)
+
+
+def test_thumb_pairs_pairs_ups_with_downs_of_the_same_prompt():
+    pairs = P.thumb_pairs(["a", "a", "a", "b", "b", "c"], [1, 0, 0, 1, 0, 1])
+    assert pairs.tolist() == [[0, 1], [0, 2], [3, 4]]
+    assert P.thumb_pairs(["a"], [1]).shape == (0, 2)
+
+
+def test_sequence_logps_from_cached_hidden_states_equals_full_forward():
+    model, tok = tiny_policy(layers=4)
+    recs = _records()
+    with P.lora_attached(model, None, 0) as pm:
+        _randomize_lora(pm)
+        batch = P.encode_pairs(tok, [r.prompt for r in recs], [r.completion for r in recs])
+        with torch.no_grad():
+            full = P.sequence_logps(pm, batch)
+            hidden = P.hidden_at(pm, batch, 2, chunk=3)  # chunked: 3 + 1 rows
+            assert hidden.shape[:2] == batch.input_ids.shape
+            assert torch.allclose(P.sequence_logps(pm, batch, None, hidden, 2), full, atol=1e-5)
+            rows = torch.tensor([1, 3])
+            assert torch.allclose(P.sequence_logps(pm, batch, rows, hidden, 2), full[rows], atol=1e-5)
+        assert len(P.decoder_of(pm).layers) == 4  # restored after slicing
+
+
+def test_train_layers_trains_only_the_top_layers():
+    model, tok = tiny_policy(layers=4)
+    cfg = P.AdaptConfig(train_layers=2, precision="fp32", lr=2e-2, sft_weight=1.0, pair_weight=1.0)
+    with P.lora_attached(model, None, 0) as pm:
+        _randomize_lora(pm)
+        data = P.prepare(pm, tok, _records(), cfg)
+        assert data.start == 2 and data.kto_h is not None
+        before = {n: p.detach().clone() for n, p in pm.named_parameters() if "lora_" in n}
+        losses = P.train_steps(pm, data, cfg, 3, random.Random(0))
+        assert losses[-1] < losses[0]
+        for n, p in pm.named_parameters():
+            if "lora_" in n:
+                moved = not torch.equal(p, before[n])
+                assert moved == (P.layer_index(n) >= 2), n
+    assert P.start_layer_for(model, 0) == 0 and P.start_layer_for(model, 9) == 0  # all layers
+
+
+def test_sft_term_raises_likelihood_of_ups_only_objective():
+    model, tok = tiny_policy()
+    recs = _records()
+    cfg = P.AdaptConfig(steps=6, lr=2e-2, precision="fp32", kto_weight=0.0, sft_weight=1.0)
+    adapter = P.adapt_policy(recs, base=(model, tok), init=None, config=cfg)
+    batch = P.encode_pairs(tok, [r.prompt for r in recs], [r.completion for r in recs])
+    with torch.no_grad():
+        ref = P.sequence_logps(model, batch)
+        with P.adapter_attached(model, adapter) as pm:
+            pol = P.sequence_logps(pm, batch)
+    assert float(pol[0] - ref[0]) > 0 and float(pol[2] - ref[2]) > 0
+    first = adapter.meta["losses"][0]
+    ntok = batch.comp_mask.sum(-1)
+    assert first == pytest.approx(float(P.sft_loss(ref[[0, 2]], ntok[[0, 2]])), rel=1e-4)
+
+
+def test_pair_term_alone_starts_at_log2():
+    model, tok = tiny_policy()
+    cfg = P.AdaptConfig(steps=2, lr=2e-2, precision="fp32", kto_weight=0.0, pair_weight=1.0)
+    a = P.adapt_policy(_records(), base=(model, tok), init=None, config=cfg)
+    assert a.meta["losses"][0] == pytest.approx(math.log(2), abs=1e-5)  # scratch init: policy == reference
+
+
+def test_recipe_config_validation():
+    with pytest.raises(ConfigError, match="sft_weight"):
+        P.AdaptConfig(sft_weight=-1)
+    with pytest.raises(ConfigError, match="at least one"):
+        P.AdaptConfig(kto_weight=0)
+    with pytest.raises(ConfigError, match="train_layers"):
+        P.AdaptConfig(train_layers=-1)
+
+
+def test_exploration_hints_and_chat_prompt():
+    assert P.exploration_hints(5, "plain") == [None] * 5
+    hints = P.exploration_hints(16, "hints", plain_every=4, seed=0)
+    assert [h is None for h in hints] == [i % 4 == 3 for i in range(16)]
+    assert sorted(h for h in hints if h) == sorted(P.STYLE_HINTS)  # 12 hinted samples: every style once
+    assert P.exploration_hints(16, "hints", seed=0) == hints and P.exploration_hints(16, "hints", seed=1) != hints
+    assert P.exploration_hints(3, "hints", plain_every=0, seed=None) == list(P.STYLE_HINTS[:3])
+    with pytest.raises(ConfigError, match="explore"):
+        P.exploration_hints(3, "loud")
+    _, tok = tiny_policy()
+    assert P.chat_prompt(tok, "hi", "Be brief.") == P.chat_prompt(tok, "hi\n\n(Be brief.)")
+
+
+def test_generate_with_hints():
+    model, tok = tiny_policy()
+    a = P.generate(model, tok, ["hi", "hi"], max_new_tokens=4, seed=0, hints=[None, None])
+    assert a == P.generate(model, tok, ["hi", "hi"], max_new_tokens=4, seed=0)
+    with pytest.raises(ConfigError, match="one hint"):
+        P.generate(model, tok, ["hi"], hints=[None, None])
