@@ -13,7 +13,7 @@ set (thumbs: sign of the score; pairs: chosen above rejected):
 
 ``scratch`` and ``meta`` get the same step budget (default: the init's inner steps).
 Encoder embeddings that do not depend on the support set (base encoder, and the
-meta-init's LoRA when its inner loop adapts the head only) are computed once per
+meta-init's LoRA when its inner loop adapts the head or its subspace only) are computed once per
 record and reused across K and seeds; that changes nothing in the numbers.
 
 Output: ``out`` is ``{"methods": {m: {K: acc}}, "users": n, "query_per_user": q}``,
@@ -190,7 +190,7 @@ def evaluate_reward(
                         x, y = _pair_features(base_emb(s.ids), s)
                         wb = fit_logistic_regression(x, y)
                         scores = base_emb(q.ids) @ wb[:-1] + wb[-1]
-                    elif m == "meta" and inner == "head":
+                    elif m == "meta" and inner in ("head", "subspace"):
                         adapted, _ = adapt_head(meta_emb(s.ids), s, meta_params, log_lrs, n_steps)
                         scores = RewardModel.head_scores(adapted, meta_emb(q.ids))
                     else:

@@ -25,8 +25,18 @@ good fit for ``vmap`` and the CPU gains nothing from it.
 
 Meta-training of the reward model (:func:`meta_train_reward`) adapts, per the config,
 either the head only (``inner="head"``, ANIL: LoRA is meta-learned in the outer loop
-and shared; cheap, and second order costs no extra encoder passes) or LoRA + head
-(``inner="all"``). Users are split deterministically into train / validation / test;
+and shared; cheap, and second order costs no extra encoder passes), LoRA + head
+(``inner="all"``), or r coordinates of the head in a meta-learned subspace
+(``inner="subspace"``, CAVIA / subspace-MAML style):
+
+    w_user = w0 + z @ B,   z ← z - α_z ⊙ ∇_z L_support   (z starts at 0; the bias is adapted too)
+
+The outer loop learns the LoRA, w0, b0, the basis B [r, hidden] and (Meta-SGD) α_z.
+B starts as the top-r principal directions of per-user logistic heads fitted on the
+*train* users' base-encoder embeddings (:func:`pca_head_basis`), each row scaled by
+the standard deviation of the heads along it, so ``z ~ N(0, I)`` over train users.
+Simplification: those heads are fitted on ``basis_records`` records per train user
+(not all of them), to keep the start-up cost small. Users are split deterministically into train / validation / test;
 validation accuracy on held-out users is logged every ``val_every`` steps and the
 best-validation parameters are shipped.
 """
@@ -170,11 +180,14 @@ class MetaTrainConfig:
 
     algo: str = field(default="metasgd", metadata={"help": "maml | fomaml | reptile | metasgd"})
     first_order: bool = field(default=False, metadata={"help": "metasgd only: detach inner gradients"})
-    inner: str = field(default="head", metadata={"help": "head (ANIL) | all (LoRA + head)"})
+    inner: str = field(default="head", metadata={"help": "head (ANIL) | all (LoRA + head) | subspace (z of the head)"})
     inner_steps: int = 3
     inner_lr_head: float = 3.0  # weight; the bias starts at inner_lr_bias
     inner_lr_bias: float = 1.0
     inner_lr_lora: float = 1e-3
+    inner_lr_z: float = 1.0  # subspace: initial inner lr of the coordinates z
+    basis_rank: int = field(default=16, metadata={"help": "subspace: rank r of the head basis"})
+    basis_records: int = field(default=128, metadata={"help": "subspace: records per train user for the PCA init"})
     meta_lr: float = 2e-3
     lr_meta_lr: float = 1e-2  # outer lr of the Meta-SGD log learning rates
     meta_batch: int = 4
@@ -194,15 +207,59 @@ class MetaTrainConfig:
     def __post_init__(self) -> None:
         if self.algo not in ALGOS:
             raise ConfigError(f"unknown meta-learning algorithm {self.algo!r}; choose from {', '.join(ALGOS)}")
-        if self.inner not in ("head", "all"):
-            raise ConfigError(f"inner must be 'head' or 'all', got {self.inner!r}")
+        if self.inner not in ("head", "all", "subspace"):
+            raise ConfigError(f"inner must be 'head', 'all' or 'subspace', got {self.inner!r}")
         if self.first_order and self.algo == "maml":
             raise ConfigError("--first-order with maml is fomaml; pass --algo fomaml")
-        for name in ("inner_steps", "meta_batch", "n_query", "steps", "val_every", "ckpt_every", "val_k"):
+        for name in ("inner_steps", "meta_batch", "n_query", "steps", "val_every", "ckpt_every", "val_k",
+                     "basis_rank", "basis_records"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.k_choices or min(self.k_choices) < 1:
             raise ConfigError(f"k_choices must be positive, got {self.k_choices}")
+
+
+def pca_head_basis(heads: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean head and scaled principal directions of per-user heads. Pure.
+
+    heads: [n, d + 1] (weights, then bias). Returns ``w0`` [1, d] (mean weight),
+    ``b0`` [1] (mean bias) and ``basis`` [r, d] whose row i is ``s_i / sqrt(n - 1) * v_i``
+    (v_i the i-th right singular vector of the centred weights, sign fixed so its largest
+    entry is positive), i.e. the heads' standard deviation along v_i.
+    """
+    n, d1 = heads.shape
+    if n < 2:
+        raise DataError(f"need >= 2 user heads for a basis, got {n}")
+    if not 1 <= rank <= min(n - 1, d1 - 1):
+        raise ConfigError(f"basis rank must be in [1, {min(n - 1, d1 - 1)}] for {n} users, got {rank}")
+    w, b = heads[:, :-1], heads[:, -1]
+    w0 = w.mean(0)  # [d]
+    _, s, vt = torch.linalg.svd(w - w0, full_matrices=False)  # vt: [min(n, d), d]
+    v = vt[:rank]
+    sign = torch.sign(v.gather(1, v.abs().argmax(1, keepdim=True)))  # [r, 1]
+    basis = v * sign * (s[:rank] / math.sqrt(n - 1)).unsqueeze(1)  # [r, d]
+    return w0.unsqueeze(0), b.mean().reshape(1), basis
+
+
+def fit_user_heads(model: Any, users: dict[str, list], ids: list[str], n_records: int, seed: int = 0,
+                   progress: bool = False) -> torch.Tensor:
+    """L2 logistic heads (C=1) of each user on ``n_records`` of their records, base encoder. -> [n, d + 1]."""
+    from tqdm import tqdm
+
+    from metarlhf.evaluate_reward import _pair_features, fit_logistic_regression
+
+    base = model.fresh_params(seed)  # lora_B = 0: the plain encoder
+    rng = random.Random(f"basis:{seed}")
+    heads = []
+    for u in tqdm(ids, disable=not progress, desc="user heads for the basis"):
+        recs = list(users[u])
+        rng.shuffle(recs)
+        enc = model.encode_records(recs[:n_records])
+        with torch.no_grad():
+            emb = model.embed_ids(enc.ids, base, batch_size=64)  # [n, d]
+        x, y = _pair_features(emb, enc)
+        heads.append(fit_logistic_regression(x, y))
+    return torch.stack(heads)
 
 
 def split_persona_users(user_ids: list[str], holdout_test: int, holdout_val: int, seed: int = 0) -> dict[str, list[str]]:
@@ -222,18 +279,18 @@ def _task_loss_fns(model: Any, cfg: MetaTrainConfig) -> tuple[Callable, Callable
 
     def prepare(params: Params, support: Any, query: Any) -> dict[str, Any]:
         task: dict[str, Any] = {"support": support, "query": query}
-        if cfg.inner == "head":  # one encoder pass for support + query, in the graph of LoRA
+        if cfg.inner in ("head", "subspace"):  # one encoder pass for support + query, in the graph of LoRA
             emb = model.embed_ids(support.ids + query.ids, params)  # [ns + nq, hidden]
             task["emb_s"], task["emb_q"] = emb[: len(support.ids)], emb[len(support.ids):]
         return task
 
     def support_loss(p: Params, task: dict[str, Any]) -> torch.Tensor:
-        if cfg.inner == "head":
+        if cfg.inner in ("head", "subspace"):
             return records_loss(RewardModel.head_scores(p, task["emb_s"]), task["support"])
         return records_loss(RewardModel.head_scores(p, model.embed_ids(task["support"].ids, p)), task["support"])
 
     def query_loss(p: Params, task: dict[str, Any]) -> torch.Tensor:
-        if cfg.inner == "head":
+        if cfg.inner in ("head", "subspace"):
             return records_loss(RewardModel.head_scores(p, task["emb_q"]), task["query"])
         return records_loss(RewardModel.head_scores(p, model.embed_ids(task["query"].ids, p)), task["query"])
 
@@ -308,7 +365,17 @@ def meta_train_reward(data: str | Path, out: str | Path, cfg: MetaTrainConfig, e
     from metarlhf.adapters import save_adapter
     from metarlhf.data import group_by_user, load_records
     from metarlhf.io import atomic_write_json, load_tensors, save_tensors
-    from metarlhf.reward import HEAD_KEYS, INIT_KIND, EncodedRecords, RewardConfig, load_reward_model
+    from metarlhf.reward import (
+        BASIS_KEY,
+        HEAD_KEYS,
+        INIT_KIND,
+        SUBSPACE_INNER_KEYS,
+        Z_KEY,
+        EncodedRecords,
+        RewardConfig,
+        fold_z,
+        load_reward_model,
+    )
 
     t_start = time.perf_counter()
     out = Path(out)
@@ -326,8 +393,22 @@ def meta_train_reward(data: str | Path, out: str | Path, cfg: MetaTrainConfig, e
     init = model.fresh_params(cfg.seed)
     keys = list(init)
     head_keys = list(HEAD_KEYS)
-    adapt_keys = head_keys if cfg.inner == "head" else keys
-    lrs = {k: cfg.inner_lr_lora for k in adapt_keys} | {"head.weight": cfg.inner_lr_head, "head.bias": cfg.inner_lr_bias}
+    if cfg.inner == "subspace":
+        if not resume:  # the PCA start (a resumed run reads its parameters from the checkpoint)
+            t0 = time.perf_counter()
+            heads = fit_user_heads(model, users, split["train"], cfg.basis_records, cfg.seed, progress)
+            w0, b0, basis = pca_head_basis(heads, cfg.basis_rank)
+            log.info("head basis from %d train users in %.1fs", len(heads), time.perf_counter() - t0)
+        else:
+            w0, b0 = init["head.weight"], init["head.bias"]
+            basis = torch.zeros(cfg.basis_rank, model.hidden_size)
+        init |= {"head.weight": w0, "head.bias": b0, BASIS_KEY: basis, Z_KEY: torch.zeros(cfg.basis_rank)}
+        adapt_keys = list(SUBSPACE_INNER_KEYS)
+        lrs = {Z_KEY: cfg.inner_lr_z, "head.bias": cfg.inner_lr_bias}
+    else:
+        adapt_keys = head_keys if cfg.inner == "head" else keys
+        lrs = ({k: cfg.inner_lr_lora for k in adapt_keys}
+               | {"head.weight": cfg.inner_lr_head, "head.bias": cfg.inner_lr_bias})
     learner = MetaLearner(init, cfg.algo, lrs, adapt_keys, first_order=cfg.first_order or None)
     names = list(learner.params) + ([f"log_lr.{k}" for k in learner.log_lrs] if cfg.algo == "metasgd" else [])
     groups = [{"params": list(learner.params.values()), "lr": cfg.meta_lr}]
@@ -376,7 +457,7 @@ def meta_train_reward(data: str | Path, out: str | Path, cfg: MetaTrainConfig, e
     def validate() -> float:
         if not split["val"]:
             return float("nan")
-        return evaluate_users(model, {k: v.detach() for k, v in learner.params.items()},
+        return evaluate_users(model, fold_z({k: v.detach() for k, v in learner.params.items()}),
                               {k: v.detach() for k, v in learner.log_lrs.items()}, users, split["val"],
                               cfg.val_k, cfg.val_query, cfg.inner_steps, cfg.inner, seed=12345)
 
@@ -432,7 +513,8 @@ def meta_train_reward(data: str | Path, out: str | Path, cfg: MetaTrainConfig, e
     meta = {"kind": INIT_KIND, "name": f"meta-{cfg.algo}", "init": "meta", "algo": cfg.algo, "inner": cfg.inner,
             "inner_steps": cfg.inner_steps, "steps": step, "best_step": best_step, "val_acc": best_val,
             "meta_config": asdict(cfg), "split": split, "data": str(data), "wall_seconds": round(wall, 1)}
-    adapter = model.make_adapter(best, meta, log_lrs=final_lrs)
+    meta |= {"basis_rank": cfg.basis_rank} if cfg.inner == "subspace" else {}
+    adapter = model.make_adapter(fold_z(best), meta, log_lrs=final_lrs)
     extra = {"split.json": (json.dumps(split, indent=2) + "\n").encode(), "metrics.jsonl": metrics_path.read_bytes()}
     save_adapter(out, adapter, extra_files=extra)
     return {"out": str(out), "steps": step, "best_val": best_val, "best_step": best_step, "wall_seconds": wall}

@@ -14,7 +14,14 @@
   meta-training (:mod:`metarlhf.meta`) optimised: ``steps`` plain gradient steps with
   per-parameter learning rates (Meta-SGD) on the parameters the init says to adapt
   (``head`` = ANIL-style, head only with the meta-learned LoRA kept; ``all`` = LoRA +
-  head). From ``init="scratch"`` it fits a fresh LoRA + zero head with Adam instead.
+  head; ``subspace`` = only r coordinates ``z`` of the head in a meta-learned basis,
+  see below). From ``init="scratch"`` it fits a fresh LoRA + zero head with Adam instead.
+* Head subspace (CAVIA / subspace-MAML style): an init may carry a basis
+  ``head.basis`` [r, hidden]; then the head is ``w = head.weight + z @ head.basis``
+  with ``z`` [r] (key ``head.z``, start 0) and the bias adapted in the inner loop.
+  K labels then determine r + 1 numbers instead of hidden + 1. The adapted *user*
+  adapter stores the materialised ``head.weight`` (no basis), so scoring and serving
+  are the same for every kind of init.
 
 Simplifications: the prompt is truncated to its first ``prompt_max_tokens`` tokens
 (the completion carries most of the signal), the pooled embedding is L2-normalised,
@@ -46,6 +53,10 @@ INIT_KIND = "reward_init"
 USER_KIND = "reward"
 LR_PREFIX = "meta_sgd.log_lr."  # extra keys of an init: log inner learning rates
 HEAD_KEYS = ("head.weight", "head.bias")
+BASIS_KEY = "head.basis"  # [r, hidden] head subspace of an init (extra tensor)
+Z_KEY = "head.z"  # [r] coordinates in that subspace (inner-loop only, never stored)
+SUBSPACE_INNER_KEYS = (Z_KEY, "head.bias")
+INNER_MODES = ("head", "all", "subspace")  # what an init's inner loop adapts
 
 
 # --------------------------------------------------------------------------- losses
@@ -172,6 +183,7 @@ class RewardModel(nn.Module):
         self.hidden_size = hidden
         self.inner_log_lrs: dict[str, torch.Tensor] = {}
         self.init_meta: dict[str, Any] = {}
+        self.head_basis: torch.Tensor | None = None  # [r, hidden] when the loaded init has a head subspace
         self._tok_cache: dict[tuple[str, str], list[int]] = {}
         self.eval()
 
@@ -181,15 +193,22 @@ class RewardModel(nn.Module):
     def device(self) -> torch.device:
         return self.head.weight.device
 
-    def adapter_params(self) -> dict[str, torch.Tensor]:
-        """The per-user parameters (LoRA A/B + head), detached copies, keyed by module name."""
+    def _module_params(self) -> dict[str, torch.Tensor]:
+        """LoRA A/B + head as they sit in the module (no basis), detached copies."""
         return {n: p.detach().clone() for n, p in self.named_parameters() if "lora_" in n or n.startswith("head.")}
 
+    def adapter_params(self) -> dict[str, torch.Tensor]:
+        """The loaded adapter's parameters (LoRA A/B + head, + ``head.basis`` if the init has one), copies."""
+        out = self._module_params()
+        if self.head_basis is not None:
+            out[BASIS_KEY] = self.head_basis.detach().clone()
+        return out
+
     def fresh_params(self, seed: int = 0) -> dict[str, torch.Tensor]:
-        """A from-scratch adapter: peft's LoRA init (A random, B zero) and a zero head."""
+        """A from-scratch adapter: peft's LoRA init (A random, B zero) and a zero head (no basis)."""
         g = torch.Generator().manual_seed(seed)
         out = {}
-        for n, p in self.adapter_params().items():
+        for n, p in self._module_params().items():
             if "lora_A" in n:
                 bound = 1.0 / math.sqrt(p.shape[1])  # kaiming_uniform(a=sqrt(5)) bound, as peft
                 out[n] = ((torch.rand(p.shape, generator=g) * 2 - 1) * bound).to(p)
@@ -198,17 +217,20 @@ class RewardModel(nn.Module):
         return out
 
     def set_params(self, params: dict[str, torch.Tensor]) -> None:
+        """Copy ``params`` into the module; ``head.basis`` (or its absence) sets :attr:`head_basis`."""
         own = dict(self.named_parameters())
         with torch.no_grad():
             for n, v in params.items():
-                own[n].copy_(v)
+                if n != BASIS_KEY:
+                    own[n].copy_(v)
+        self.head_basis = params[BASIS_KEY].detach().clone().to(self.device) if BASIS_KEY in params else None
 
     @staticmethod
     def to_peft_key(name: str) -> str:
         return name.removeprefix("peft.").replace(".default.", ".")
 
     def from_peft_key(self, key: str) -> str:
-        if key in HEAD_KEYS:
+        if key.startswith("head."):
             return key
         parts = key.split(".")
         for i, part in enumerate(parts):
@@ -217,11 +239,19 @@ class RewardModel(nn.Module):
         return "peft." + key
 
     def params_from_tensors(self, tensors: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
-        """Adapter tensors (peft key names) -> parameter dict; checks names and shapes."""
-        own = self.adapter_params()
+        """Adapter tensors (peft key names) -> parameter dict; checks names and shapes.
+
+        An optional ``head.basis`` [r, hidden] (head subspace of an init) is passed through."""
+        own = self._module_params()
         out: dict[str, torch.Tensor] = {}
         for key, value in tensors.items():
             if key.startswith(LR_PREFIX):
+                continue
+            if key == BASIS_KEY:
+                if value.dim() != 2 or value.shape[1] != self.hidden_size or value.shape[0] < 1:
+                    raise AdapterError(f"{where}: {BASIS_KEY!r} has shape {tuple(value.shape)}, "
+                                       f"expected [r, {self.hidden_size}]")
+                out[key] = value.to(self.device, torch.float32)
                 continue
             name = self.from_peft_key(key)
             if name not in own:
@@ -241,7 +271,8 @@ class RewardModel(nn.Module):
         adapter = load_adapter(path, expect_base=self.base_model, expect_rank=self.config.r)
         if adapter.meta.get("kind") not in kinds:
             raise AdapterError(f"{path}: a {adapter.meta.get('kind')!r} adapter, expected one of {list(kinds)}")
-        self.set_params(self.params_from_tensors(adapter.tensors, str(path)))
+        params = self.params_from_tensors(adapter.tensors, str(path))
+        self.set_params(params)
         self.inner_log_lrs = {
             self.from_peft_key(k[len(LR_PREFIX) :]): v.to(self.device)
             for k, v in adapter.tensors.items()
@@ -343,6 +374,8 @@ class RewardModel(nn.Module):
         """Embeddings of token lists, with explicit adapter params (differentiable). -> [n, hidden]."""
         from torch.func import functional_call
 
+        if params is not None:  # the encoder's forward reads only the LoRA tensors
+            params = {k: v for k, v in params.items() if not k.startswith("head.")}
         chunks = []
         for i in range(0, len(ids), batch_size):
             input_ids, mask = self.collate(ids[i : i + batch_size])
@@ -354,8 +387,8 @@ class RewardModel(nn.Module):
 
     @staticmethod
     def head_scores(params: dict[str, torch.Tensor], emb: torch.Tensor) -> torch.Tensor:
-        """[n, hidden] -> [n]."""
-        return emb @ params["head.weight"][0] + params["head.bias"][0]
+        """[n, hidden] -> [n]. With ``head.z`` in ``params`` the weight is ``head.weight + z @ head.basis``."""
+        return emb @ head_weight(params) + params["head.bias"][0]
 
     def embed_with(self, params: dict[str, torch.Tensor] | None, prompts: Sequence[str],
                    completions: Sequence[str], batch_size: int = 32) -> torch.Tensor:
@@ -418,6 +451,35 @@ def _config_from_adapter(path: Path) -> RewardConfig:
 # --------------------------------------------------------------------------- adaptation
 
 
+def head_weight(params: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The head's weight vector [hidden]: ``head.weight[0] (+ head.z @ head.basis)``. Pure."""
+    w = params["head.weight"][0]  # [hidden]
+    if Z_KEY in params:
+        w = w + params[Z_KEY] @ params[BASIS_KEY]  # [r] @ [r, hidden] -> [hidden]
+    return w
+
+
+def materialise_head(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Fold ``head.z`` into ``head.weight`` and drop ``head.z`` / ``head.basis``. Pure."""
+    out = {k: v for k, v in params.items() if k not in (Z_KEY, BASIS_KEY)}
+    out["head.weight"] = head_weight(params).unsqueeze(0)  # [1, hidden]
+    return out
+
+
+def fold_z(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Fold ``head.z`` into ``head.weight`` but keep ``head.basis`` (an init's form). Pure."""
+    if Z_KEY not in params:
+        return dict(params)
+    out = {k: v for k, v in params.items() if k != Z_KEY}
+    out["head.weight"] = head_weight(params).unsqueeze(0)  # [1, hidden]
+    return out
+
+
+def inner_keys(params: dict[str, torch.Tensor]) -> tuple[str, ...]:
+    """What the head-only inner loop adapts: ``(head.z, head.bias)`` with a basis, else the head."""
+    return SUBSPACE_INNER_KEYS if BASIS_KEY in params else HEAD_KEYS
+
+
 def sgd_inner_step(params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor],
                    log_lrs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """One Meta-SGD step: ``p - exp(log_lr) * g`` for every key in ``grads``. Pure."""
@@ -429,13 +491,24 @@ def sgd_inner_step(params: dict[str, torch.Tensor], grads: dict[str, torch.Tenso
 
 def adapt_head(emb: torch.Tensor, enc: EncodedRecords, params: dict[str, torch.Tensor],
                log_lrs: dict[str, torch.Tensor], steps: int) -> tuple[dict[str, torch.Tensor], list[float]]:
-    """ANIL inner loop on fixed embeddings: ``steps`` Meta-SGD steps on the head only."""
+    """ANIL inner loop on fixed embeddings: ``steps`` Meta-SGD steps on the head only.
+
+    With ``head.basis`` in ``params`` (a subspace init) the steps move ``z`` (from 0) and
+    the bias, and the returned params carry the materialised ``head.weight`` (no basis).
+    """
     from torch.func import grad_and_value
 
-    head = {k: params[k].detach() for k in HEAD_KEYS}
+    keys = inner_keys(params)
+    missing = [k for k in keys if k not in log_lrs]
+    if missing:
+        raise AdapterError(f"the init has no inner learning rate for {missing[0]!r}")
+    if BASIS_KEY in params and Z_KEY not in params:
+        params = {**params, Z_KEY: params[BASIS_KEY].new_zeros(params[BASIS_KEY].shape[0])}
+    head = {k: params[k].detach() for k in keys}
+    fixed = {k: params[k].detach() for k in (*HEAD_KEYS, Z_KEY, BASIS_KEY) if k in params and k not in keys}
 
     def loss_fn(h: dict[str, torch.Tensor]) -> torch.Tensor:
-        return records_loss(RewardModel.head_scores(h, emb), enc)
+        return records_loss(RewardModel.head_scores({**fixed, **h}, emb), enc)
 
     losses = []
     for _ in range(steps):
@@ -443,7 +516,7 @@ def adapt_head(emb: torch.Tensor, enc: EncodedRecords, params: dict[str, torch.T
         losses.append(loss.item())
         head = sgd_inner_step(head, g, log_lrs)
     losses.append(float(loss_fn(head)))
-    return {**params, **head}, losses
+    return materialise_head({**params, **head}), losses
 
 
 def adapt_params(model: RewardModel, enc: EncodedRecords, params: dict[str, torch.Tensor],
@@ -452,12 +525,18 @@ def adapt_params(model: RewardModel, enc: EncodedRecords, params: dict[str, torc
     """Fit ``params`` to ``enc``. Returns ``(adapted params, losses)`` (losses[-1] = final).
 
     ``adam_lr`` set: Adam on LoRA + head (the from-scratch baseline). Otherwise the
-    meta-learned inner loop: Meta-SGD steps on the head (``inner="head"``) or on all
-    adapter parameters (``inner="all"``), with the init's learning rates.
+    meta-learned inner loop: Meta-SGD steps on the head (``inner="head"``), on the
+    head's subspace coordinates + bias (``inner="subspace"``; ``params`` carry
+    ``head.basis``) or on all adapter parameters (``inner="all"``), with the init's
+    learning rates.
     """
     if steps < 0:
         raise ConfigError(f"steps must be >= 0, got {steps}")
-    if adam_lr is None and inner == "head":
+    if inner not in INNER_MODES:
+        raise ConfigError(f"inner must be one of {', '.join(INNER_MODES)}, got {inner!r}")
+    if adam_lr is None and inner == "subspace" and BASIS_KEY not in params:
+        raise AdapterError(f"inner='subspace' but the init has no {BASIS_KEY!r}")
+    if adam_lr is None and inner in ("head", "subspace"):
         with torch.no_grad():
             emb = model.embed_ids(enc.ids, params)  # [n, hidden]
         return adapt_head(emb, enc, params, log_lrs, steps)
@@ -479,7 +558,7 @@ def adapt_params(model: RewardModel, enc: EncodedRecords, params: dict[str, torc
                         v -= torch.exp(log_lrs[k]) * g
     with torch.no_grad():
         losses.append(float(records_loss(model.head_scores(p, model.embed_ids(enc.ids, p)), enc)))
-    return {k: v.detach() for k, v in p.items()}, losses
+    return materialise_head({k: v.detach() for k, v in p.items()}), losses
 
 
 SCRATCH_ADAM_LR = 1e-2

@@ -82,3 +82,30 @@ def test_resume_continues_step_count(setup):
     assert json.loads((out / "metarlhf.json").read_text())["steps"] == 4
     # resuming a finished run with a different algorithm is refused
     assert _meta_train(tmp, enc, data, out, "--resume", "--algo", "fomaml") == 2
+
+
+def test_meta_train_subspace_adapt_eval(setup):
+    """--inner subspace: PCA basis from the train users, init stores head.basis, users get a plain head."""
+    from metarlhf.adapters import load_adapter
+
+    tmp, enc, data = setup
+    init = tmp / "init_sub"
+    assert _meta_train(tmp, enc, data, init, "--inner", "subspace", "--basis-rank", "3", "--inner-steps", "4") == 0
+    meta = json.loads((init / "metarlhf.json").read_text())
+    assert meta["inner"] == "subspace" and meta["basis_rank"] == 3 and meta["inner_steps"] == 4
+    t = load_adapter(init).tensors
+    assert t["head.basis"].shape[0] == 3 and "head.z" not in t
+    assert {"meta_sgd.log_lr.head.z", "meta_sgd.log_lr.head.bias"} <= set(t)
+    assert float(t["head.basis"].abs().sum()) > 0  # the PCA start, not zeros
+    user = json.loads((init / "split.json").read_text())["test"][0]
+    out = tmp / "user_sub"
+    assert main(["adapt", "reward", "--data", str(data), "--user", user, "--k", "8", "--out", str(out),
+                 "--init", str(init), "--encoder", str(enc)]) == 0
+    ut = load_adapter(out).tensors
+    assert "head.basis" not in ut and ut["head.weight"].shape == t["head.weight"].shape
+    res = tmp / "res_sub.json"
+    assert main(["eval", "reward", "--data", str(data), "--holdout", "2", "--k", "4", "--out", str(res),
+                 "--init", str(init), "--encoder", str(enc), "--seeds", "1", "--query", "10"]) == 0
+    assert set(json.loads(res.read_text())["methods"]) == {"base", "linear", "scratch", "meta"}
+    # a rank the train users cannot support is a clean error
+    assert _meta_train(tmp, enc, data, tmp / "bad", "--inner", "subspace", "--basis-rank", "9") == 2

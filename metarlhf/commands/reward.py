@@ -19,9 +19,16 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
     p.add_argument("--out", required=True, help="output init directory (written atomically at the end)")
     p.add_argument("--encoder", default=None, help="local HF encoder dir (default: embedded MiniLM)")
     p.add_argument("--first-order", action="store_true", help="metasgd: detach inner gradients")
-    p.add_argument("--inner", choices=["head", "all"], default="head", help="what the inner loop adapts")
+    p.add_argument("--inner", choices=["head", "all", "subspace"], default="head",
+                   help="what the inner loop adapts: the head (ANIL), LoRA + head, or r coordinates of the head "
+                        "in a meta-learned basis (subspace)")
     p.add_argument("--inner-steps", type=int, default=3)
     p.add_argument("--inner-lr-head", type=float, default=3.0, help="initial inner lr of the head weights")
+    p.add_argument("--inner-lr-bias", type=float, default=1.0, help="initial inner lr of the head bias")
+    p.add_argument("--inner-lr-z", type=float, default=1.0, help="subspace: initial inner lr of the coordinates")
+    p.add_argument("--basis-rank", type=int, default=16, help="subspace: rank of the head basis")
+    p.add_argument("--basis-records", type=int, default=128,
+                   help="subspace: records per train user for the PCA start of the basis")
     p.add_argument("--steps", type=int, default=300, help="meta-steps (meta-batches)")
     p.add_argument("--meta-batch", type=int, default=4)
     p.add_argument("--meta-lr", type=float, default=2e-3)
@@ -71,6 +78,8 @@ def _meta_train(args: argparse.Namespace) -> int:
 
     cfg = MetaTrainConfig(
         algo=args.algo, first_order=args.first_order, inner=args.inner, inner_steps=args.inner_steps, inner_lr_head=args.inner_lr_head,
+        inner_lr_bias=args.inner_lr_bias, inner_lr_z=args.inner_lr_z, basis_rank=args.basis_rank,
+        basis_records=args.basis_records,
         steps=args.steps, meta_batch=args.meta_batch, meta_lr=args.meta_lr, k_choices=list(args.k),
         n_query=args.query, val_every=args.val_every, ckpt_every=args.ckpt_every, seed=args.seed,
         holdout_test=args.holdout_test, holdout_val=args.holdout_val, split_seed=args.split_seed,
