@@ -1,8 +1,10 @@
 """Benchmark: wall time of adapting one user's policy LoRA from K=16 thumbs on CPU.
 
 Embedded SmolLM2-135M-Instruct, shipped meta init (or --init scratch). The thumbs come
-from a simulated user labelling base-model samples (8 prompts x 2 samples). Measures
-``adapt_policy`` with the base model already loaded (as in the server), and the full
+from a simulated user labelling base-model samples (8 prompts x 2 samples, drawn with
+the exploration style hints unless --explore plain). Measures ``adapt_policy`` with the
+base model already loaded (as in the server) for the default recipe and, with
+``--compare``, for other recipes (e.g. all layers trained, fp32), and the full
 ``metarlhf adapt policy`` command (process start + model load + adapt + save).
 
     flock /tmp/metarlhf-cpu.lock .venv/bin/python benchmarks/policy_adapt_time.py
@@ -31,34 +33,46 @@ def main() -> int:
     ap.add_argument("--init", default="meta")
     ap.add_argument("--k", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--explore", choices=["hints", "plain"], default="hints")
+    ap.add_argument("--compare", default="", help="JSON {name: AdaptConfig overrides} timed after the default")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/policy_adapt_time.json"))
     args = ap.parse_args()
     print("command: " + " ".join([sys.executable, *sys.argv]), flush=True)
+
+    from dataclasses import asdict
 
     import torch
 
     from metarlhf.data import read_prompts
     from metarlhf.io import atomic_write_json
     from metarlhf.models import load_policy
-    from metarlhf.policy import adapt_policy, generate, use_bf16
+    from metarlhf.policy import AdaptConfig, adapt_policy, exploration_hints, generate, use_bf16
     from metarlhf.simusers import USERS
 
     torch.set_num_threads(min(2, os.cpu_count() or 2))
     model, tok = load_policy()
     prompts = read_prompts(args.prompts, limit=2000)[1900:1900 + args.k // 2]
     rep = [p for p in prompts for _ in range(2)]
-    comps = generate(model, tok, rep, max_new_tokens=48, temperature=1.0, seed=0)
+    comps = generate(model, tok, rep, max_new_tokens=48, temperature=1.0, seed=0,
+                     hints=exploration_hints(len(rep), args.explore))
     user = USERS[args.user]
     records = []
     for i, p in enumerate(prompts):
         records += user.thumbs(p, comps[2 * i:2 * i + 2])
     init = None if args.init == "scratch" else args.init
-    times = []
-    for r in range(args.repeats):
-        t0 = time.perf_counter()
-        ad = adapt_policy(records, base=(model, tok), init=init, seed=r)
-        times.append(round(time.perf_counter() - t0, 2))
-        print(f"adapt_policy K={len(records)} steps={ad.meta['steps']}: {times[-1]} s", flush=True)
+    recipes = {"default": {}, **json.loads(args.compare or "{}")}
+    timings = {}
+    for name, over in recipes.items():
+        cfg = AdaptConfig(**{**asdict(AdaptConfig()), **over})
+        ts = []
+        for r in range(args.repeats):
+            t0 = time.perf_counter()
+            ad = adapt_policy(records, base=(model, tok), init=init, seed=r, config=cfg)
+            ts.append(round(time.perf_counter() - t0, 2))
+            print(f"{name}: adapt_policy K={len(records)} steps={ad.meta['steps']}: {ts[-1]} s "
+                  f"(loss {ad.meta['losses'][0]:.3f} -> {ad.meta['losses'][-1]:.3f})", flush=True)
+        timings[name] = {"config": asdict(cfg), "adapt_policy_s": ts, "losses": ad.meta["losses"]}
+    times = timings["default"]["adapt_policy_s"]
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "fb.jsonl"
         data.write_text("".join(json.dumps({"user_id": t.user_id, "prompt": t.prompt, "completion": t.completion,
@@ -69,8 +83,9 @@ def main() -> int:
         subprocess.run(cmd, check=True, cwd=ROOT)
         cli_s = round(time.perf_counter() - t0, 2)
     res = {
-        "k": len(records), "user": user.name, "init": args.init, "steps": ad.meta["steps"],
-        "adapt_policy_s": times, "cli_end_to_end_s": cli_s, "bf16_autocast": use_bf16("auto"),
+        "k": len(records), "user": user.name, "init": args.init, "explore": args.explore,
+        "n_up": sum(t.label for t in records), "steps": timings["default"]["config"]["steps"],
+        "adapt_policy_s": times, "recipes": timings, "cli_end_to_end_s": cli_s, "bf16_autocast": use_bf16("auto"),
         "target": "<= 60 s", "met": max(times) <= 60,
         "device": f"CPU ({platform.processor() or platform.machine()}), torch threads {torch.get_num_threads()}; "
                   "no GPU in this session",

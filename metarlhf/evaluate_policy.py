@@ -263,7 +263,8 @@ def evaluate_policy(
             scorer = scorers[(user.name, k, explore)]
         t0 = time.perf_counter()
         adapter = adapt_policy(support, base=(model, tok), init=inits[method.init], seed=cfg.seed, config=acfg,
-                               scorer=scorer if method.augment else None, augment_samples=method.augment)
+                               scorer=scorer if method.augment else None, augment_samples=method.augment,
+                               augment_explore=explore)
         adapt_s = time.perf_counter() - t0 + rm_s
         with adapter_attached(model, adapter) as pm:
             if method.best_of > 1:

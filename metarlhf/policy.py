@@ -697,6 +697,9 @@ def train_steps(peft_model: Any, data: Prepared, cfg: AdaptConfig, steps: int, r
         opt.zero_grad(set_to_none=True)
         with autocast(cfg.precision):
             loss = feedback_loss(peft_model, data, cfg, kto_rows, dpo_rows)
+        if not (torch.is_tensor(loss) and loss.requires_grad):  # no term applies (e.g. SFT only, no ups)
+            losses.append(float(loss))
+            continue
         if not torch.isfinite(loss):
             raise ModelError(f"non-finite loss {float(loss)} during adaptation; lower the lr")
         loss.backward()
@@ -776,15 +779,20 @@ def best_of_n(
 
 def augment_with_scorer(
     model: Any, tok: Any, records: Sequence[Record], scorer: Scorer, n: int, seed: int = 0,
-    max_new_tokens: int = 48,
+    max_new_tokens: int = 48, explore: str = "plain",
 ) -> list[Thumbs]:
-    """On-policy augmentation: ``n`` samples per support prompt, top half up by ``scorer``."""
+    """On-policy augmentation: ``n`` samples per support prompt, top half up by ``scorer``.
+
+    ``explore="hints"`` draws the samples with style hints (:func:`exploration_hints`);
+    the records keep the plain prompt either way.
+    """
     if n < 2:
         raise ConfigError(f"augment_samples must be >= 2, got {n}")
     prompts = sorted({r.prompt for r in records})
     user = records[0].user_id
     rep = [p for p in prompts for _ in range(n)]
-    comps = generate(model, tok, rep, max_new_tokens=max_new_tokens, temperature=1.0, seed=seed + 7919)
+    comps = generate(model, tok, rep, max_new_tokens=max_new_tokens, temperature=1.0, seed=seed + 7919,
+                     hints=exploration_hints(len(rep), explore, seed=seed + 1))
     scores = [float(s) for s in scorer(rep, comps)]
     out = []
     for i, p in enumerate(prompts):
@@ -805,6 +813,7 @@ def adapt_policy(
     config: AdaptConfig | None = None,
     scorer: Scorer | None = None,
     augment_samples: int = 0,
+    augment_explore: str = "plain",
 ) -> Adapter:
     """Fit one user's policy LoRA on their thumbs (KTO) and/or pairs (DPO).
 
@@ -830,7 +839,7 @@ def adapt_policy(
     with lora_attached(model, init_adapter, seed) as pm:
         recs = list(records)
         if scorer is not None and augment_samples:
-            recs += augment_with_scorer(pm, tok, recs, scorer, augment_samples, seed)
+            recs += augment_with_scorer(pm, tok, recs, scorer, augment_samples, seed, explore=augment_explore)
         data = prepare(pm, tok, recs, cfg)
         losses = train_steps(pm, data, cfg, cfg.steps, rng)
         tensors = lora_state(pm)
@@ -886,6 +895,7 @@ class MetaConfig:
     label_noise: float = 0.0
     checkpoint_every: int = 5
     seed: int = 0
+    explore: str = "plain"  # pool samples: "plain" or "hints" (style hints, as in evaluation)
 
     def __post_init__(self) -> None:
         if self.algo not in ("reptile", "fomaml"):
@@ -904,6 +914,8 @@ class MetaConfig:
             raise ConfigError(f"outer_lr must be > 0, got {self.outer_lr}")
         if not 0 <= self.label_noise <= 0.5:
             raise ConfigError(f"label_noise must be in [0, 0.5], got {self.label_noise}")
+        if self.explore not in ("hints", "plain"):
+            raise ConfigError(f"explore must be 'hints' or 'plain', got {self.explore!r}")
 
 
 def reptile_update(theta: Sequence[Any], phi: Sequence[Any], eps: float) -> list[Any]:
@@ -925,20 +937,22 @@ def sample_pool(
     if path.is_file():
         pool = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         if [p["prompt"] for p in pool] == list(prompts) and all(
-            len(p["completions"]) == cfg.samples_per_prompt for p in pool
+            len(p["completions"]) == cfg.samples_per_prompt and p.get("explore", "plain") == cfg.explore
+            for p in pool
         ):
             return [(p["prompt"], p["completions"]) for p in pool]
         log.info("%s does not match this run's prompts; regenerating", path)
     rep = [p for p in prompts for _ in range(cfg.samples_per_prompt)]
+    hints = exploration_hints(len(rep), cfg.explore, seed=cfg.seed)
     comps = generate(
         model, tok, rep, max_new_tokens=cfg.max_new_tokens, temperature=cfg.sample_temperature,
-        seed=cfg.seed, precision=precision,
+        seed=cfg.seed, precision=precision, hints=hints,
     )
     s = cfg.samples_per_prompt
     pool = [(p, comps[i * s:(i + 1) * s]) for i, p in enumerate(prompts)]
-    atomic_write_bytes(
-        path, "".join(json.dumps({"prompt": p, "completions": c}) + "\n" for p, c in pool).encode()
-    )
+    atomic_write_bytes(path, "".join(
+        json.dumps({"prompt": p, "completions": c, "explore": cfg.explore, "hints": hints[i * s:(i + 1) * s]}) + "\n"
+        for i, (p, c) in enumerate(pool)).encode())
     return pool
 
 

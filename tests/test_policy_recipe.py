@@ -124,3 +124,29 @@ def test_generate_with_hints():
     assert a == P.generate(model, tok, ["hi", "hi"], max_new_tokens=4, seed=0)
     with pytest.raises(ConfigError, match="one hint"):
         P.generate(model, tok, ["hi"], hints=[None, None])
+
+
+def test_augmentation_with_hints_keeps_plain_prompts():
+    model, tok = tiny_policy()
+    extra = P.augment_with_scorer(model, tok, _records(), lambda ps, cs: [len(c) for c in cs], n=4,
+                                  max_new_tokens=4, explore="hints")
+    assert {t.prompt for t in extra} == {"tell me", "say more"} and sum(t.label for t in extra) == 4
+
+
+def test_meta_train_with_hints_pool_and_recipe(tmp_path):
+    import json
+
+    from metarlhf.simusers import SimUser
+
+    model, tok = tiny_policy(layers=4)
+    cfg = P.MetaConfig(meta_steps=2, pool_prompts=8, max_new_tokens=4, checkpoint_every=1, explore="hints")
+    acfg = P.AdaptConfig(kto_weight=0.0, sft_weight=1.0, pair_weight=1.0, train_layers=2, lr=1e-2)
+    a = P.meta_train_policy([f"q {i}" for i in range(8)], [SimUser("long", "custom", lambda p, c: len(c))], tmp_path / "m",
+                            config=cfg, adapt_config=acfg, base=(model, tok), progress=False)
+    pool = [json.loads(x) for x in (tmp_path / "m.work" / "pool.jsonl").read_text().splitlines()]
+    assert all(p["explore"] == "hints" for p in pool) and any(h for p in pool for h in p["hints"])
+    assert not any(h in p["prompt"] for p in pool for h in P.STYLE_HINTS)  # rated on the plain prompt
+    moved = {P.layer_index(k) for k, v in a.tensors.items() if "lora_B" in k and v.abs().sum() > 0}
+    assert moved == {2, 3}  # only the trained top layers left their zero init
+    with pytest.raises(ConfigError, match="explore"):
+        P.MetaConfig(explore="loud")

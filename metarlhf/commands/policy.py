@@ -54,6 +54,9 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
     p.add_argument("--checkpoint-every", type=_positive, default=5)
     p.add_argument("--policy", default=None, help="base policy model directory (default: embedded SmolLM2)")
     p.add_argument("--resume", action="store_true", help="continue from <work>/checkpoint")
+    p.add_argument("--explore", choices=["hints", "plain"], default="plain",
+                   help="pool samples drawn with style hints (as `eval policy --explore hints`) or plain")
+    _recipe_args(p)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_meta_train)
 
@@ -131,9 +134,10 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
         support_prompts=args.support_prompts, query_prompts=args.query_prompts,
         samples_per_prompt=args.samples_per_prompt, pool_prompts=args.pool_prompts,
         max_new_tokens=args.max_new_tokens, reptile_eps=args.reptile_eps, outer_lr=args.outer_lr,
-        checkpoint_every=args.checkpoint_every, seed=args.seed,
+        checkpoint_every=args.checkpoint_every, seed=args.seed, explore=args.explore,
     )
-    acfg = AdaptConfig(lr=args.lr)
+    acfg = AdaptConfig(lr=args.lr, kto_weight=args.kto_weight, sft_weight=args.sft_weight,
+                       pair_weight=args.pair_weight, train_layers=args.train_layers)
     users = _users(args.users, args.users_file, TRAIN_USERS) if (args.users or args.users_file) else _users(
         None, None, TRAIN_USERS)
     prompts = read_prompts(args.prompts, limit=args.offset + cfg.pool_prompts)[args.offset:]
