@@ -50,7 +50,7 @@ class EvalConfig:
     samples_per_prompt: int = 2
     methods: list[str] = field(default_factory=lambda: ["meta", "scratch"])
     steps: int = 8
-    lr: float = 5e-4
+    lr: float = 2e-3
     max_new_tokens: int = 48
     sample_temperature: float = 1.0  # base samples the user labels
     eval_temperature: float = 0.7  # completions compared on held-out prompts
@@ -59,10 +59,10 @@ class EvalConfig:
     meta_init: str | None = None  # adapter dir for method "meta" (None: the shipped init)
     explore: list[str] = field(default_factory=lambda: ["hints", "plain"])  # exploration protocols
     plain_every: int = 4  # hints protocol: every n-th sample is plain
-    kto_weight: float = 1.0
-    sft_weight: float = 0.0
-    pair_weight: float = 0.0
-    train_layers: int = 0  # 0: all layers
+    kto_weight: float = 0.0  # the loss mix and layers default to AdaptConfig's
+    sft_weight: float = 1.0
+    pair_weight: float = 1.0
+    train_layers: int = 15  # 0: all layers
 
     def __post_init__(self) -> None:
         if not self.explore or any(e not in ("hints", "plain") for e in self.explore):

@@ -91,7 +91,7 @@ def test_adapt_policy_trains_lora_moves_towards_ups_and_leaves_base_untouched():
     model, tok = tiny_policy()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     recs = _records()
-    cfg = P.AdaptConfig(steps=6, lr=2e-2, precision="fp32", beta=1.0)
+    cfg = P.AdaptConfig(steps=6, lr=2e-2, precision="fp32", beta=1.0, kto_weight=1.0, sft_weight=0.0, pair_weight=0.0)
     adapter = P.adapt_policy(recs, base=(model, tok), init=None, config=cfg)
     # base model unchanged: same keys, same values, no peft leftovers
     after = model.state_dict()
@@ -112,7 +112,7 @@ def test_adapt_policy_trains_lora_moves_towards_ups_and_leaves_base_untouched():
 def test_adapt_policy_with_pairs_and_mixed_records():
     model, tok = tiny_policy()
     pairs = [Pair("u", "tell me", "- a\n- b", "words"), Pair("u", "more", "- x", "nah")]
-    cfg = P.AdaptConfig(steps=4, lr=2e-2, precision="fp32")
+    cfg = P.AdaptConfig(steps=4, lr=2e-2, precision="fp32", kto_weight=1.0, sft_weight=0.0, pair_weight=0.0)
     a = P.adapt_policy(pairs, base=(model, tok), init=None, config=cfg)
     assert a.meta["n_pairs"] == 2 and a.meta["n_thumbs"] == 0 and a.meta["losses"][0] == pytest.approx(math.log(2))
     assert a.meta["losses"][-1] < a.meta["losses"][0]
@@ -191,14 +191,17 @@ def test_meta_train_reptile_writes_init_and_resumes(tmp_path):
     prompts = [f"question {i}?" for i in range(10)]
     users = get_users(["bullets", "concise-15", "casual"])
     cfg = P.MetaConfig(meta_steps=2, pool_prompts=8, max_new_tokens=6, checkpoint_every=1)
-    a = P.meta_train_policy(prompts, users, tmp_path / "init", config=cfg, base=(model, tok), progress=False)
+    kto = P.AdaptConfig(kto_weight=1.0, sft_weight=0.0, pair_weight=0.0)  # learns from all-down groups too
+    a = P.meta_train_policy(prompts, users, tmp_path / "init", config=cfg, adapt_config=kto, base=(model, tok),
+                            progress=False)
     assert a.meta["kind"] == "policy_init" and a.meta["steps"] == 2 and len(a.meta["losses"]) == 2
     saved = load_adapter(tmp_path / "init", expect_kind="policy_init", expect_rank=8)
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in saved.tensors.items())
     work = tmp_path / "init.work"
     assert (work / "pool.jsonl").is_file() and (work / "checkpoint" / "state.json").is_file()
     cfg4 = P.MetaConfig(meta_steps=4, pool_prompts=8, max_new_tokens=6, checkpoint_every=1)
-    P.meta_train_policy(prompts, users, tmp_path / "init", config=cfg4, base=(model, tok), resume=True, progress=False)
+    P.meta_train_policy(prompts, users, tmp_path / "init", config=cfg4, adapt_config=kto, base=(model, tok),
+                        resume=True, progress=False)
     rows = [json.loads(x) for x in (work / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     # the saved init works as an init for adaptation
@@ -212,7 +215,7 @@ def test_meta_train_fomaml_and_bad_config(tmp_path):
     prompts = [f"q {i}" for i in range(8)]
     cfg = P.MetaConfig(algo="fomaml", meta_steps=2, pool_prompts=8, max_new_tokens=4, checkpoint_every=1)
     a = P.meta_train_policy(prompts, get_users(["bullets"]), tmp_path / "f", config=cfg, base=(model, tok),
-                            progress=False)
+                            progress=False)  # default recipe; all-down groups give no SFT / pair term: no step
     rows = [json.loads(x) for x in (tmp_path / "f.work" / "metrics.jsonl").read_text().splitlines()]
     assert all("query_loss" in r for r in rows) and a.meta["algo"] == "fomaml"
     with pytest.raises(ConfigError, match="algo"):

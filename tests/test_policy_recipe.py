@@ -76,7 +76,7 @@ def test_train_layers_trains_only_the_top_layers():
 def test_sft_term_raises_likelihood_of_ups_only_objective():
     model, tok = tiny_policy()
     recs = _records()
-    cfg = P.AdaptConfig(steps=6, lr=2e-2, precision="fp32", kto_weight=0.0, sft_weight=1.0)
+    cfg = P.AdaptConfig(steps=6, lr=2e-2, precision="fp32", kto_weight=0.0, sft_weight=1.0, pair_weight=0.0)
     adapter = P.adapt_policy(recs, base=(model, tok), init=None, config=cfg)
     batch = P.encode_pairs(tok, [r.prompt for r in recs], [r.completion for r in recs])
     with torch.no_grad():
@@ -91,7 +91,7 @@ def test_sft_term_raises_likelihood_of_ups_only_objective():
 
 def test_pair_term_alone_starts_at_log2():
     model, tok = tiny_policy()
-    cfg = P.AdaptConfig(steps=2, lr=2e-2, precision="fp32", kto_weight=0.0, pair_weight=1.0)
+    cfg = P.AdaptConfig(steps=2, lr=2e-2, precision="fp32", kto_weight=0.0, sft_weight=0.0, pair_weight=1.0)
     a = P.adapt_policy(_records(), base=(model, tok), init=None, config=cfg)
     assert a.meta["losses"][0] == pytest.approx(math.log(2), abs=1e-5)  # scratch init: policy == reference
 
@@ -100,7 +100,7 @@ def test_recipe_config_validation():
     with pytest.raises(ConfigError, match="sft_weight"):
         P.AdaptConfig(sft_weight=-1)
     with pytest.raises(ConfigError, match="at least one"):
-        P.AdaptConfig(kto_weight=0)
+        P.AdaptConfig(kto_weight=0, sft_weight=0, pair_weight=0)
     with pytest.raises(ConfigError, match="train_layers"):
         P.AdaptConfig(train_layers=-1)
 
@@ -150,3 +150,19 @@ def test_meta_train_with_hints_pool_and_recipe(tmp_path):
     assert moved == {2, 3}  # only the trained top layers left their zero init
     with pytest.raises(ConfigError, match="explore"):
         P.MetaConfig(explore="loud")
+
+
+def test_default_recipe_moves_towards_ups_and_away_from_downs():
+    model, tok = tiny_policy()
+    recs = _records()
+    cfg = P.AdaptConfig(steps=6, lr=2e-2, precision="fp32")  # default mix: SFT on ups + DPO on (up, down)
+    assert (cfg.kto_weight, cfg.sft_weight, cfg.pair_weight) == (0.0, 1.0, 1.0)
+    adapter = P.adapt_policy(recs, base=(model, tok), init=None, config=cfg)
+    batch = P.encode_pairs(tok, [r.prompt for r in recs], [r.completion for r in recs])
+    with torch.no_grad():
+        ref = P.sequence_logps(model, batch)
+        with P.adapter_attached(model, adapter) as pm:
+            r = P.sequence_logps(pm, batch) - ref
+    assert float(r[0] - r[1]) > 0 and float(r[2] - r[3]) > 0  # each up gained on its prompt's down
+    assert float(r[0]) > 0 and float(r[2]) > 0
+    assert adapter.meta["losses"][-1] < adapter.meta["losses"][0]
