@@ -3,7 +3,9 @@
 Runs ``metarlhf eval policy`` (same arguments; defaults below) and adds the targets:
 
 * win rate vs base at K=16 (``meta`` init) >= 0.75, averaged over held-out users;
-* ``meta`` init >= 10 points above ``scratch`` at the same step budget.
+* ``meta`` init >= 10 points above ``scratch`` at the same step budget;
+
+each for both exploration protocols (``--explore hints plain``, the default).
 
     flock /tmp/metarlhf-cpu.lock .venv/bin/python benchmarks/policy_eval.py \\
         [--out benchmarks/results/policy_eval.json] [any `metarlhf eval policy` option]
@@ -41,16 +43,20 @@ def main(argv: list[str]) -> int:
         return rc
     out = Path(args[args.index("--out") + 1])
     res = json.loads(out.read_text())
-    summ = {(r["method"], r["k"]): r for r in res["summary"]}
     targets = {}
-    if ("meta", 16) in summ:
-        w = summ[("meta", 16)]["win_rate"]
-        targets["win_rate_meta_k16"] = {"value": w, "target": ">= 0.75", "met": w >= 0.75}
-    gaps = {k: summ[("meta", k)]["win_rate"] - summ[("scratch", k)]["win_rate"]
-            for (m, k) in summ if m == "meta" and ("scratch", k) in summ}
-    if gaps:
-        targets["meta_minus_scratch_win_rate"] = {
-            "by_k": gaps, "target": ">= 0.10 at each K", "met": all(g >= 0.10 for g in gaps.values())}
+    for explore in res["config"].get("explore", ["plain"]):  # both protocols reported, hints and plain
+        summ = {(r["method"], r["k"]): r for r in res["summary"] if r.get("explore", "plain") == explore}
+        t: dict = {}
+        for m in ("meta", "scratch"):
+            if (m, 16) in summ:
+                w = summ[(m, 16)]["win_rate"]
+                t[f"win_rate_{m}_k16"] = {"value": w, "target": ">= 0.75", "met": w >= 0.75}
+        gaps = {k: summ[("meta", k)]["win_rate"] - summ[("scratch", k)]["win_rate"]
+                for (m, k) in summ if m == "meta" and ("scratch", k) in summ}
+        if gaps:
+            t["meta_minus_scratch_win_rate"] = {
+                "by_k": gaps, "target": ">= 0.10 at each K", "met": all(g >= 0.10 for g in gaps.values())}
+        targets[f"explore={explore}"] = t
     res["targets"] = targets
     res["command"] = "metarlhf " + shlex.join(cmd)
     res["bench_wall_s"] = round(time.perf_counter() - t0, 1)
