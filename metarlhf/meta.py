@@ -203,6 +203,7 @@ class MetaTrainConfig:
     holdout_val: int = 10
     split_seed: int = 0
     max_seconds: float | None = None
+    init_from: str | None = field(default=None, metadata={"help": "start LoRA + head from this reward init dir"})
 
     def __post_init__(self) -> None:
         if self.algo not in ALGOS:
@@ -242,13 +243,16 @@ def pca_head_basis(heads: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.
 
 
 def fit_user_heads(model: Any, users: dict[str, list], ids: list[str], n_records: int, seed: int = 0,
-                   progress: bool = False) -> torch.Tensor:
-    """L2 logistic heads (C=1) of each user on ``n_records`` of their records, base encoder. -> [n, d + 1]."""
+                   progress: bool = False, params: Params | None = None) -> torch.Tensor:
+    """L2 logistic heads (C=1) of each user on ``n_records`` of their records. -> [n, d + 1].
+
+    Features: the encoder with the LoRA of ``params`` (default: the plain base encoder).
+    """
     from tqdm import tqdm
 
     from metarlhf.evaluate_reward import _pair_features, fit_logistic_regression
 
-    base = model.fresh_params(seed)  # lora_B = 0: the plain encoder
+    base = params if params is not None else model.fresh_params(seed)  # fresh: lora_B = 0, the plain encoder
     rng = random.Random(f"basis:{seed}")
     heads = []
     for u in tqdm(ids, disable=not progress, desc="user heads for the basis"):
@@ -391,12 +395,21 @@ def meta_train_reward(data: str | Path, out: str | Path, cfg: MetaTrainConfig, e
     model.set_params(model.fresh_params(cfg.seed))  # never start from a shipped init
     torch.manual_seed(cfg.seed)
     init = model.fresh_params(cfg.seed)
+    if cfg.init_from is not None:  # warm start: LoRA + head of an earlier init (its basis is not reused)
+        from metarlhf.adapters import load_adapter
+
+        prev = load_adapter(cfg.init_from, expect_base=model.base_model, expect_rank=model.config.r)
+        if prev.meta.get("kind") != INIT_KIND:
+            raise ConfigError(f"--init-from {cfg.init_from}: a {prev.meta.get('kind')!r} adapter, not a reward init")
+        if prev.meta.get("split") not in (None, split):  # its train users must not include our val/test users
+            raise ConfigError(f"--init-from {cfg.init_from} was meta-trained on another user split")
+        init = {k: v for k, v in model.params_from_tensors(prev.tensors, cfg.init_from).items() if k != BASIS_KEY}
     keys = list(init)
     head_keys = list(HEAD_KEYS)
     if cfg.inner == "subspace":
         if not resume:  # the PCA start (a resumed run reads its parameters from the checkpoint)
             t0 = time.perf_counter()
-            heads = fit_user_heads(model, users, split["train"], cfg.basis_records, cfg.seed, progress)
+            heads = fit_user_heads(model, users, split["train"], cfg.basis_records, cfg.seed, progress, params=init)
             w0, b0, basis = pca_head_basis(heads, cfg.basis_rank)
             log.info("head basis from %d train users in %.1fs", len(heads), time.perf_counter() - t0)
         else:
@@ -513,6 +526,12 @@ def meta_train_reward(data: str | Path, out: str | Path, cfg: MetaTrainConfig, e
     meta = {"kind": INIT_KIND, "name": f"meta-{cfg.algo}", "init": "meta", "algo": cfg.algo, "inner": cfg.inner,
             "inner_steps": cfg.inner_steps, "steps": step, "best_step": best_step, "val_acc": best_val,
             "meta_config": asdict(cfg), "split": split, "data": str(data), "wall_seconds": round(wall, 1)}
+    if cfg.init_from is not None:  # the warm start's own provenance, so the total cost stays visible
+        from metarlhf.adapters import read_meta
+
+        prev_meta = read_meta(cfg.init_from)
+        meta["warm_start"] = {k: prev_meta.get(k) for k in ("name", "algo", "inner", "steps", "best_step",
+                                                            "val_acc", "wall_seconds", "split")}
     meta |= {"basis_rank": cfg.basis_rank} if cfg.inner == "subspace" else {}
     adapter = model.make_adapter(fold_z(best), meta, log_lrs=final_lrs)
     extra = {"split.json": (json.dumps(split, indent=2) + "\n").encode(), "metrics.jsonl": metrics_path.read_bytes()}

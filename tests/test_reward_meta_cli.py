@@ -5,6 +5,7 @@ import json
 import random
 
 import pytest
+import torch
 
 from metarlhf.cli import main
 from metarlhf.testing import save_tiny, tiny_encoder
@@ -109,3 +110,23 @@ def test_meta_train_subspace_adapt_eval(setup):
     assert set(json.loads(res.read_text())["methods"]) == {"base", "linear", "scratch", "meta"}
     # a rank the train users cannot support is a clean error
     assert _meta_train(tmp, enc, data, tmp / "bad", "--inner", "subspace", "--basis-rank", "9") == 2
+
+
+def test_subspace_warm_start_from_an_init(setup):
+    """--init-from: LoRA of an earlier init, basis refitted on its features; provenance recorded."""
+    from metarlhf.adapters import load_adapter
+
+    tmp, enc, data = setup
+    first = tmp / "first"
+    assert _meta_train(tmp, enc, data, first) == 0
+    second = tmp / "second"
+    assert _meta_train(tmp, enc, data, second, "--inner", "subspace", "--basis-rank", "2",
+                       "--init-from", str(first)) == 0
+    meta = json.loads((second / "metarlhf.json").read_text())
+    assert meta["warm_start"]["name"] == "meta-metasgd" and meta["warm_start"]["steps"] == 4
+    a, b = load_adapter(first).tensors, load_adapter(second).tensors
+    lora = next(k for k in a if "lora_A" in k)
+    assert not torch.equal(a[lora], b[lora]) or meta["best_step"] == 0  # trained on from the first init
+    # another split is refused before any training
+    assert _meta_train(tmp, enc, data, tmp / "third", "--inner", "subspace", "--basis-rank", "2",
+                       "--init-from", str(first), "--split-seed", "1") == 2

@@ -40,6 +40,8 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
     p.add_argument("--holdout-val", type=int, default=10, help="users held out for validation")
     p.add_argument("--split-seed", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init-from", default=None,
+                   help="warm start: LoRA + head of this reward init (meta-trained on the same split)")
     p.add_argument("--max-seconds", type=float, default=None, help="stop after this wall time (then validate)")
     p.add_argument("--checkpoint-dir", default=None, help="default: <out>.ckpt")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint")
@@ -83,7 +85,7 @@ def _meta_train(args: argparse.Namespace) -> int:
         steps=args.steps, meta_batch=args.meta_batch, meta_lr=args.meta_lr, k_choices=list(args.k),
         n_query=args.query, val_every=args.val_every, ckpt_every=args.ckpt_every, seed=args.seed,
         holdout_test=args.holdout_test, holdout_val=args.holdout_val, split_seed=args.split_seed,
-        max_seconds=args.max_seconds,
+        max_seconds=args.max_seconds, init_from=args.init_from,
     )
     result = meta_train_reward(args.data, args.out, cfg, encoder_dir=args.encoder, resume=args.resume,
                                ckpt_dir=args.checkpoint_dir, progress=not args.no_progress)
