@@ -87,3 +87,15 @@ def save_tiny(model: object, tok: object, path: str | Path) -> Path:
     model.save_pretrained(path, safe_serialization=True)
     tok.save_pretrained(path)
     return path
+
+
+def tiny_thumbs(user: str = "u") -> list:
+    """Four thumbs on two prompts: bulleted answers up, plain ones down."""
+    from metarlhf.data import Thumbs
+
+    return [
+        Thumbs(user, "tell me", "- a\n- b\n- c", 1),
+        Thumbs(user, "tell me", "just words", 0),
+        Thumbs(user, "say more", "- x\n- y", 1),
+        Thumbs(user, "say more", "nope nope", 0),
+    ]

@@ -7,10 +7,10 @@ import torch
 from metarlhf import policy as P
 from metarlhf.adapters import load_adapter, save_adapter
 from metarlhf.cli import main
-from metarlhf.data import Pair, Thumbs
+from metarlhf.data import Pair
 from metarlhf.errors import AdapterError, ConfigError, DataError
 from metarlhf.simusers import get_users
-from metarlhf.testing import save_tiny, tiny_policy
+from metarlhf.testing import save_tiny, tiny_policy, tiny_thumbs
 
 
 def sig(x):
@@ -69,15 +69,6 @@ def test_sequence_logps_matches_unpadded_forward():
 
 
 # ------------------------------------------------------------------ adaptation
-def _records(user="u"):
-    return [
-        Thumbs(user, "tell me", "- a\n- b\n- c", 1),
-        Thumbs(user, "tell me", "just words", 0),
-        Thumbs(user, "say more", "- x\n- y", 1),
-        Thumbs(user, "say more", "nope nope", 0),
-    ]
-
-
 def _ratios(model, tok, adapter, records):
     batch = P.encode_pairs(tok, [r.prompt for r in records], [r.completion for r in records])
     with torch.no_grad():
@@ -90,7 +81,7 @@ def _ratios(model, tok, adapter, records):
 def test_adapt_policy_trains_lora_moves_towards_ups_and_leaves_base_untouched():
     model, tok = tiny_policy()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    recs = _records()
+    recs = tiny_thumbs()
     cfg = P.AdaptConfig(steps=6, lr=2e-2, precision="fp32", beta=1.0, kto_weight=1.0, sft_weight=0.0, pair_weight=0.0)
     adapter = P.adapt_policy(recs, base=(model, tok), init=None, config=cfg)
     # base model unchanged: same keys, same values, no peft leftovers
@@ -109,14 +100,14 @@ def test_adapt_policy_trains_lora_moves_towards_ups_and_leaves_base_untouched():
     assert float(r[1]) < 0 and float(r[3]) < 0  # downs less likely
 
 
-def test_adapt_policy_with_pairs_and_mixed_records():
+def test_adapt_policy_with_pairs_and_mixedtiny_thumbs():
     model, tok = tiny_policy()
     pairs = [Pair("u", "tell me", "- a\n- b", "words"), Pair("u", "more", "- x", "nah")]
     cfg = P.AdaptConfig(steps=4, lr=2e-2, precision="fp32", kto_weight=1.0, sft_weight=0.0, pair_weight=0.0)
     a = P.adapt_policy(pairs, base=(model, tok), init=None, config=cfg)
     assert a.meta["n_pairs"] == 2 and a.meta["n_thumbs"] == 0 and a.meta["losses"][0] == pytest.approx(math.log(2))
     assert a.meta["losses"][-1] < a.meta["losses"][0]
-    mixed = P.adapt_policy(pairs + _records(), base=(model, tok), init=None, config=cfg)
+    mixed = P.adapt_policy(pairs + tiny_thumbs(), base=(model, tok), init=None, config=cfg)
     assert mixed.meta["n_pairs"] == 2 and mixed.meta["n_thumbs"] == 4
 
 
@@ -124,7 +115,7 @@ def test_saved_adapter_loads_in_peft_and_matches(tmp_path):
     from peft import PeftModel
 
     model, tok = tiny_policy()
-    a = P.adapt_policy(_records(), base=(model, tok), init=None, steps=2, config=P.AdaptConfig(lr=2e-2))
+    a = P.adapt_policy(tiny_thumbs(), base=(model, tok), init=None, steps=2, config=P.AdaptConfig(lr=2e-2))
     save_adapter(tmp_path / "ad", a)
     ids = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad(), P.adapter_attached(model, a) as pm:
@@ -138,17 +129,17 @@ def test_saved_adapter_loads_in_peft_and_matches(tmp_path):
 
 def test_adapt_from_init_and_init_checks(tmp_path):
     model, tok = tiny_policy()
-    first = P.adapt_policy(_records(), base=(model, tok), init=None, steps=1)
+    first = P.adapt_policy(tiny_thumbs(), base=(model, tok), init=None, steps=1)
     save_adapter(tmp_path / "init", first)
-    second = P.adapt_policy(_records(), base=(model, tok), init=str(tmp_path / "init"), steps=1)
+    second = P.adapt_policy(tiny_thumbs(), base=(model, tok), init=str(tmp_path / "init"), steps=1)
     assert second.meta["init_sha256"] == load_adapter(tmp_path / "init").meta["sha256"]
     first.meta["base_model"] = "another-model"
     with pytest.raises(AdapterError, match="made for base model"):
-        P.adapt_policy(_records(), base=(model, tok), init=first, steps=1)
+        P.adapt_policy(tiny_thumbs(), base=(model, tok), init=first, steps=1)
     first.meta["kind"] = "reward"
     first.meta["base_model"] = "custom"
     with pytest.raises(AdapterError, match="expected 'policy_init'"):
-        P.adapt_policy(_records(), base=(model, tok), init=first, steps=1)
+        P.adapt_policy(tiny_thumbs(), base=(model, tok), init=first, steps=1)
 
 
 def test_adapt_bad_input():
@@ -156,13 +147,13 @@ def test_adapt_bad_input():
     with pytest.raises(DataError, match="no feedback"):
         P.adapt_policy([], base=(model, tok), init=None)
     with pytest.raises(DataError, match="one user"):
-        P.adapt_policy(_records("a") + _records("b"), base=(model, tok), init=None)
+        P.adapt_policy(tiny_thumbs("a") + tiny_thumbs("b"), base=(model, tok), init=None)
     with pytest.raises(ConfigError, match="steps"):
         P.AdaptConfig(steps=0)
     with pytest.raises(ConfigError, match="lr"):
         P.AdaptConfig(lr=float("nan"))
     with pytest.raises(ConfigError):
-        P.adapt_policy(_records(), base=42, init=None)
+        P.adapt_policy(tiny_thumbs(), base=42, init=None)
 
 
 def test_generate_is_deterministic_and_best_of_n_picks_top_score():
@@ -177,7 +168,7 @@ def test_generate_is_deterministic_and_best_of_n_picks_top_score():
 
 def test_augmentation_adds_ranked_thumbs():
     model, tok = tiny_policy()
-    recs = _records()
+    recs = tiny_thumbs()
     extra = P.augment_with_scorer(model, tok, recs, lambda ps, cs: [len(c) for c in cs], n=4, max_new_tokens=6)
     assert len(extra) == 2 * 4 and sum(t.label for t in extra) == 4
     for p in {"tell me", "say more"}:
@@ -206,7 +197,7 @@ def test_meta_train_reptile_writes_init_and_resumes(tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     # the saved init works as an init for adaptation
     saved = load_adapter(tmp_path / "init", expect_kind="policy_init")
-    ad = P.adapt_policy(_records(), base=(model, tok), init=str(tmp_path / "init"), steps=1)
+    ad = P.adapt_policy(tiny_thumbs(), base=(model, tok), init=str(tmp_path / "init"), steps=1)
     assert ad.meta["init_sha256"] == saved.meta["sha256"]
 
 
@@ -234,7 +225,7 @@ def tiny_dir(tmp_path):
 def test_cli_adapt_policy(tmp_path, tiny_dir, capsys):
     data = tmp_path / "fb.jsonl"
     data.write_text("".join(json.dumps({"user_id": r.user_id, "prompt": r.prompt, "completion": r.completion,
-                                        "label": r.label}) + "\n" for r in _records("alice")))
+                                        "label": r.label}) + "\n" for r in tiny_thumbs("alice")))
     out = tmp_path / "out"
     rc = main(["adapt", "policy", "--data", str(data), "--user", "alice", "--k", "4", "--out", str(out),
                "--init", "scratch", "--policy", str(tiny_dir), "--steps", "2"])

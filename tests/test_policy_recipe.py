@@ -7,18 +7,8 @@ import pytest
 import torch
 
 from metarlhf import policy as P
-from metarlhf.data import Thumbs
 from metarlhf.errors import ConfigError
-from metarlhf.testing import tiny_policy
-
-
-def _records(user="u"):
-    return [
-        Thumbs(user, "tell me", "- a\n- b\n- c", 1),
-        Thumbs(user, "tell me", "just words", 0),
-        Thumbs(user, "say more", "- x\n- y", 1),
-        Thumbs(user, "say more", "nope nope", 0),
-    ]
+from metarlhf.testing import tiny_policy, tiny_thumbs
 
 
 def _randomize_lora(pm):
@@ -42,7 +32,7 @@ def test_thumb_pairs_pairs_ups_with_downs_of_the_same_prompt():
 
 def test_sequence_logps_from_cached_hidden_states_equals_full_forward():
     model, tok = tiny_policy(layers=4)
-    recs = _records()
+    recs = tiny_thumbs()
     with P.lora_attached(model, None, 0) as pm:
         _randomize_lora(pm)
         batch = P.encode_pairs(tok, [r.prompt for r in recs], [r.completion for r in recs])
@@ -61,7 +51,7 @@ def test_train_layers_trains_only_the_top_layers():
     cfg = P.AdaptConfig(train_layers=2, precision="fp32", lr=2e-2, sft_weight=1.0, pair_weight=1.0)
     with P.lora_attached(model, None, 0) as pm:
         _randomize_lora(pm)
-        data = P.prepare(pm, tok, _records(), cfg)
+        data = P.prepare(pm, tok, tiny_thumbs(), cfg)
         assert data.start == 2 and data.kto_h is not None
         before = {n: p.detach().clone() for n, p in pm.named_parameters() if "lora_" in n}
         losses = P.train_steps(pm, data, cfg, 3, random.Random(0))
@@ -75,7 +65,7 @@ def test_train_layers_trains_only_the_top_layers():
 
 def test_sft_term_raises_likelihood_of_ups_only_objective():
     model, tok = tiny_policy()
-    recs = _records()
+    recs = tiny_thumbs()
     cfg = P.AdaptConfig(steps=6, lr=2e-2, precision="fp32", kto_weight=0.0, sft_weight=1.0, pair_weight=0.0)
     adapter = P.adapt_policy(recs, base=(model, tok), init=None, config=cfg)
     batch = P.encode_pairs(tok, [r.prompt for r in recs], [r.completion for r in recs])
@@ -92,7 +82,7 @@ def test_sft_term_raises_likelihood_of_ups_only_objective():
 def test_pair_term_alone_starts_at_log2():
     model, tok = tiny_policy()
     cfg = P.AdaptConfig(steps=2, lr=2e-2, precision="fp32", kto_weight=0.0, sft_weight=0.0, pair_weight=1.0)
-    a = P.adapt_policy(_records(), base=(model, tok), init=None, config=cfg)
+    a = P.adapt_policy(tiny_thumbs(), base=(model, tok), init=None, config=cfg)
     assert a.meta["losses"][0] == pytest.approx(math.log(2), abs=1e-5)  # scratch init: policy == reference
 
 
@@ -128,7 +118,7 @@ def test_generate_with_hints():
 
 def test_augmentation_with_hints_keeps_plain_prompts():
     model, tok = tiny_policy()
-    extra = P.augment_with_scorer(model, tok, _records(), lambda ps, cs: [len(c) for c in cs], n=4,
+    extra = P.augment_with_scorer(model, tok, tiny_thumbs(), lambda ps, cs: [len(c) for c in cs], n=4,
                                   max_new_tokens=4, explore="hints")
     assert {t.prompt for t in extra} == {"tell me", "say more"} and sum(t.label for t in extra) == 4
 
@@ -154,7 +144,7 @@ def test_meta_train_with_hints_pool_and_recipe(tmp_path):
 
 def test_default_recipe_moves_towards_ups_and_away_from_downs():
     model, tok = tiny_policy()
-    recs = _records()
+    recs = tiny_thumbs()
     cfg = P.AdaptConfig(steps=6, lr=2e-2, precision="fp32")  # default mix: SFT on ups + DPO on (up, down)
     assert (cfg.kto_weight, cfg.sft_weight, cfg.pair_weight) == (0.0, 1.0, 1.0)
     adapter = P.adapt_policy(recs, base=(model, tok), init=None, config=cfg)
