@@ -156,6 +156,10 @@ class GenerationRequest:
     # Streaming inside a batch: called (on the engine's thread) with each new piece of
     # text as it is decoded; stop strings are never passed on. None: no streaming.
     on_text: Callable[[str], None] | None = field(default=None, repr=False, compare=False)
+    # Set (from any thread) to stop this row early, e.g. when a streaming client has gone:
+    # the row leaves the batch at the next decode step with ``finish_reason="cancelled"``
+    # and the other rows go on. None: the row cannot be cancelled.
+    cancel: threading.Event | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if (self.messages is None) == (self.prompt is None):
@@ -179,7 +183,8 @@ class GenerationRequest:
 @dataclass
 class GenerationResult:
     """Output of one request. ``finish_reason`` is ``"stop"`` (EOS or a stop string),
-    ``"length"`` (hit ``max_new_tokens``) or ``"error"`` (then ``error`` says why and
+    ``"length"`` (hit ``max_new_tokens``), ``"cancelled"`` (the request's ``cancel`` event
+    was set; ``text`` is what was decoded until then) or ``"error"`` (then ``error`` says why and
     nothing was generated for this row; the other rows of the batch are unaffected)."""
 
     text: str
@@ -485,6 +490,7 @@ class _Row:
     finish: str | None = None
     emitted: int = 0  # characters already streamed
     on_text: Callable[[str], None] | None = None
+    cancel: threading.Event | None = None
 
     def emit(self) -> str:
         """The text that is now safe to stream (never a possible stop-string prefix)."""
@@ -717,7 +723,8 @@ class MultiAdapterEngine:
         if req.params.temperature > 0:
             gen = torch.Generator(device=self._device)
             gen.manual_seed(req.params.seed if req.params.seed is not None else secrets.randbits(63))
-        return _Row(index=i, ids=ids, params=req.params, slot=slot, generator=gen, on_text=req.on_text)
+        return _Row(index=i, ids=ids, params=req.params, slot=slot, generator=gen, on_text=req.on_text,
+                    cancel=req.cancel)
 
     @property
     def _device(self) -> Any:
@@ -751,6 +758,9 @@ class MultiAdapterEngine:
             while pending:
                 rows, held, deferred, full = [], {}, [], False
                 for i in pending:
+                    if requests[i].cancel is not None and requests[i].cancel.is_set():  # gone before its wave
+                        results[i] = GenerationResult("", [], len(encoded[i]), 0, "cancelled")
+                        continue
                     ref = requests[i].adapter
                     slot = None
                     if not _is_base(ref):
@@ -880,6 +890,8 @@ class MultiAdapterEngine:
                 keep = []
                 for j, r in enumerate(active):
                     self._advance(r, int(next_ids[j]), tok)
+                    if r.finish is None and r.cancel is not None and r.cancel.is_set():
+                        r.finish = "cancelled"
                     if r.finish is None:
                         keep.append(j)
                 self.generated_tokens += len(active)

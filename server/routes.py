@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
@@ -159,6 +160,7 @@ async def _stream(body: GenerationFields, req: GenerationRequest, rt: Runtime, t
     loop = asyncio.get_running_loop()
     deltas: asyncio.Queue[str] = asyncio.Queue()
     req.on_text = lambda d: loop.call_soon_threadsafe(deltas.put_nowait, d)
+    req.cancel = threading.Event()  # set when the client goes: the row leaves the batch
     _, info = rt.serving_adapter(tenant, body.user)
     task = asyncio.ensure_future(rt.generate(tenant, body.user, [req]))
     first = asyncio.ensure_future(deltas.get())
@@ -218,7 +220,8 @@ async def _stream(body: GenerationFields, req: GenerationRequest, rt: Runtime, t
                                         feedback_prompt(body, chat), result.text, info)
             yield "data: [DONE]\n\n"
         finally:
-            if not task.done():  # client went away: stop waiting (the batch row finishes on its own)
+            if not task.done():  # client went away: the engine drops the row at its next step
+                req.cancel.set()
                 task.cancel()
 
     return StreamingResponse(events(), media_type="text/event-stream",

@@ -551,3 +551,28 @@ def test_generate_streams_rows_of_a_batch_through_on_text(setup):
     assert len(got["plain"]) > 1 and "".join(got["plain"]) == out[0].text == base.text
     assert "".join(got["stop"]) == out[1].text == base.text[:cut] and stop not in "".join(got["stop"])
     assert out[2].text == base.text  # a failing callback is dropped; the row still finishes
+
+
+def test_cancelled_row_leaves_the_batch_and_the_others_go_on(setup):
+    model, tok, refs, _ = setup
+    eng = MultiAdapterEngine(model, tok, BASE_NAME)
+    params = SamplingParams(max_new_tokens=12)
+    solo = eng.generate_one(GenerationRequest(prompt="xyz", adapter=refs[0], params=params))
+    gone = threading.Event()
+    seen: list[str] = []
+
+    def client(delta: str) -> None:  # the client reads one piece of text, then disconnects
+        seen.append(delta)
+        gone.set()
+
+    early = threading.Event()
+    early.set()
+    reqs = [GenerationRequest(prompt="abc", adapter=refs[1], params=params, on_text=client, cancel=gone),
+            GenerationRequest(prompt="xyz", adapter=refs[0], params=params),
+            GenerationRequest(prompt="abc", adapter=refs[2], params=params, cancel=early)]
+    out = eng.generate(reqs)
+    assert out[0].finish_reason == "cancelled" and seen
+    assert 1 <= out[0].completion_tokens < params.max_new_tokens
+    assert out[1].token_ids == solo.token_ids and out[1].finish_reason == solo.finish_reason
+    assert out[2].finish_reason == "cancelled" and out[2].completion_tokens == 0
+    assert eng.stats["resident"] <= 3
