@@ -9,10 +9,17 @@ For each held-out simulated user and each K:
    ``hints`` draws most samples with a style hint added to the prompt
    (:data:`metarlhf.policy.STYLE_HINTS`, a generic menu, in a seeded random order; every
    ``plain_every``-th sample is plain), as an app would show a new user varied answers.
+   ``adaptive`` collects the thumbs in rounds and picks each sample's hint with a
+   Thompson-sampling bandit over the menu (:func:`metarlhf.policy.explore_adaptive`;
+   per user, since it depends on the user's answers; the simulated user labels every
+   sample exactly as in the other protocols).
    The user rates (plain prompt, completion): the hint is never shown or trained on, so
    the adapter must produce the liked style from the plain prompt (context distillation);
 2. the user's policy LoRA is adapted from each init (``meta``: the shipped meta-trained
-   init, ``scratch``: peft's default init) with the same step budget;
+   init, ``scratch``: peft's default init) with the same step budget; with
+   ``distill_samples > 0`` it first draws that many extra samples in the style the
+   thumbs liked (hint credit; ``+rank``: ranked by the user's personalized reward
+   model) and adds them as thumbs up (:func:`metarlhf.policy.distill_records`);
 3. on held-out prompts, one personalized completion and one base completion per prompt
    (same sampling seed, both on the plain prompt) are compared under the user's true
    reward. A win counts 1, a
@@ -63,10 +70,15 @@ class EvalConfig:
     sft_weight: float = 1.0
     pair_weight: float = 1.0
     train_layers: int = 15  # 0: all layers
+    distill_samples: int = 0  # extra self-generated thumbs up in the liked style (AdaptConfig.distill_samples)
+    distill_hints: int = 1
+    round_prompts: int = 2  # adaptive exploration: prompts per round after the first
 
     def __post_init__(self) -> None:
-        if not self.explore or any(e not in ("hints", "plain") for e in self.explore):
-            raise ConfigError(f"explore must be a non-empty list of 'hints' / 'plain', got {self.explore}")
+        if not self.explore or any(e not in ("hints", "plain", "adaptive") for e in self.explore):
+            raise ConfigError(f"explore must be a non-empty list of 'hints' / 'plain' / 'adaptive', got {self.explore}")
+        if self.round_prompts < 1:
+            raise ConfigError(f"round_prompts must be >= 1, got {self.round_prompts}")
         if not self.ks or any(k < 1 for k in self.ks):
             raise ConfigError(f"K values must be >= 1, got {self.ks}")
         if not self.methods:
@@ -81,37 +93,40 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class Method:
-    """``<init>[+bon<N>][+aug<N>]``: init ``meta``/``scratch``/adapter dir, optional reward-model use."""
+    """``<init>[+bon<N>][+aug<N>][+rank]``: init ``meta``/``scratch``/adapter dir, optional reward-model use."""
 
     name: str
     init: str
     best_of: int = 1  # best-of-N at inference, ranked by the user's personalized reward model
     augment: int = 0  # on-policy augmentation: N samples per support prompt labelled by the reward model
+    rank: bool = False  # distilled samples: draw 2x, keep the half the personalized reward model ranks highest
 
     @property
     def uses_reward(self) -> bool:
-        return self.best_of > 1 or self.augment > 0
+        return self.best_of > 1 or self.augment > 0 or self.rank
 
 
 def parse_method(text: str) -> Method:
-    """Parse ``meta``, ``scratch+bon4``, ``meta+aug4``, ``/path/to/init+bon2`` ..."""
+    """Parse ``meta``, ``scratch+bon4``, ``meta+aug4``, ``meta+rank``, ``/path/to/init+bon2`` ..."""
     parts = text.split("+")
-    init, best_of, augment = parts[0], 1, 0
+    init, best_of, augment, rank = parts[0], 1, 0, False
     if not init:
         raise ConfigError(f"method {text!r}: empty init name")
     for opt in parts[1:]:
         try:
-            if opt.startswith("bon"):
+            if opt == "rank":
+                rank = True
+            elif opt.startswith("bon"):
                 best_of = int(opt[3:])
             elif opt.startswith("aug"):
                 augment = int(opt[3:])
             else:
                 raise ValueError
         except ValueError as e:
-            raise ConfigError(f"method {text!r}: unknown option {opt!r} (use bon<N> or aug<N>)") from e
+            raise ConfigError(f"method {text!r}: unknown option {opt!r} (use bon<N>, aug<N> or rank)") from e
     if best_of < 1 or (augment and augment < 2):
         raise ConfigError(f"method {text!r}: bon needs N >= 1 and aug N >= 2")
-    return Method(text, init, best_of, augment)
+    return Method(text, init, best_of, augment, rank)
 
 
 def win_rate(personal: Sequence[float], base: Sequence[float]) -> float:
@@ -134,7 +149,8 @@ def _plot(result: dict[str, Any], path: Path) -> None:
                            and r.get("explore", "plain") == explore), key=lambda r: r["k"])
             if rows:
                 ax.plot([r["k"] for r in rows], [r["win_rate"] for r in rows], marker="o",
-                        ls="-" if explore == "hints" else "--", label=f"{method} (explore: {explore})")
+                        ls={"hints": "-", "adaptive": "-."}.get(explore, "--"),
+                        label=f"{method} (explore: {explore})")
     ax.axhline(0.75, ls="--", c="grey", lw=1, label="target 0.75")
     ax.axhline(0.5, ls=":", c="black", lw=1, label="base (tie)")
     ax.set_xlabel("K (thumbs)")
@@ -191,7 +207,9 @@ def evaluate_policy(
         adapter_attached,
         best_of_n,
         exploration_hints,
+        explore_adaptive,
         generate,
+        hint_credit,
         load_init,
         resolve_base,
     )
@@ -221,12 +239,13 @@ def evaluate_policy(
     scorers: dict[tuple[str, int], Any] = {}
     acfg = AdaptConfig(steps=cfg.steps, lr=cfg.lr, max_completion_tokens=cfg.max_new_tokens,
                        kto_weight=cfg.kto_weight, sft_weight=cfg.sft_weight, pair_weight=cfg.pair_weight,
-                       train_layers=cfg.train_layers)
+                       train_layers=cfg.train_layers, distill_samples=cfg.distill_samples,
+                       distill_hints=cfg.distill_hints)
     log.info("sampling %d base completions for thumbs and %d for held-out prompts", n_train * s, len(eval_prompts))
     rep = [p for p in train_prompts for _ in range(s)]
     pools: dict[str, list[str]] = {}
     hint_log: dict[str, list[str | None]] = {}
-    for explore in cfg.explore:
+    for explore in (e for e in cfg.explore if e != "adaptive"):
         hints = exploration_hints(len(rep), explore, cfg.plain_every, seed=cfg.seed)
         pools[explore] = generate(model, tok, rep, cfg.max_new_tokens, cfg.sample_temperature, seed=cfg.seed,
                                   hints=hints)
@@ -243,16 +262,32 @@ def evaluate_policy(
         "rows": [],
         "summary": [],
     }
+    adaptive: dict[tuple[str, int], tuple[list[Any], list[str | None], float]] = {}
     # K-major: the first K completes first
     cells = [(u, k, e, m) for k in cfg.ks for u in users for e in cfg.explore for m in methods]
     bar = tqdm(cells, desc="eval policy", disable=not progress)
     for user, k, explore, method in bar:
         rng = random.Random(f"{cfg.seed}:{user.name}")
-        pool = pools[explore]
-        thumbs = []
-        for i, p in enumerate(train_prompts):
-            thumbs += user.thumbs(p, pool[i * s:(i + 1) * s], noise=cfg.label_noise, rng=rng)
-        support = thumbs[:k]
+        explore_s = 0.0
+        if explore == "adaptive":
+            if (user.name, k) not in adaptive:  # per user and K; shared by the methods
+
+                def rate(p: str, cs: list[str], user: Any = user, rng: random.Random = rng) -> list[Any]:
+                    return user.thumbs(p, cs, noise=cfg.label_noise, rng=rng)
+
+                t0 = time.perf_counter()
+                got_t, got_h = explore_adaptive(model, tok, train_prompts, rate, k, s, seed=cfg.seed,
+                                                round_prompts=cfg.round_prompts, max_new_tokens=cfg.max_new_tokens,
+                                                temperature=cfg.sample_temperature)
+                adaptive[(user.name, k)] = (got_t, got_h, time.perf_counter() - t0)
+            support, support_hints, explore_s = adaptive[(user.name, k)]
+        else:
+            pool = pools[explore]
+            thumbs = []
+            for i, p in enumerate(train_prompts):
+                thumbs += user.thumbs(p, pool[i * s:(i + 1) * s], noise=cfg.label_noise, rng=rng)
+            support = thumbs[:k]
+            support_hints = hint_log[explore][:k]
         base_r = [user.reward(p, c) for p, c in zip(eval_prompts, base_eval, strict=True)]
         scorer, rm_s = None, 0.0
         if method.uses_reward:
@@ -264,7 +299,8 @@ def evaluate_policy(
         t0 = time.perf_counter()
         adapter = adapt_policy(support, base=(model, tok), init=inits[method.init], seed=cfg.seed, config=acfg,
                                scorer=scorer if method.augment else None, augment_samples=method.augment,
-                               augment_explore=explore)
+                               augment_explore="plain" if explore == "plain" else "hints", hints=support_hints,
+                               distill_scorer=scorer if method.rank else None)
         adapt_s = time.perf_counter() - t0 + rm_s
         with adapter_attached(model, adapter) as pm:
             if method.best_of > 1:
@@ -280,6 +316,11 @@ def evaluate_policy(
             "method": method.name,
             "explore": explore,
             "n_up": sum(t.label for t in support),
+            "hint_credit": {str(h): list(c) for h, c in hint_credit(support_hints, [t.label for t in support]).items()},
+            "distill_hints": adapter.meta.get("distill_hints", []),
+            "n_distilled": adapter.meta.get("n_distilled", 0),
+            "distill_s": adapter.meta.get("distill_s", 0.0),
+            "explore_s": round(explore_s, 2),
             "support_mean_reward": statistics.mean(user.reward(t.prompt, t.completion) for t in support),
             "win_rate": win_rate(pers_r, base_r),
             "mean_reward": statistics.mean(pers_r),

@@ -156,8 +156,14 @@ class AdaptConfig:
     sft_weight: float = 1.0  # weight of the NLL (per token) of thumbs-up / chosen completions
     pair_weight: float = 1.0  # weight of DPO on (up, down) thumbs of the same prompt
     train_layers: int = 15  # train the LoRA of the top N decoder layers only (0: all); lower ones stay at init
+    distill_samples: int = 0  # extra self-generated thumbs up in the liked style (needs the records' hints)
+    distill_hints: int = 1  # how many liked hints (positive net feedback) the extra samples use
 
     def __post_init__(self) -> None:
+        if not 0 <= self.distill_samples <= 256:
+            raise ConfigError(f"distill_samples must be in [0, 256], got {self.distill_samples}")
+        if self.distill_hints < 1:
+            raise ConfigError(f"distill_hints must be >= 1, got {self.distill_hints}")
         for name in ("kto_weight", "sft_weight", "pair_weight"):
             value = getattr(self, name)
             if not (value >= 0 and math.isfinite(value)):
@@ -416,6 +422,147 @@ STYLE_HINTS: tuple[str, ...] = (
     "Use simple, plain words.",
     "Say \"we\" and \"us\".",
 )
+
+
+#: Exploration protocols: ``plain`` (no hints), ``hints`` (a fixed seeded schedule over the
+#: menu), ``adaptive`` (a Thompson-sampling bandit over the menu, :func:`explore_adaptive`).
+EXPLORE_MODES: tuple[str, ...] = ("hints", "plain", "adaptive")
+
+Arm = str | None  # a style hint, or None for the plain prompt
+
+
+def hint_credit(hints: Sequence[Arm], labels: Sequence[int]) -> dict[Arm, tuple[int, int]]:
+    """``{hint: (ups, downs)}`` over thumbs on samples drawn with each hint (None = plain)."""
+    if len(hints) != len(labels):
+        raise DataError(f"need one hint per label: {len(hints)} hints, {len(labels)} labels")
+    out: dict[Arm, tuple[int, int]] = {}
+    for h, y in zip(hints, labels, strict=True):
+        u, d = out.get(h, (0, 0))
+        out[h] = (u + int(y == 1), d + int(y != 1))
+    return out
+
+
+def posterior_up_rate(ups: int, downs: int) -> float:
+    """Posterior mean up-rate of an arm under a Beta(1, 1) prior: ``(ups + 1) / (ups + downs + 2)``."""
+    return (ups + 1) / (ups + downs + 2)
+
+
+def thompson_arms(
+    credit: dict[Arm, tuple[int, int]], arms: Sequence[Arm], n: int, rng: random.Random
+) -> list[Arm]:
+    """Thompson sampling: draw ``theta ~ Beta(1 + ups, 1 + downs)`` per arm, return the ``n`` best distinct arms."""
+    if not 1 <= n <= len(arms):
+        raise ConfigError(f"cannot pick {n} distinct arms out of {len(arms)}")
+    draws = []
+    for i, a in enumerate(arms):
+        u, d = credit.get(a, (0, 0))
+        draws.append((rng.betavariate(1 + u, 1 + d), -i, a))
+    return [a for _, _, a in sorted(draws, key=lambda t: (t[0], t[1]), reverse=True)[:n]]
+
+
+def liked_hints(credit: dict[Arm, tuple[int, int]], top: int = 1) -> list[str]:
+    """Hints with positive net feedback (more ups than downs), best posterior up-rate first (at most ``top``)."""
+    liked = [(posterior_up_rate(u, d), u, h) for h, (u, d) in credit.items() if h is not None and u > d]
+    liked.sort(key=lambda t: (t[0], t[1], t[2]), reverse=True)
+    return [h for _, _, h in liked[:top]]
+
+
+def explore_adaptive(
+    model: Any,
+    tok: Any,
+    prompts: Sequence[str],
+    rate: Callable[[str, list[str]], list[Thumbs]],
+    k: int,
+    samples_per_prompt: int = 2,
+    seed: int = 0,
+    round_prompts: int = 2,
+    max_new_tokens: int = 48,
+    temperature: float = 1.0,
+    precision: str = "auto",
+) -> tuple[list[Thumbs], list[Arm]]:
+    """Collect ``k`` thumbs in rounds, choosing the style hint of each sample by a bandit.
+
+    Round 1 (``ceil(k / 2)`` samples) shows distinct hints of the menu in a seeded order
+    (the spread). Every later round takes the next ``round_prompts`` prompts and, for each,
+    ``samples_per_prompt`` distinct arms (the menu's hints and the plain prompt) by
+    Thompson sampling on the up/down counts so far, so samples concentrate on the styles
+    this user liked. ``rate(prompt, completions)`` is the user (real or simulated): thumbs
+    on the plain prompt's answers, side by side. Prompts are used in order, each once.
+    Returns the thumbs and the arm each was drawn with.
+    """
+    s = samples_per_prompt
+    if k < 1 or s < 1 or round_prompts < 1:
+        raise ConfigError("k, samples_per_prompt and round_prompts must be >= 1")
+    n_prompts = math.ceil(k / s)
+    if len(prompts) < n_prompts:
+        raise DataError(f"adaptive exploration of K={k} needs {n_prompts} prompts, got {len(prompts)}")
+    arms: list[Arm] = [*STYLE_HINTS, None]
+    menu = list(STYLE_HINTS)
+    random.Random(f"hints:{seed}").shuffle(menu)
+    rng = random.Random(f"thompson:{seed}")
+    first = min(n_prompts, max(1, math.ceil(k / 2 / s)))
+    rounds = [list(range(first))] + [list(range(i, min(i + round_prompts, n_prompts)))
+                                     for i in range(first, n_prompts, round_prompts)]
+    thumbs: list[Thumbs] = []
+    arms_used: list[Arm] = []
+    for r, idx in enumerate(rounds):
+        credit = hint_credit(arms_used, [t.label for t in thumbs])
+        if r == 0:
+            chosen = [menu[j % len(menu)] for j in range(len(idx) * s)]
+        else:
+            chosen = [a for _ in idx for a in thompson_arms(credit, arms, min(s, len(arms)), rng)]
+        rep = [prompts[i] for i in idx for _ in range(s)]
+        comps = generate(model, tok, rep, max_new_tokens=max_new_tokens, temperature=temperature,
+                         seed=seed * 7919 + r, precision=precision, hints=chosen)
+        for j, i in enumerate(idx):
+            got = rate(prompts[i], comps[j * s:(j + 1) * s])
+            thumbs += got
+            arms_used += chosen[j * s:(j + 1) * s]
+    return thumbs[:k], arms_used[:k]
+
+
+def distill_records(
+    model: Any,
+    tok: Any,
+    records: Sequence[Record],
+    hints: Sequence[Arm],
+    n: int,
+    top_hints: int = 1,
+    seed: int = 0,
+    scorer: Scorer | None = None,
+    max_new_tokens: int = 48,
+    temperature: float = 0.7,
+) -> tuple[list[Thumbs], list[str]]:
+    """Stretch a few thumbs: ``n`` self-generated samples in the liked style, as extra thumbs up.
+
+    The liked styles are the hints with positive net feedback among the user's thumbs
+    (:func:`liked_hints` on :func:`hint_credit`). ``n`` samples are drawn from ``model``
+    on the records' prompts with those hints appended, and returned as thumbs up on the
+    *plain* prompt (the user never rated them: their label is the hint's credit). With
+    ``scorer`` (the user's personalized reward model) ``2n`` are drawn and the ``n`` it
+    ranks highest are kept. Returns ``(records, liked hints)``; no liked hint -> ``([], [])``.
+    """
+    if n < 0:
+        raise ConfigError(f"distill samples must be >= 0, got {n}")
+    thumbs = [r for r in records if isinstance(r, Thumbs)]
+    tidx = [i for i, r in enumerate(records) if isinstance(r, Thumbs)]
+    if len(hints) != len(records):
+        raise DataError(f"need one hint (or None) per record: {len(hints)} hints, {len(records)} records")
+    liked = liked_hints(hint_credit([hints[i] for i in tidx], [t.label for t in thumbs]), top_hints)
+    if not n or not liked:
+        return [], liked
+    prompts = list(dict.fromkeys(t.prompt for t in thumbs))
+    m = 2 * n if scorer is not None else n
+    rep = [prompts[i % len(prompts)] for i in range(m)]
+    hs = [liked[(i // len(prompts)) % len(liked)] for i in range(m)]
+    comps = generate(model, tok, rep, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed + 104_729,
+                     hints=hs)
+    keep = [i for i in range(m) if comps[i]]
+    if scorer is not None and keep:
+        scores = [float(x) for x in scorer([rep[i] for i in keep], [comps[i] for i in keep])]
+        keep = [i for _, i in sorted(zip(scores, keep, strict=True), key=lambda t: -t[0])[:n]]
+    user = thumbs[0].user_id
+    return [Thumbs(user, rep[i], comps[i], 1) for i in sorted(keep)], liked
 
 
 def exploration_hints(n: int, explore: str = "hints", plain_every: int = 4, seed: int | None = 0) -> list[str | None]:
@@ -836,13 +983,18 @@ def adapt_policy(
     scorer: Scorer | None = None,
     augment_samples: int = 0,
     augment_explore: str = "plain",
+    hints: Sequence[str | None] | None = None,
+    distill_scorer: Scorer | None = None,
 ) -> Adapter:
     """Fit one user's policy LoRA on their thumbs (KTO) and/or pairs (DPO).
 
     ``base``: None (embedded SmolLM2), a model directory, or a loaded ``(model, tokenizer)``
     pair, which is left unmodified. ``init``: ``"meta"`` (the shipped init), ``None`` or
     ``"scratch"`` (peft's default LoRA init), an adapter directory, or an :class:`Adapter`.
-    Returns a ``kind="policy"`` adapter (not yet saved).
+    ``hints``: the style hint each record's sample was drawn with (None = plain), from
+    exploration; with ``config.distill_samples > 0`` they select the liked style for
+    :func:`distill_records` (ranked by ``distill_scorer`` when given). Without hints no
+    extra samples are drawn. Returns a ``kind="policy"`` adapter (not yet saved).
     """
     import torch
 
@@ -862,6 +1014,15 @@ def adapt_policy(
         recs = list(records)
         if scorer is not None and augment_samples:
             recs += augment_with_scorer(pm, tok, recs, scorer, augment_samples, seed, explore=augment_explore)
+        liked: list[str] = []
+        distill_s, n_distilled = 0.0, 0
+        if cfg.distill_samples and hints is not None:
+            td = time.perf_counter()
+            extra, liked = distill_records(pm, tok, records, hints, cfg.distill_samples, cfg.distill_hints, seed,
+                                           distill_scorer, max_new_tokens=cfg.max_completion_tokens)
+            recs += extra
+            n_distilled = len(extra)
+            distill_s = time.perf_counter() - td
         data = prepare(pm, tok, recs, cfg)
         losses = train_steps(pm, data, cfg, cfg.steps, rng)
         tensors = lora_state(pm)
@@ -878,6 +1039,10 @@ def adapt_policy(
         "n_thumbs": sum(isinstance(r, Thumbs) for r in records),
         "n_pairs": sum(isinstance(r, Pair) for r in records),
         "n_augmented": len(recs) - len(records),
+        "n_distilled": n_distilled,
+        "distill_hints": liked,
+        "distill_ranked": distill_scorer is not None and bool(liked),
+        "distill_s": round(distill_s, 3),
         "steps": cfg.steps,
         "losses": losses,
         "seed": seed,

@@ -33,6 +33,7 @@ _nonneg = _int_at_least(0)
 
 
 def register(groups: dict[str, argparse._SubParsersAction]) -> None:
+    from metarlhf.policy import AdaptConfig
     p = groups["meta-train"].add_parser("policy", help="meta-train the policy LoRA init over simulated users")
     p.add_argument("--algo", choices=["reptile", "fomaml"], default="reptile")
     p.add_argument("--prompts", required=True, help="HH-RLHF .jsonl.gz (first Human turn) or JSONL of prompts")
@@ -88,9 +89,18 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
     p.add_argument("--lr", type=float, default=2e-3, help="Adam lr (AdaptConfig default)")
     p.add_argument("--max-new-tokens", type=_positive, default=48)
     p.add_argument("--label-noise", type=float, default=0.0)
-    p.add_argument("--explore", nargs="+", choices=["hints", "plain"], default=["hints", "plain"],
-                   help="exploration protocols for the thumbs samples: style hints (context distillation) / plain")
+    p.add_argument("--explore", nargs="+", choices=["hints", "plain", "adaptive"], default=["hints", "plain"],
+                   help="exploration protocols for the thumbs samples: fixed style-hint schedule, plain, or a "
+                        "Thompson-sampling bandit over the hints (adaptive)")
     p.add_argument("--plain-every", type=_nonneg, default=4, help="hints protocol: every n-th sample is plain")
+    p.add_argument("--round-prompts", type=_positive, default=2,
+                   help="adaptive protocol: prompts per round after the first half of K")
+    d = AdaptConfig()
+    p.add_argument("--distill-samples", type=_nonneg, default=d.distill_samples,
+                   help="extra self-generated thumbs up in the style the user's thumbs liked (needs hinted "
+                        "exploration; 0: off)")
+    p.add_argument("--distill-hints", type=_positive, default=d.distill_hints,
+                   help="how many liked hints the extra samples use")
     _recipe_args(p)
     p.add_argument("--policy", default=None, help="base policy model directory (default: embedded SmolLM2)")
     p.add_argument("--out", required=True, help="results JSON (a PNG is written next to it)")
@@ -179,6 +189,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens, label_noise=args.label_noise, seed=args.seed, meta_init=args.init,
         explore=list(dict.fromkeys(args.explore)), plain_every=args.plain_every, kto_weight=args.kto_weight,
         sft_weight=args.sft_weight, pair_weight=args.pair_weight, train_layers=args.train_layers,
+        distill_samples=args.distill_samples, distill_hints=args.distill_hints, round_prompts=args.round_prompts,
     )
     n_train = -(-max(cfg.ks) // cfg.samples_per_prompt)
     prompts = read_prompts(args.prompts, limit=args.offset + n_train + cfg.eval_prompts)[args.offset:]
