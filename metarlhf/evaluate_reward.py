@@ -9,7 +9,8 @@ set (thumbs: sign of the score; pairs: chosen above rejected):
 * ``linear``  L2-regularised logistic regression (C=1, L-BFGS to convergence) on the
               frozen base encoder's pooled embeddings (no LoRA);
 * ``scratch`` a fresh LoRA + zero head, ``steps`` Adam steps (lr 1e-2);
-* ``meta``    the meta-init, ``steps`` inner steps with its meta-learned learning rates.
+* ``meta``    the meta-init, ``steps`` inner steps with its meta-learned learning rates
+              (and, for a subspace + residual init, its residual rate and L2 pull).
 
 ``scratch`` and ``meta`` get the same step budget (default: the init's inner steps).
 Encoder embeddings that do not depend on the support set (base encoder, and the
@@ -163,6 +164,7 @@ def evaluate_reward(
         log.warning("%d evaluated user(s) were seen in meta-training/validation, e.g. %s", len(seen), seen[0])
     n_steps = int(meta.get("inner_steps", 3)) if steps is None else steps
     inner = meta.get("inner", "head")
+    resid_l2 = float(meta.get("inner_resid_l2", 0.0))
     meta_params = model.adapter_params()
     log_lrs = model.inner_log_lrs
     base_params = model.fresh_params(0)  # lora_B = 0: the plain encoder
@@ -191,11 +193,12 @@ def evaluate_reward(
                         wb = fit_logistic_regression(x, y)
                         scores = base_emb(q.ids) @ wb[:-1] + wb[-1]
                     elif m == "meta" and inner in ("head", "subspace"):
-                        adapted, _ = adapt_head(meta_emb(s.ids), s, meta_params, log_lrs, n_steps)
+                        adapted, _ = adapt_head(meta_emb(s.ids), s, meta_params, log_lrs, n_steps, resid_l2)
                         scores = RewardModel.head_scores(adapted, meta_emb(q.ids))
                     else:
                         if m == "meta":
-                            adapted, _ = adapt_params(model, s, meta_params, log_lrs, n_steps, inner, seed)
+                            adapted, _ = adapt_params(model, s, meta_params, log_lrs, n_steps, inner, seed,
+                                                      resid_l2=resid_l2)
                         else:
                             adapted, _ = adapt_params(model, s, model.fresh_params(seed), {}, n_steps, seed=seed,
                                                       adam_lr=SCRATCH_ADAM_LR)
@@ -216,6 +219,7 @@ def evaluate_reward(
     atomic_write_json(out, summary)
     detail = {
         "per_user": per_user, "users": users, "seeds": seeds, "ks": ks, "steps": n_steps, "inner": inner,
+        "inner_residual": "head.r" in log_lrs, "inner_resid_l2": resid_l2,
         "init": str(init_dir), "init_name": meta.get("name"), "encoder": model.base_model,
         "seen_in_meta_training": seen, "seconds_total": round(time.perf_counter() - t_all, 1),
         "seconds_per_method": {m: round(v, 1) for m, v in timing.items()}, "scratch_adam_lr": SCRATCH_ADAM_LR,

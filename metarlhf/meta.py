@@ -32,6 +32,13 @@ and shared; cheap, and second order costs no extra encoder passes), LoRA + head
     w_user = w0 + z @ B,   z ← z - α_z ⊙ ∇_z L_support   (z starts at 0; the bias is adapted too)
 
 The outer loop learns the LoRA, w0, b0, the basis B [r, hidden] and (Meta-SGD) α_z.
+With ``inner_lr_r > 0`` the inner loop also moves a full residual r [hidden] (from 0):
+
+    w_user = w0 + z @ B + r,   r ← r - α_r ⊙ (∇_r L_support + λ r)
+
+(a "low-rank + isotropic" Gaussian prior; λ = ``resid_l2``), α_r Meta-SGD learned.
+``keep_basis`` with ``init_from`` a subspace init of the same rank starts from that
+init's w0, b0, basis and inner rates instead of a fresh PCA.
 B starts as the top-r principal directions of per-user logistic heads fitted on the
 *train* users' base-encoder embeddings (:func:`pca_head_basis`), each row scaled by
 the standard deviation of the heads along it, so ``z ~ N(0, I)`` over train users.
@@ -186,6 +193,9 @@ class MetaTrainConfig:
     inner_lr_bias: float = 1.0
     inner_lr_lora: float = 1e-3
     inner_lr_z: float = 1.0  # subspace: initial inner lr of the coordinates z
+    inner_lr_r: float = field(default=0.0, metadata={"help": "subspace: initial inner lr of the residual r (0: none)"})
+    resid_l2: float = field(default=0.0, metadata={"help": "subspace + residual: L2 pull of r to 0 in the inner loss"})
+    keep_basis: bool = field(default=False, metadata={"help": "init_from a subspace init: keep its w0, b0, basis, rates"})
     basis_rank: int = field(default=16, metadata={"help": "subspace: rank r of the head basis"})
     basis_records: int = field(default=128, metadata={"help": "subspace: records per train user for the PCA init"})
     meta_lr: float = 2e-3
@@ -216,6 +226,12 @@ class MetaTrainConfig:
                      "basis_rank", "basis_records"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.inner_lr_r < 0 or self.resid_l2 < 0:
+            raise ConfigError("inner_lr_r and resid_l2 must be >= 0")
+        if self.inner_lr_r > 0 and self.inner != "subspace":
+            raise ConfigError("inner_lr_r (a residual outside the head subspace) needs inner='subspace'")
+        if self.keep_basis and (self.inner != "subspace" or self.init_from is None):
+            raise ConfigError("keep_basis needs inner='subspace' and init_from")
         if not self.k_choices or min(self.k_choices) < 1:
             raise ConfigError(f"k_choices must be positive, got {self.k_choices}")
 
@@ -279,7 +295,7 @@ def split_persona_users(user_ids: list[str], holdout_test: int, holdout_val: int
 
 def _task_loss_fns(model: Any, cfg: MetaTrainConfig) -> tuple[Callable, Callable, Callable]:
     """support_loss, query_loss and a per-task preparation for the reward model."""
-    from metarlhf.reward import RewardModel, records_loss
+    from metarlhf.reward import RewardModel, records_loss, residual_penalty
 
     def prepare(params: Params, support: Any, query: Any) -> dict[str, Any]:
         task: dict[str, Any] = {"support": support, "query": query}
@@ -290,7 +306,8 @@ def _task_loss_fns(model: Any, cfg: MetaTrainConfig) -> tuple[Callable, Callable
 
     def support_loss(p: Params, task: dict[str, Any]) -> torch.Tensor:
         if cfg.inner in ("head", "subspace"):
-            return records_loss(RewardModel.head_scores(p, task["emb_s"]), task["support"])
+            return (records_loss(RewardModel.head_scores(p, task["emb_s"]), task["support"])
+                    + residual_penalty(p, cfg.resid_l2))
         return records_loss(RewardModel.head_scores(p, model.embed_ids(task["support"].ids, p)), task["support"])
 
     def query_loss(p: Params, task: dict[str, Any]) -> torch.Tensor:
@@ -315,7 +332,7 @@ def _sample_tasks(model: Any, users: dict[str, list], ids: list[str], cfg: MetaT
 
 
 def evaluate_users(model: Any, params: Params, log_lrs: Params, users: dict[str, list], ids: list[str],
-                   k: int, n_query: int, steps: int, inner: str, seed: int = 0) -> float:
+                   k: int, n_query: int, steps: int, inner: str, seed: int = 0, resid_l2: float = 0.0) -> float:
     """Mean query accuracy after adapting from ``params`` on K support records per user."""
     from metarlhf.data import make_task
     from metarlhf.reward import adapt_params, records_accuracy
@@ -323,7 +340,8 @@ def evaluate_users(model: Any, params: Params, log_lrs: Params, users: dict[str,
     accs = []
     for u in ids:
         t = make_task(u, users[u], k, seed=seed, max_query=n_query)
-        adapted, _ = adapt_params(model, model.encode_records(t.support), params, log_lrs, steps, inner, seed)
+        adapted, _ = adapt_params(model, model.encode_records(t.support), params, log_lrs, steps, inner, seed,
+                                  resid_l2=resid_l2)
         q = model.encode_records(t.query)
         with torch.no_grad():
             scores = model.head_scores(adapted, model.embed_ids(q.ids, adapted))
@@ -373,6 +391,8 @@ def meta_train_reward(data: str | Path, out: str | Path, cfg: MetaTrainConfig, e
         BASIS_KEY,
         HEAD_KEYS,
         INIT_KIND,
+        LR_PREFIX,
+        R_KEY,
         SUBSPACE_INNER_KEYS,
         Z_KEY,
         EncodedRecords,
@@ -403,11 +423,18 @@ def meta_train_reward(data: str | Path, out: str | Path, cfg: MetaTrainConfig, e
             raise ConfigError(f"--init-from {cfg.init_from}: a {prev.meta.get('kind')!r} adapter, not a reward init")
         if prev.meta.get("split") not in (None, split):  # its train users must not include our val/test users
             raise ConfigError(f"--init-from {cfg.init_from} was meta-trained on another user split")
-        init = {k: v for k, v in model.params_from_tensors(prev.tensors, cfg.init_from).items() if k != BASIS_KEY}
+        warm = model.params_from_tensors(prev.tensors, cfg.init_from)
+        init = {k: v for k, v in warm.items() if k != BASIS_KEY}
+        warm_lrs = {model.from_peft_key(k[len(LR_PREFIX):]): v for k, v in prev.tensors.items()
+                    if k.startswith(LR_PREFIX)}
+        if cfg.keep_basis and (BASIS_KEY not in warm or warm[BASIS_KEY].shape[0] != cfg.basis_rank):
+            raise ConfigError(f"--keep-basis: {cfg.init_from} has no head basis of rank {cfg.basis_rank}")
     keys = list(init)
     head_keys = list(HEAD_KEYS)
     if cfg.inner == "subspace":
-        if not resume:  # the PCA start (a resumed run reads its parameters from the checkpoint)
+        if cfg.keep_basis:  # the warm init's own subspace (head.weight / head.bias are its w0 / b0)
+            w0, b0, basis = init["head.weight"], init["head.bias"], warm[BASIS_KEY]
+        elif not resume:  # the PCA start (a resumed run reads its parameters from the checkpoint)
             t0 = time.perf_counter()
             heads = fit_user_heads(model, users, split["train"], cfg.basis_records, cfg.seed, progress, params=init)
             w0, b0, basis = pca_head_basis(heads, cfg.basis_rank)
@@ -418,6 +445,12 @@ def meta_train_reward(data: str | Path, out: str | Path, cfg: MetaTrainConfig, e
         init |= {"head.weight": w0, "head.bias": b0, BASIS_KEY: basis, Z_KEY: torch.zeros(cfg.basis_rank)}
         adapt_keys = list(SUBSPACE_INNER_KEYS)
         lrs = {Z_KEY: cfg.inner_lr_z, "head.bias": cfg.inner_lr_bias}
+        if cfg.inner_lr_r > 0:  # subspace + residual: r [hidden] starts at 0
+            init[R_KEY] = torch.zeros(model.hidden_size)
+            adapt_keys.append(R_KEY)
+            lrs[R_KEY] = cfg.inner_lr_r
+        if cfg.keep_basis:  # the warm init's learned rates where it has them (tensors: MetaLearner takes logs)
+            lrs = {k: (torch.exp(warm_lrs[k]) if k in warm_lrs else v) for k, v in lrs.items()}
     else:
         adapt_keys = head_keys if cfg.inner == "head" else keys
         lrs = ({k: cfg.inner_lr_lora for k in adapt_keys}
@@ -472,7 +505,7 @@ def meta_train_reward(data: str | Path, out: str | Path, cfg: MetaTrainConfig, e
             return float("nan")
         return evaluate_users(model, fold_z({k: v.detach() for k, v in learner.params.items()}),
                               {k: v.detach() for k, v in learner.log_lrs.items()}, users, split["val"],
-                              cfg.val_k, cfg.val_query, cfg.inner_steps, cfg.inner, seed=12345)
+                              cfg.val_k, cfg.val_query, cfg.inner_steps, cfg.inner, seed=12345, resid_l2=cfg.resid_l2)
 
     bar = tqdm(total=cfg.steps, initial=step, disable=not progress, desc=f"meta-train {cfg.algo}")
     with open(metrics_path, "a") as mf:
@@ -533,6 +566,8 @@ def meta_train_reward(data: str | Path, out: str | Path, cfg: MetaTrainConfig, e
         meta["warm_start"] = {k: prev_meta.get(k) for k in ("name", "algo", "inner", "steps", "best_step",
                                                             "val_acc", "wall_seconds", "split")}
     meta |= {"basis_rank": cfg.basis_rank} if cfg.inner == "subspace" else {}
+    if cfg.inner_lr_r > 0:
+        meta |= {"inner_residual": True, "inner_resid_l2": cfg.resid_l2}
     adapter = model.make_adapter(fold_z(best), meta, log_lrs=final_lrs)
     extra = {"split.json": (json.dumps(split, indent=2) + "\n").encode(), "metrics.jsonl": metrics_path.read_bytes()}
     save_adapter(out, adapter, extra_files=extra)

@@ -22,6 +22,14 @@
   K labels then determine r + 1 numbers instead of hidden + 1. The adapted *user*
   adapter stores the materialised ``head.weight`` (no basis), so scoring and serving
   are the same for every kind of init.
+* Subspace + residual (a "low-rank + isotropic" Gaussian prior on the head): if the
+  init also has an inner learning rate for ``head.r`` [hidden], the head is
+  ``w = head.weight + z @ head.basis + r`` and the inner loop moves ``r`` (from 0) as
+  well, at its own (smaller per unit of gradient, Meta-SGD) rate, with an optional L2 pull
+  ``0.5 * inner_resid_l2 * |r|^2`` added to the support loss (the init's metadata
+  ``inner_resid_l2``, default 0). ``z`` captures what the training users share; ``r``
+  lets a user whose direction lies outside the subspace still be fitted when the data
+  asks for it.
 
 Simplifications: the prompt is truncated to its first ``prompt_max_tokens`` tokens
 (the completion carries most of the signal), the pooled embedding is L2-normalised,
@@ -55,6 +63,7 @@ LR_PREFIX = "meta_sgd.log_lr."  # extra keys of an init: log inner learning rate
 HEAD_KEYS = ("head.weight", "head.bias")
 BASIS_KEY = "head.basis"  # [r, hidden] head subspace of an init (extra tensor)
 Z_KEY = "head.z"  # [r] coordinates in that subspace (inner-loop only, never stored)
+R_KEY = "head.r"  # [hidden] residual of the head outside the subspace (inner-loop only, never stored)
 SUBSPACE_INNER_KEYS = (Z_KEY, "head.bias")
 INNER_MODES = ("head", "all", "subspace")  # what an init's inner loop adapts
 
@@ -452,32 +461,44 @@ def _config_from_adapter(path: Path) -> RewardConfig:
 
 
 def head_weight(params: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The head's weight vector [hidden]: ``head.weight[0] (+ head.z @ head.basis)``. Pure."""
+    """The head's weight vector [hidden]: ``head.weight[0] (+ head.z @ head.basis) (+ head.r)``. Pure."""
     w = params["head.weight"][0]  # [hidden]
     if Z_KEY in params:
         w = w + params[Z_KEY] @ params[BASIS_KEY]  # [r] @ [r, hidden] -> [hidden]
+    if R_KEY in params:
+        w = w + params[R_KEY]  # [hidden]
     return w
 
 
 def materialise_head(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Fold ``head.z`` into ``head.weight`` and drop ``head.z`` / ``head.basis``. Pure."""
-    out = {k: v for k, v in params.items() if k not in (Z_KEY, BASIS_KEY)}
+    """Fold ``head.z`` (and ``head.r``) into ``head.weight``; drop them and ``head.basis``. Pure."""
+    out = {k: v for k, v in params.items() if k not in (Z_KEY, R_KEY, BASIS_KEY)}
     out["head.weight"] = head_weight(params).unsqueeze(0)  # [1, hidden]
     return out
 
 
 def fold_z(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Fold ``head.z`` into ``head.weight`` but keep ``head.basis`` (an init's form). Pure."""
-    if Z_KEY not in params:
+    """Fold ``head.z`` (and ``head.r``) into ``head.weight`` but keep ``head.basis`` (an init's form). Pure."""
+    if Z_KEY not in params and R_KEY not in params:
         return dict(params)
-    out = {k: v for k, v in params.items() if k != Z_KEY}
+    out = {k: v for k, v in params.items() if k not in (Z_KEY, R_KEY)}
     out["head.weight"] = head_weight(params).unsqueeze(0)  # [1, hidden]
     return out
 
 
-def inner_keys(params: dict[str, torch.Tensor]) -> tuple[str, ...]:
-    """What the head-only inner loop adapts: ``(head.z, head.bias)`` with a basis, else the head."""
-    return SUBSPACE_INNER_KEYS if BASIS_KEY in params else HEAD_KEYS
+def inner_keys(params: dict[str, torch.Tensor], log_lrs: dict[str, torch.Tensor] | None = None) -> tuple[str, ...]:
+    """What the head-only inner loop adapts: ``(head.z, head.bias)`` with a basis, plus ``head.r``
+    when ``log_lrs`` has a rate for it (subspace + residual); without a basis, the head."""
+    if BASIS_KEY not in params:
+        return HEAD_KEYS
+    return (*SUBSPACE_INNER_KEYS, R_KEY) if log_lrs is not None and R_KEY in log_lrs else SUBSPACE_INNER_KEYS
+
+
+def residual_penalty(params: dict[str, torch.Tensor], l2: float) -> torch.Tensor | float:
+    """The residual's Gaussian prior term ``0.5 * l2 * |head.r|^2`` (0 without ``head.r`` or l2). Pure."""
+    if l2 == 0.0 or R_KEY not in params:
+        return 0.0
+    return 0.5 * l2 * (params[R_KEY] ** 2).sum()
 
 
 def sgd_inner_step(params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor],
@@ -490,25 +511,30 @@ def sgd_inner_step(params: dict[str, torch.Tensor], grads: dict[str, torch.Tenso
 
 
 def adapt_head(emb: torch.Tensor, enc: EncodedRecords, params: dict[str, torch.Tensor],
-               log_lrs: dict[str, torch.Tensor], steps: int) -> tuple[dict[str, torch.Tensor], list[float]]:
+               log_lrs: dict[str, torch.Tensor], steps: int,
+               resid_l2: float = 0.0) -> tuple[dict[str, torch.Tensor], list[float]]:
     """ANIL inner loop on fixed embeddings: ``steps`` Meta-SGD steps on the head only.
 
     With ``head.basis`` in ``params`` (a subspace init) the steps move ``z`` (from 0) and
-    the bias, and the returned params carry the materialised ``head.weight`` (no basis).
+    the bias, and the residual ``head.r`` (from 0, penalised by ``resid_l2``) if
+    ``log_lrs`` has a rate for it; the returned params carry the materialised
+    ``head.weight`` (no basis). ``losses`` are the support losses (penalty included).
     """
     from torch.func import grad_and_value
 
-    keys = inner_keys(params)
+    keys = inner_keys(params, log_lrs)
     missing = [k for k in keys if k not in log_lrs]
     if missing:
         raise AdapterError(f"the init has no inner learning rate for {missing[0]!r}")
     if BASIS_KEY in params and Z_KEY not in params:
         params = {**params, Z_KEY: params[BASIS_KEY].new_zeros(params[BASIS_KEY].shape[0])}
+    if R_KEY in keys and R_KEY not in params:
+        params = {**params, R_KEY: torch.zeros_like(params["head.weight"][0])}  # [hidden]
     head = {k: params[k].detach() for k in keys}
-    fixed = {k: params[k].detach() for k in (*HEAD_KEYS, Z_KEY, BASIS_KEY) if k in params and k not in keys}
+    fixed = {k: params[k].detach() for k in (*HEAD_KEYS, Z_KEY, R_KEY, BASIS_KEY) if k in params and k not in keys}
 
     def loss_fn(h: dict[str, torch.Tensor]) -> torch.Tensor:
-        return records_loss(RewardModel.head_scores({**fixed, **h}, emb), enc)
+        return records_loss(RewardModel.head_scores({**fixed, **h}, emb), enc) + residual_penalty(h, resid_l2)
 
     losses = []
     for _ in range(steps):
@@ -521,13 +547,13 @@ def adapt_head(emb: torch.Tensor, enc: EncodedRecords, params: dict[str, torch.T
 
 def adapt_params(model: RewardModel, enc: EncodedRecords, params: dict[str, torch.Tensor],
                  log_lrs: dict[str, torch.Tensor], steps: int, inner: str = "head", seed: int = 0,
-                 adam_lr: float | None = None) -> tuple[dict[str, torch.Tensor], list[float]]:
+                 adam_lr: float | None = None, resid_l2: float = 0.0) -> tuple[dict[str, torch.Tensor], list[float]]:
     """Fit ``params`` to ``enc``. Returns ``(adapted params, losses)`` (losses[-1] = final).
 
     ``adam_lr`` set: Adam on LoRA + head (the from-scratch baseline). Otherwise the
     meta-learned inner loop: Meta-SGD steps on the head (``inner="head"``), on the
-    head's subspace coordinates + bias (``inner="subspace"``; ``params`` carry
-    ``head.basis``) or on all adapter parameters (``inner="all"``), with the init's
+    head's subspace coordinates + bias, and the residual ``head.r`` when ``log_lrs``
+    has its rate (``inner="subspace"``; ``params`` carry ``head.basis``) or on all adapter parameters (``inner="all"``), with the init's
     learning rates.
     """
     if steps < 0:
@@ -539,7 +565,7 @@ def adapt_params(model: RewardModel, enc: EncodedRecords, params: dict[str, torc
     if adam_lr is None and inner in ("head", "subspace"):
         with torch.no_grad():
             emb = model.embed_ids(enc.ids, params)  # [n, hidden]
-        return adapt_head(emb, enc, params, log_lrs, steps)
+        return adapt_head(emb, enc, params, log_lrs, steps, resid_l2)
     p = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
     opt = torch.optim.Adam(list(p.values()), lr=adam_lr) if adam_lr is not None else None
     losses: list[float] = []
@@ -606,7 +632,10 @@ def adapt_reward(
         n_steps = int(meta.get("inner_steps", 5)) if steps is None else steps
         if not log_lrs:
             raise AdapterError(f"{init_dir}: init has no inner learning rates ({LR_PREFIX}*)")
-        adapted, losses = adapt_params(model, model.encode_records(records), params, log_lrs, n_steps, inner, seed)
+        if meta.get("inner_residual") and R_KEY not in log_lrs:
+            raise AdapterError(f"{init_dir}: metadata says inner_residual but there is no {LR_PREFIX}{R_KEY}")
+        adapted, losses = adapt_params(model, model.encode_records(records), params, log_lrs, n_steps, inner, seed,
+                                       resid_l2=float(meta.get("inner_resid_l2", 0.0)))
         init_name = str(meta.get("name", init_dir))
     else:
         n_steps = 5 if steps is None else steps

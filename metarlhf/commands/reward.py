@@ -26,6 +26,11 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
     p.add_argument("--inner-lr-head", type=float, default=3.0, help="initial inner lr of the head weights")
     p.add_argument("--inner-lr-bias", type=float, default=1.0, help="initial inner lr of the head bias")
     p.add_argument("--inner-lr-z", type=float, default=1.0, help="subspace: initial inner lr of the coordinates")
+    p.add_argument("--inner-lr-r", type=float, default=0.0,
+                   help="subspace: initial inner lr of a full residual r added to the head (0: no residual)")
+    p.add_argument("--resid-l2", type=float, default=0.0, help="subspace + residual: L2 pull of r to 0")
+    p.add_argument("--keep-basis", action="store_true",
+                   help="with --init-from a subspace init: keep its w0, b0, basis and inner rates (no new PCA)")
     p.add_argument("--basis-rank", type=int, default=16, help="subspace: rank of the head basis")
     p.add_argument("--basis-records", type=int, default=128,
                    help="subspace: records per train user for the PCA start of the basis")
@@ -81,6 +86,7 @@ def _meta_train(args: argparse.Namespace) -> int:
     cfg = MetaTrainConfig(
         algo=args.algo, first_order=args.first_order, inner=args.inner, inner_steps=args.inner_steps, inner_lr_head=args.inner_lr_head,
         inner_lr_bias=args.inner_lr_bias, inner_lr_z=args.inner_lr_z, basis_rank=args.basis_rank,
+        inner_lr_r=args.inner_lr_r, resid_l2=args.resid_l2, keep_basis=args.keep_basis,
         basis_records=args.basis_records,
         steps=args.steps, meta_batch=args.meta_batch, meta_lr=args.meta_lr, k_choices=list(args.k),
         n_query=args.query, val_every=args.val_every, ckpt_every=args.ckpt_every, seed=args.seed,
