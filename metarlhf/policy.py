@@ -31,6 +31,19 @@ Exploration (:data:`STYLE_HINTS`, :func:`exploration_hints`)
     rates the answer to the *plain* prompt, and the adapter is trained on the plain
     prompt, so it learns to produce the liked style unprompted (context distillation).
 
+    ``adaptive`` exploration (:func:`explore_adaptive`) collects the K thumbs in rounds:
+    the first half spread over distinct hints of the menu, then, a few prompts at a time,
+    each prompt's samples drawn with the arms (hints or plain) that Thompson sampling on
+    the Beta(1 + ups, 1 + downs) posteriors picks. Simplification: an arm's "success" is a
+    thumbs up, which is relative to the other sample shown with it.
+
+Liked-style distillation (:func:`distill_records`, ``AdaptConfig.distill_samples``)
+    The hints with positive net feedback (more ups than downs) are the styles the user
+    liked. ``distill_samples`` extra samples are drawn with the best of them on the
+    user's prompts and added, on the plain prompt, as thumbs up the user never gave
+    (optionally ranked by the user's personalized reward model). Needs the hint of each
+    record, which only exploration knows; the server path (no hints) draws none.
+
     The reference policy is the same base model with the adapter disabled
     (``peft_model.disable_adapter()``), never a second copy. Reference log-probs do not
     change during training, so they are computed once, before the first step.
