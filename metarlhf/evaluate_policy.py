@@ -142,6 +142,28 @@ def _plot(result: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    ks = sorted({r["k"] for r in result["summary"]})
+    if len(ks) == 1:  # one K: bars per (method, protocol), one dot per user
+        fig, ax = plt.subplots(figsize=(7, 4))
+        cells = [(m, e) for e in result["config"].get("explore", ["plain"]) for m in result["config"]["methods"]]
+        for i, (m, e) in enumerate(cells):
+            summ = [r for r in result["summary"] if r["method"] == m and r.get("explore", "plain") == e]
+            if not summ:
+                continue
+            ax.bar(i, summ[0]["win_rate"], color=f"C{i % 10}", alpha=0.6)
+            ax.text(i, 0.03, f"{summ[0]['win_rate']:.3f}", ha="center", fontsize=9)
+            pts = [r["win_rate"] for r in result["rows"] if r["method"] == m and r.get("explore", "plain") == e]
+            ax.scatter([i] * len(pts), pts, c="black", s=10, zorder=3)
+        ax.set_xticks(range(len(cells)), [f"{m}\n{e}" for m, e in cells], fontsize=8)
+        ax.axhline(0.75, ls="--", c="grey", lw=1, label="target 0.75")
+        ax.axhline(0.5, ls=":", c="black", lw=1, label="base (tie)")
+        ax.set_ylabel(f"win rate vs base at K={ks[0]} (dots: users)")
+        ax.set_ylim(0, 1.05)
+        ax.set_title(f"policy personalization, {len(result['users'])} sim users, K={ks[0]}")
+        ax.legend(loc="lower right", fontsize=8)
+        fig.tight_layout()
+        _save_png(fig, path)
+        return
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for method in result["config"]["methods"]:
         for explore in result["config"].get("explore", ["plain"]):
@@ -160,7 +182,13 @@ def _plot(result: dict[str, Any], path: Path) -> None:
     ax.set_title(f"policy personalization, {len(result['users'])} held-out sim users")
     ax.legend()
     fig.tight_layout()
+    _save_png(fig, path)
+
+
+def _save_png(fig: Any, path: Path) -> None:
     import io
+
+    import matplotlib.pyplot as plt
 
     from metarlhf.io import atomic_write_bytes
 
