@@ -12,6 +12,15 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
 @pytest.fixture
+def float64():
+    """Float64 default dtype for hand-computed references (restored afterwards)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+@pytest.fixture
 def tiny_policy():
     from metarlhf.testing import tiny_policy
 

@@ -22,14 +22,6 @@ from metarlhf.reward import (
 )
 
 
-@pytest.fixture
-def float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
-
-
 def test_pca_head_basis_hand_computed(float64):
     # centred weights [[1,0],[-1,0],[0,2],[0,-2]]: singular values sqrt(8), sqrt(2) along e2, e1
     heads = torch.tensor([[2.0, 1, 0.5], [0, 1, 1.5], [1, 3, 1.0], [1, -1, 1.0]])

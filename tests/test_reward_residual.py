@@ -28,14 +28,6 @@ from metarlhf.reward import (
 )
 
 
-@pytest.fixture
-def float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
-
-
 def _thumbs(labels):
     n = len(labels)
     empty = torch.zeros(0, dtype=torch.long)
