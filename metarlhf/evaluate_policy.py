@@ -75,8 +75,10 @@ class EvalConfig:
     round_prompts: int = 2  # adaptive exploration: prompts per round after the first
 
     def __post_init__(self) -> None:
-        if not self.explore or any(e not in ("hints", "plain", "adaptive") for e in self.explore):
-            raise ConfigError(f"explore must be a non-empty list of 'hints' / 'plain' / 'adaptive', got {self.explore}")
+        from metarlhf.policy import EXPLORE_MODES
+
+        if not self.explore or any(e not in EXPLORE_MODES for e in self.explore):
+            raise ConfigError(f"explore must be a non-empty list of {' / '.join(map(repr, EXPLORE_MODES))}, got {self.explore}")
         if self.round_prompts < 1:
             raise ConfigError(f"round_prompts must be >= 1, got {self.round_prompts}")
         if not self.ks or any(k < 1 for k in self.ks):

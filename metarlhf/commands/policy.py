@@ -33,7 +33,8 @@ _nonneg = _int_at_least(0)
 
 
 def register(groups: dict[str, argparse._SubParsersAction]) -> None:
-    from metarlhf.policy import AdaptConfig
+    from metarlhf.policy import EXPLORE_MODES, AdaptConfig
+
     p = groups["meta-train"].add_parser("policy", help="meta-train the policy LoRA init over simulated users")
     p.add_argument("--algo", choices=["reptile", "fomaml"], default="reptile")
     p.add_argument("--prompts", required=True, help="HH-RLHF .jsonl.gz (first Human turn) or JSONL of prompts")
@@ -89,7 +90,7 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
     p.add_argument("--lr", type=float, default=2e-3, help="Adam lr (AdaptConfig default)")
     p.add_argument("--max-new-tokens", type=_positive, default=48)
     p.add_argument("--label-noise", type=float, default=0.0)
-    p.add_argument("--explore", nargs="+", choices=["hints", "plain", "adaptive"], default=["hints", "plain"],
+    p.add_argument("--explore", nargs="+", choices=EXPLORE_MODES, default=["hints", "plain"],
                    help="exploration protocols for the thumbs samples: fixed style-hint schedule, plain, or a "
                         "Thompson-sampling bandit over the hints (adaptive)")
     p.add_argument("--plain-every", type=_nonneg, default=4, help="hints protocol: every n-th sample is plain")
