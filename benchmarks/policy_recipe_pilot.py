@@ -66,7 +66,7 @@ def main() -> int:
         got = evaluate_policy(users, prompts, cfg, base=(model, tok), progress=False)
         run = {"recipe": name, "params": r, "users": names, "summary": got["summary"],
                "per_user": [{k: row[k] for k in ("user", "k", "explore", "method", "n_up", "win_rate", "mean_reward",
-                                                 "base_mean_reward", "adapt_s", "hint_credit", "distill_hints",
+                                                 "base_mean_reward", "adapt_s", "nll_personal", "nll_base", "hint_credit", "distill_hints",
                                                  "n_distilled", "distill_s", "explore_s") if k in row}
                             for row in got["rows"]],
                "wall_s": round(time.perf_counter() - t0, 1), "command": command}

@@ -154,10 +154,11 @@ def dpo_loss(
 class AdaptConfig:
     """Hyper-parameters of one user's adaptation."""
 
-    steps: int = 8  # optimizer steps (bounded)
-    lr: float = 2e-3  # Adam learning rate (2e-3 with KTO over all layers wrecked fluency in session 1; this
-    #                   recipe is SFT + paired DPO on the top layers, chosen on training users:
-    #                   benchmarks/results/policy_recipe_pilot.json)
+    steps: int = 12  # optimizer steps (bounded)
+    lr: float = 1e-2  # Adam learning rate. Chosen on training users (benchmarks/results/policy_lr_pilot.json):
+    #                   win rate 0.60 / 0.64 / 0.72 / 0.74 at 2e-3 / 5e-3 / 1e-2 / 1e-2 x 12 steps (meta init);
+    #                   8 steps at 2e-3 barely moved the sampled style. (2e-3 with KTO over all layers
+    #                   wrecked fluency in session 1; this recipe is SFT + paired DPO on the top layers.)
     beta: float = 0.1  # KTO / DPO temperature
     batch_size: int = 16  # records per step (all of them when K <= batch_size)
     max_prompt_tokens: int = 96

@@ -68,6 +68,20 @@ def test_sequence_logps_matches_unpadded_forward():
         assert float(got[i]) == pytest.approx(want, abs=1e-4)
 
 
+def test_base_nll_is_the_per_token_mean_of_the_completion_logps():
+    from metarlhf.evaluate_policy import base_nll
+
+    model, tok = tiny_policy()
+    prompts, comps = ["hi", "a much longer prompt here", "x"], ["hello there", "ok", "a b c d e"]
+    batch = P.encode_pairs(tok, prompts, comps)
+    with torch.no_grad():
+        want = -float(P.sequence_logps(model, batch).sum()) / float(batch.comp_mask.sum())
+    assert base_nll(model, tok, prompts, comps, chunk=2) == pytest.approx(want, rel=1e-5)
+    # a completion the model finds likelier lowers the figure
+    greedy = P.generate(model, tok, ["hi"], max_new_tokens=6, temperature=0)
+    assert base_nll(model, tok, ["hi"], greedy) < base_nll(model, tok, ["hi"], ["zq xv qz vx"])
+
+
 # ------------------------------------------------------------------ adaptation
 def _ratios(model, tok, adapter, records):
     batch = P.encode_pairs(tok, [r.prompt for r in records], [r.completion for r in records])
@@ -256,6 +270,7 @@ def test_cli_eval_policy_with_users_file(tmp_path, tiny_dir):
     # 2 users x 2 K x 2 exploration protocols (hints and plain, both by default)
     assert len(res["rows"]) == 8 and {r["user"] for r in res["rows"]} == {"likes-e", "bullets"}
     assert all(0 <= r["win_rate"] <= 1 and r["adapt_s"] > 0 for r in res["rows"])
+    assert all(r["nll_personal"] > 0 and r["nll_base"] > 0 for r in res["rows"])
     assert {(s["method"], s["explore"], s["k"]) for s in res["summary"]} == {
         ("scratch", e, k) for e in ("hints", "plain") for k in (2, 4)}
     hints = res["exploration_hints"]
@@ -309,3 +324,22 @@ def test_eval_with_reward_model_methods(monkeypatch):
                             progress=False)
     assert [r["method"] for r in res["rows"]] == ["scratch", "scratch+bon3", "scratch+aug2"]
     assert calls == [4]  # one personalized reward model per (user, K), shared by both methods
+
+
+def test_eval_and_cli_defaults_follow_the_adaptation_recipe():
+    import argparse
+
+    from metarlhf.commands import policy as cmd
+    from metarlhf.evaluate_policy import EvalConfig
+
+    d = P.AdaptConfig()
+    assert (EvalConfig().steps, EvalConfig().lr) == (d.steps, d.lr)
+    groups = {}
+    sub = argparse.ArgumentParser().add_subparsers()
+    for name in ("meta-train", "adapt", "eval"):
+        groups[name] = sub.add_parser(name).add_subparsers()
+    cmd.register(groups)
+    adapt = groups["adapt"].choices["policy"].parse_args(["--data", "x", "--user", "u", "--k", "4", "--out", "o"])
+    assert (adapt.steps, adapt.lr) == (d.steps, d.lr)
+    ev = groups["eval"].choices["policy"].parse_args(["--prompts", "p", "--out", "o"])
+    assert (ev.steps, ev.lr) == (d.steps, d.lr)
