@@ -30,8 +30,8 @@ Reported per user and averaged over users: win rate against base, mean true rewa
 mean per-token NLL of the personalized and of the base completions (``nll_personal``,
 ``nll_base``). The true rewards score style only, so a recipe that wins by writing
 gibberish shows up here as ``nll_personal`` far above ``nll_base``. The JSON is
-rewritten after every (user, K, method) cell, so an interrupted run keeps what it measured; a PNG plots the
-average win rate against K per method.
+rewritten after every (user, K, method) cell, so an interrupted run keeps what it
+measured; a PNG plots the average win rate against K per method.
 """
 
 from __future__ import annotations
