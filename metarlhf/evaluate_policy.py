@@ -144,7 +144,10 @@ def win_rate(personal: Sequence[float], base: Sequence[float]) -> float:
 def base_nll(model: Any, tok: Any, prompts: Sequence[str], completions: Sequence[str], chunk: int = 8) -> float:
     """Mean per-token negative log-likelihood of ``completions`` under ``model`` (plain prompts).
 
-    The fluency guard of the evaluation: ``model`` is the base model (no adapter).
+    The fluency guard of the evaluation: ``model`` is the base model (no adapter). As in
+    training, an EOS is scored after each completion and completions are cut at 64 tokens,
+    so an answer cut at ``max_new_tokens`` pays for that EOS; personalized and base answers
+    are treated alike.
     """
     import torch
 
