@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from metarlhf.errors import ConfigError, DataError
+from metarlhf.policy import EXPLORE_MODES, AdaptConfig
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +60,8 @@ class EvalConfig:
     eval_prompts: int = 16
     samples_per_prompt: int = 2
     methods: list[str] = field(default_factory=lambda: ["meta", "scratch"])
-    steps: int = 12  # the AdaptConfig defaults (a test keeps them equal)
-    lr: float = 1e-2
+    steps: int = AdaptConfig.steps
+    lr: float = AdaptConfig.lr
     max_new_tokens: int = 48
     sample_temperature: float = 1.0  # base samples the user labels
     eval_temperature: float = 0.7  # completions compared on held-out prompts
@@ -78,8 +79,6 @@ class EvalConfig:
     round_prompts: int = 2  # adaptive exploration: prompts per round after the first
 
     def __post_init__(self) -> None:
-        from metarlhf.policy import EXPLORE_MODES
-
         if not self.explore or any(e not in EXPLORE_MODES for e in self.explore):
             raise ConfigError(f"explore must be a non-empty list of {' / '.join(map(repr, EXPLORE_MODES))}, got {self.explore}")
         if self.round_prompts < 1:
@@ -151,12 +150,11 @@ def base_nll(model: Any, tok: Any, prompts: Sequence[str], completions: Sequence
     """
     import torch
 
-    from metarlhf.policy import encode_pairs, sequence_logps
+    from metarlhf.policy import encode_pairs, logps_chunked
 
     batch = encode_pairs(tok, list(prompts), list(completions))
-    n = batch.input_ids.shape[0]
     with torch.no_grad():
-        logps = torch.cat([sequence_logps(model, batch, torch.arange(i, min(i + chunk, n))) for i in range(0, n, chunk)])
+        logps = logps_chunked(model, batch, chunk)
     return float(-logps.sum() / batch.comp_mask.sum())
 
 

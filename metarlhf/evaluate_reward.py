@@ -119,6 +119,7 @@ def evaluate_reward(
     from metarlhf.io import atomic_write_json
     from metarlhf.meta import split_persona_users
     from metarlhf.reward import (
+        R_KEY,
         SCRATCH_ADAM_LR,
         SHIPPED_INIT_DIR,
         RewardModel,
@@ -219,7 +220,7 @@ def evaluate_reward(
     atomic_write_json(out, summary)
     detail = {
         "per_user": per_user, "users": users, "seeds": seeds, "ks": ks, "steps": n_steps, "inner": inner,
-        "inner_residual": "head.r" in log_lrs, "inner_resid_l2": resid_l2,
+        "inner_residual": R_KEY in log_lrs, "inner_resid_l2": resid_l2,
         "init": str(init_dir), "init_name": meta.get("name"), "encoder": model.base_model,
         "seen_in_meta_training": seen, "seconds_total": round(time.perf_counter() - t_all, 1),
         "seconds_per_method": {m: round(v, 1) for m, v in timing.items()}, "scratch_adam_lr": SCRATCH_ADAM_LR,

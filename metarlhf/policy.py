@@ -726,7 +726,8 @@ def check_records(records: Sequence[Record]) -> None:
 
 
 
-def _logps_chunked(model: Any, batch: SeqBatch, chunk: int) -> Any:
+def logps_chunked(model: Any, batch: SeqBatch, chunk: int) -> Any:
+    """:func:`sequence_logps` of every row, ``chunk`` rows per forward pass: ``[n]``."""
     import torch
 
     n = batch.input_ids.shape[0]
@@ -738,7 +739,7 @@ def reference_logps(peft_model: Any, batch: SeqBatch, chunk: int = 16, precision
     import torch
 
     with torch.no_grad(), peft_model.disable_adapter(), autocast(precision):
-        return _logps_chunked(peft_model, batch, chunk)
+        return logps_chunked(peft_model, batch, chunk)
 
 
 def prepare(
