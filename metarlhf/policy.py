@@ -85,6 +85,7 @@ import math
 import os
 import random
 import re
+import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -1079,11 +1080,23 @@ def adapter_attached(model: Any, adapter: Adapter | None) -> Iterator[Any]:
 
 
 # ----------------------------------------------------------------------------- meta-training
+#: First-order policy meta-learners (see :class:`MetaConfig`).
+META_ALGOS: tuple[str, ...] = ("reptile", "fomaml", "subspace")
+
+
 @dataclass
 class MetaConfig:
-    """Hyper-parameters of first-order meta-training of the policy LoRA init."""
+    """Hyper-parameters of first-order meta-training of the policy LoRA init.
 
-    algo: str = "reptile"  # reptile | fomaml
+    ``algo``: ``reptile`` and ``fomaml`` move the whole LoRA (A and B) by first-order
+    meta-gradients. ``subspace`` adapts a *fresh* LoRA to one task per meta-step (the
+    users in turn) and, at the end, sets each module's A to the top-r right singular
+    vectors of the tasks' stacked updates ``B A`` (the input directions users' styles
+    moved) with B = 0, so the init is the base model exactly and a new user's first
+    steps move along those directions (:func:`task_subspace`).
+    """
+
+    algo: str = "reptile"  # reptile | fomaml | subspace
     meta_steps: int = 40
     inner_steps: int = 4  # Adam steps per task (the adaptation procedure, shortened)
     support_prompts: int = 4  # prompts per support set (x samples_per_prompt thumbs)
@@ -1100,8 +1113,8 @@ class MetaConfig:
     explore: str = "plain"  # pool samples: "plain" or "hints" (style hints, as in evaluation)
 
     def __post_init__(self) -> None:
-        if self.algo not in ("reptile", "fomaml"):
-            raise ConfigError(f"algo must be 'reptile' or 'fomaml', got {self.algo!r}")
+        if self.algo not in META_ALGOS:
+            raise ConfigError(f"algo must be one of {', '.join(map(repr, META_ALGOS))}, got {self.algo!r}")
         for name in ("meta_steps", "inner_steps", "support_prompts", "query_prompts", "pool_prompts",
                      "max_new_tokens", "checkpoint_every"):
             if getattr(self, name) < 1:
@@ -1123,6 +1136,57 @@ class MetaConfig:
 def reptile_update(theta: Sequence[Any], phi: Sequence[Any], eps: float) -> list[Any]:
     """Reptile meta-update ``theta + eps * (phi - theta)`` (pure)."""
     return [t + eps * (p - t) for t, p in zip(theta, phi, strict=True)]
+
+
+def task_subspace(deltas: Sequence[Any], rank: int, row_norm: float) -> tuple[Any, float]:
+    """LoRA A from task updates: the top-``rank`` right singular vectors of the stacked
+    ``deltas`` (each a module's ``B A`` [out, in] after one task), each row
+    scaled to ``row_norm``. Returns ``(A [rank, in], energy)``, ``energy`` being the share
+    of the stack's squared Frobenius norm that the rank-``rank`` subspace holds. Pure.
+    """
+    import torch
+
+    if not deltas:
+        raise DataError("no task updates to take a subspace of")
+    stack = torch.cat([d.float() for d in deltas])  # [n_tasks * out, in]
+    if rank > stack.shape[1]:
+        raise ConfigError(f"rank {rank} exceeds the input size {stack.shape[1]}")
+    _, s, vt = torch.linalg.svd(stack, full_matrices=False)
+    total = float((s ** 2).sum())
+    energy = float((s[:rank] ** 2).sum()) / total if total > 0 else 0.0
+    basis = vt[:rank]
+    if basis.shape[0] < rank:  # fewer stacked rows than the rank: complete with an orthonormal basis
+        q, _ = torch.linalg.qr(torch.cat([basis, torch.randn(rank - basis.shape[0], stack.shape[1])]).T)
+        basis = q.T[:rank]
+    return basis * row_norm, energy
+
+
+def _subspace_init(names: Sequence[str], fresh: Sequence[Any], task_files: Sequence[Path]) -> tuple[list[Any], dict]:
+    """The ``subspace`` init: per module, A from :func:`task_subspace` over the tasks' saved
+    factors (modules no task moved keep their fresh A), B = 0."""
+    import torch
+
+    from metarlhf.io import load_tensors
+
+    tasks = [load_tensors(f) for f in task_files]
+    index = {n: i for i, n in enumerate(names)}
+    out = [torch.zeros_like(f) if ".lora_B." in n else f.clone() for n, f in zip(names, fresh, strict=True)]
+    energies = []
+    for n in names:
+        if ".lora_A." not in n:
+            continue
+        nb = n.replace(".lora_A.", ".lora_B.")
+        deltas = [t[nb].float() @ t[n].float() for t in tasks if n in t and nb in t]
+        deltas = [d for d in deltas if float(d.abs().sum()) > 0]
+        if not deltas:
+            continue
+        f = fresh[index[n]]
+        a, energy = task_subspace(deltas, f.shape[0], float(f.float().norm(dim=1).mean()))
+        out[index[n]] = a.to(f.dtype)
+        energies.append(energy)
+    info = {"tasks": len(tasks), "modules": len(energies),
+            "energy_mean": round(sum(energies) / len(energies), 4) if energies else None}
+    return out, info
 
 
 def _pool_path(work: Path) -> Path:
@@ -1197,6 +1261,8 @@ def meta_train_policy(
     with lora_attached(model, None, cfg.seed) as pm:
         names = [n for n, p in pm.named_parameters() if p.requires_grad and "lora_" in n]
         params = trainable_params(pm)
+        fresh = [p.detach().clone() for p in params]  # peft's default init (subspace: every task starts here)
+        tasks_dir = work / "tasks"
         outer = torch.optim.Adam(params, lr=cfg.outer_lr) if cfg.algo == "fomaml" else None
         if resume and (ckpt / "state.json").is_file():
             state = json.loads((ckpt / "state.json").read_text())
@@ -1214,6 +1280,8 @@ def meta_train_policy(
             log.info("resuming meta-training at step %d from %s", start, ckpt)
         elif (work / "metrics.jsonl").exists():
             (work / "metrics.jsonl").unlink()
+        if start == 0 and tasks_dir.is_dir():
+            shutil.rmtree(tasks_dir)
         # Reference log-probs of the whole pool, once.
         flat_p = [p for p, cs in pool for _ in cs]
         flat_c = [c for _, cs in pool for c in cs]
@@ -1228,7 +1296,8 @@ def meta_train_policy(
         for step in bar:
             ts = time.perf_counter()
             rng = random.Random(f"{cfg.seed}:{step}")
-            user = users[rng.randrange(len(users))]
+            # subspace: the users in turn, so every user's updates shape the subspace
+            user = users[step % len(users)] if cfg.algo == "subspace" else users[rng.randrange(len(users))]
             idx = rng.sample(range(len(pool)), cfg.support_prompts + cfg.query_prompts)
 
             def label(ids: list[int], rng: random.Random = rng, user: Any = user) -> list[Thumbs]:
@@ -1242,7 +1311,14 @@ def meta_train_policy(
             inner = train_steps(pm, support, acfg, cfg.inner_steps, rng)
             row: dict[str, Any] = {"step": step + 1, "user": user.name, "support_loss_first": inner[0],
                                    "support_loss_last": inner[-1]}
-            if cfg.algo == "reptile":
+            if cfg.algo == "subspace":
+                tasks_dir.mkdir(parents=True, exist_ok=True)
+                save_tensors(tasks_dir / f"task_{step + 1:05d}.safetensors",
+                             {n: p.detach() for n, p in zip(names, params, strict=True)})
+                with torch.no_grad():
+                    for p, t in zip(params, theta, strict=True):
+                        p.copy_(t)
+            elif cfg.algo == "reptile":
                 with torch.no_grad():
                     for p, new in zip(params, reptile_update(theta, [p.detach() for p in params], cfg.reptile_eps),
                                       strict=True):
@@ -1285,6 +1361,13 @@ def meta_train_policy(
                         save_tensors(ckpt / "outer.safetensors", ost)
                 atomic_write_json(ckpt / "state.json", {"step": step + 1, "algo": cfg.algo, "wall_s": row["wall_s"],
                                                         "config": asdict(cfg)})
+        subspace_info = None
+        if cfg.algo == "subspace":
+            files = sorted(tasks_dir.glob("task_*.safetensors"))[: cfg.meta_steps]
+            init_params, subspace_info = _subspace_init(names, fresh, files)
+            with torch.no_grad():
+                for p, v in zip(params, init_params, strict=True):
+                    p.copy_(v)
         tensors = lora_state(pm)
     meta = {
         "kind": "policy_init",
@@ -1300,6 +1383,7 @@ def meta_train_policy(
         "meta_config": asdict(cfg),
         "adapt_config": asdict(acfg),
         "wall_s": round(wall_before + time.perf_counter() - t0, 1),
+        **({"subspace": subspace_info} if subspace_info is not None else {}),
     }
     adapter = Adapter(tensors=tensors, config=lora_config_dict(base_name), meta=meta)
     save_adapter(out, adapter)

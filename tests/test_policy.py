@@ -229,6 +229,56 @@ def test_meta_train_fomaml_and_bad_config(tmp_path):
         P.meta_train_policy(prompts[:3], get_users(["bullets"]), tmp_path / "g", config=cfg, base=(model, tok))
 
 
+def test_task_subspace_recovers_the_directions_the_tasks_share():
+    torch.manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(12, 2))  # a 2-d subspace of R^12 (orthonormal columns)
+    u = u.T  # [2, 12]
+    deltas = [torch.randn(5, 2) @ u for _ in range(3)]  # every task moves inside it
+    a, energy = P.task_subspace(deltas, 2, row_norm=0.5)
+    assert a.shape == (2, 12) and energy == pytest.approx(1.0, abs=1e-6)
+    assert torch.allclose(a @ u.T @ u, a, atol=1e-5)  # rows lie in the shared subspace
+    assert torch.allclose(a @ a.T, 0.25 * torch.eye(2), atol=1e-5)  # orthogonal, each of norm 0.5
+    a3, e3 = P.task_subspace(deltas + [torch.randn(5, 12)], 3, row_norm=1.0)  # a stray task: energy < 1
+    assert a3.shape == (3, 12) and 0 < e3 < 1 and torch.allclose(a3 @ a3.T, torch.eye(3), atol=1e-5)
+    with pytest.raises(DataError):
+        P.task_subspace([], 2, 1.0)
+
+
+def test_meta_train_subspace_init_is_the_base_model_and_resumes(tmp_path):
+    model, tok = tiny_policy()
+    prompts = [f"question {i}?" for i in range(10)]
+    users = get_users(["bullets", "concise-15"])
+    kto = P.AdaptConfig(kto_weight=1.0, sft_weight=0.0, pair_weight=0.0)  # learns from all-down groups too
+    cfg = P.MetaConfig(algo="subspace", meta_steps=2, inner_steps=2, pool_prompts=8, max_new_tokens=6,
+                       checkpoint_every=1)
+    a = P.meta_train_policy(prompts, users, tmp_path / "init", config=cfg, adapt_config=kto, base=(model, tok),
+                            progress=False)
+    rows = [json.loads(x) for x in (tmp_path / "init.work" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["user"] for r in rows] == ["bullets", "concise-15"]  # the users in turn
+    assert a.meta["algo"] == "subspace" and a.meta["subspace"]["tasks"] == 2 and a.meta["subspace"]["modules"] > 0
+    saved = load_adapter(tmp_path / "init", expect_kind="policy_init", expect_rank=8)
+    assert all(v.abs().sum() == 0 for k, v in saved.tensors.items() if "lora_B" in k)
+    with P.lora_attached(model, None, 0) as pm:
+        fresh = P.lora_state(pm)
+    moved = [k for k, v in saved.tensors.items() if "lora_A" in k and not torch.allclose(v, fresh[k])]
+    assert moved  # A now spans the tasks' update directions: orthogonal rows of the fresh rows' mean norm
+    for k in moved:
+        g = saved.tensors[k].float() @ saved.tensors[k].float().T
+        assert torch.allclose(g, g[0, 0] * torch.eye(g.shape[0]), atol=1e-4)
+    ids = tok("question 1?", return_tensors="pt").input_ids
+    with torch.no_grad():
+        base_logits = model(ids).logits
+        with P.adapter_attached(model, saved) as pm:
+            init_logits = pm(ids).logits
+    assert torch.allclose(base_logits, init_logits, atol=1e-6)  # B = 0: the init is the base model
+    cfg3 = P.MetaConfig(**{**cfg.__dict__, "meta_steps": 3})
+    b = P.meta_train_policy(prompts, users, tmp_path / "init", config=cfg3, adapt_config=kto, base=(model, tok),
+                            resume=True, progress=False)
+    assert b.meta["subspace"]["tasks"] == 3 and len(list((tmp_path / "init.work" / "tasks").iterdir())) == 3
+    ad = P.adapt_policy(tiny_thumbs(), base=(model, tok), init=str(tmp_path / "init"), steps=1)
+    assert ad.meta["init_sha256"] == b.meta["sha256"]
+
+
 # ------------------------------------------------------------------ CLI
 @pytest.fixture
 def tiny_dir(tmp_path):

@@ -33,10 +33,12 @@ _nonneg = _int_at_least(0)
 
 
 def register(groups: dict[str, argparse._SubParsersAction]) -> None:
-    from metarlhf.policy import EXPLORE_MODES, AdaptConfig
+    from metarlhf.policy import EXPLORE_MODES, META_ALGOS, AdaptConfig
 
     p = groups["meta-train"].add_parser("policy", help="meta-train the policy LoRA init over simulated users")
-    p.add_argument("--algo", choices=["reptile", "fomaml"], default="reptile")
+    p.add_argument("--algo", choices=list(META_ALGOS), default="reptile",
+                   help="reptile / fomaml: first-order meta-gradients on A and B; subspace: A from the top singular "
+                        "directions of per-task updates, B = 0 (the init is the base model)")
     p.add_argument("--prompts", required=True, help="HH-RLHF .jsonl.gz (first Human turn) or JSONL of prompts")
     p.add_argument("--out", required=True, help="output adapter directory (kind policy_init)")
     p.add_argument("--work", default=None, help="work dir for pool/metrics/checkpoints (default <out>.work)")
