@@ -64,17 +64,22 @@ Using a reward model to stretch a few labels
 Meta-training (:func:`meta_train_policy`)
     First-order meta-learning over simulated users (``metarlhf.simusers``). A pool of
     base-model samples (several per prompt) is generated once and their reference
-    log-probs computed once. Each meta-step draws a training user and two disjoint
-    prompt sets; the user labels the samples (thumbs); the inner loop is exactly the
-    adaptation procedure (Adam, same lr and loss mix, ``inner_steps`` steps) on the
-    support set. ``explore="hints"`` draws the pool with the exploration hints.
+    log-probs computed once. Each meta-step takes a training user (drawn at random;
+    ``subspace``: the users in turn) and two disjoint prompt sets; the user labels the
+    samples (thumbs); the inner loop is exactly the adaptation procedure (Adam, same lr
+    and loss mix, ``inner_steps`` steps) on the support set. ``explore="hints"`` draws
+    the pool with the exploration hints.
 
     * ``reptile``: ``theta <- theta + eps * (phi - theta)`` (Nichol et al. 2018);
-    * ``fomaml``:  ``theta <- Adam(theta, grad_phi L_query(phi))`` (first-order MAML).
+    * ``fomaml``:  ``theta <- Adam(theta, grad_phi L_query(phi))`` (first-order MAML);
+    * ``subspace``: each task adapts a fresh LoRA (its own random A, B = 0); the init's
+      A is the top-r right singular directions of the tasks' updates ``B A``, B = 0
+      (:func:`task_subspace`). The query set, ``reptile_eps`` and ``outer_lr`` are unused.
 
-    Checkpoints (init tensors, outer optimizer state, step, RNG state) are written every
-    ``checkpoint_every`` steps; ``resume=True`` continues from the last one. Metrics go to
-    ``metrics.jsonl`` in the work directory.
+    Checkpoints (init tensors, outer optimizer state, step; ``subspace``: one file of LoRA
+    factors per task under ``tasks/``) are written every ``checkpoint_every`` steps;
+    ``resume=True`` continues from the last one. Metrics go to ``metrics.jsonl`` in the
+    work directory.
 """
 
 from __future__ import annotations
@@ -1138,11 +1143,13 @@ def reptile_update(theta: Sequence[Any], phi: Sequence[Any], eps: float) -> list
     return [t + eps * (p - t) for t, p in zip(theta, phi, strict=True)]
 
 
-def task_subspace(deltas: Sequence[Any], rank: int, row_norm: float) -> tuple[Any, float]:
+def task_subspace(deltas: Sequence[Any], rank: int, row_norm: float, seed: int = 0) -> tuple[Any, float]:
     """LoRA A from task updates: the top-``rank`` right singular vectors of the stacked
     ``deltas`` (each a module's ``B A`` [out, in] after one task), each row
     scaled to ``row_norm``. Returns ``(A [rank, in], energy)``, ``energy`` being the share
-    of the stack's squared Frobenius norm that the rank-``rank`` subspace holds. Pure.
+    of the stack's squared Frobenius norm that the rank-``rank`` subspace holds. Tasks are
+    not re-weighted: a task that moved the module further counts more. Pure (``seed``
+    completes the basis when the stack has fewer rows than ``rank``).
     """
     import torch
 
@@ -1156,7 +1163,8 @@ def task_subspace(deltas: Sequence[Any], rank: int, row_norm: float) -> tuple[An
     energy = float((s[:rank] ** 2).sum()) / total if total > 0 else 0.0
     basis = vt[:rank]
     if basis.shape[0] < rank:  # fewer stacked rows than the rank: complete with an orthonormal basis
-        q, _ = torch.linalg.qr(torch.cat([basis, torch.randn(rank - basis.shape[0], stack.shape[1])]).T)
+        extra = torch.randn(rank - basis.shape[0], stack.shape[1], generator=torch.Generator().manual_seed(seed))
+        q, _ = torch.linalg.qr(torch.cat([basis, extra]).T)
         basis = q.T[:rank]
     return basis * row_norm, energy
 
@@ -1172,21 +1180,45 @@ def _subspace_init(names: Sequence[str], fresh: Sequence[Any], task_files: Seque
     index = {n: i for i, n in enumerate(names)}
     out = [torch.zeros_like(f) if ".lora_B." in n else f.clone() for n, f in zip(names, fresh, strict=True)]
     energies = []
+    moved_tasks: set[int] = set()
     for n in names:
         if ".lora_A." not in n:
             continue
         nb = n.replace(".lora_A.", ".lora_B.")
-        deltas = [t[nb].float() @ t[n].float() for t in tasks if n in t and nb in t]
-        deltas = [d for d in deltas if float(d.abs().sum()) > 0]
+        deltas = []
+        for i, t in enumerate(tasks):
+            if n in t and nb in t:
+                d = t[nb].float() @ t[n].float()
+                if float(d.abs().sum()) > 0:  # a task with no loss term (e.g. no thumbs up) moved nothing
+                    deltas.append(d)
+                    moved_tasks.add(i)
         if not deltas:
             continue
         f = fresh[index[n]]
         a, energy = task_subspace(deltas, f.shape[0], float(f.float().norm(dim=1).mean()))
         out[index[n]] = a.to(f.dtype)
         energies.append(energy)
-    info = {"tasks": len(tasks), "modules": len(energies),
-            "energy_mean": round(sum(energies) / len(energies), 4) if energies else None}
+    if not energies:
+        raise DataError("no task moved the LoRA (no thumbs up in any support set?): no subspace to take")
+    info = {"tasks": len(tasks), "tasks_used": len(moved_tasks), "modules": len(energies),
+            "energy_mean": round(sum(energies) / len(energies), 4)}
     return out, info
+
+
+def _fresh_lora_(names: Sequence[str], params: Sequence[Any], seed: str) -> None:
+    """Re-initialise LoRA factors in place as peft does (A: Kaiming-uniform, a=sqrt(5); B: 0),
+    from a generator seeded by ``seed``."""
+    import torch
+
+    g = torch.Generator().manual_seed(random.Random(seed).getrandbits(32))  # the CPU generator keeps 32 bits
+    with torch.no_grad():
+        for n, p in zip(names, params, strict=True):
+            if ".lora_A." in n:
+                a = torch.empty(p.shape, dtype=torch.float32)
+                torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=g)
+                p.copy_(a)
+            else:
+                p.zero_()
 
 
 def _pool_path(work: Path) -> Path:
@@ -1235,8 +1267,9 @@ def meta_train_policy(
 ) -> Adapter:
     """Meta-train a policy LoRA init over simulated ``users`` and save it to ``out``.
 
-    ``work`` (default ``<out>.work``) holds ``pool.jsonl``, ``metrics.jsonl`` and
-    ``checkpoint/``. With ``resume`` the run continues from the checkpoint.
+    ``work`` (default ``<out>.work``) holds ``pool.jsonl``, ``metrics.jsonl``,
+    ``checkpoint/`` and (``subspace``) ``tasks/``. With ``resume`` the run continues from
+    the checkpoint; without it, earlier metrics and task files are discarded.
     """
     import torch
     from tqdm import tqdm
@@ -1308,6 +1341,8 @@ def meta_train_policy(
 
             support = prepare(pm, tok, label(idx[: cfg.support_prompts]), acfg, ref_cache)
             theta = [p.detach().clone() for p in params]
+            if cfg.algo == "subspace":  # each task its own random A, so no one draw of A biases the subspace
+                _fresh_lora_(names, params, f"{cfg.seed}:task:{step}")
             inner = train_steps(pm, support, acfg, cfg.inner_steps, rng)
             row: dict[str, Any] = {"step": step + 1, "user": user.name, "support_loss_first": inner[0],
                                    "support_loss_last": inner[-1]}
@@ -1363,7 +1398,11 @@ def meta_train_policy(
                                                         "config": asdict(cfg)})
         subspace_info = None
         if cfg.algo == "subspace":
-            files = sorted(tasks_dir.glob("task_*.safetensors"))[: cfg.meta_steps]
+            files = [tasks_dir / f"task_{i:05d}.safetensors" for i in range(1, cfg.meta_steps + 1)]
+            missing = [f.name for f in files if not f.is_file()]
+            if missing:
+                raise DataError(f"{tasks_dir}: {len(missing)} of {cfg.meta_steps} task files missing "
+                                f"(e.g. {missing[0]}); rerun without --resume")
             init_params, subspace_info = _subspace_init(names, fresh, files)
             with torch.no_grad():
                 for p, v in zip(params, init_params, strict=True):

@@ -9,6 +9,7 @@ from metarlhf.adapters import load_adapter, save_adapter
 from metarlhf.cli import main
 from metarlhf.data import Pair
 from metarlhf.errors import AdapterError, ConfigError, DataError
+from metarlhf.io import load_tensors
 from metarlhf.simusers import get_users
 from metarlhf.testing import save_tiny, tiny_policy, tiny_thumbs
 
@@ -242,13 +243,19 @@ def test_task_subspace_recovers_the_directions_the_tasks_share():
     assert a3.shape == (3, 12) and 0 < e3 < 1 and torch.allclose(a3 @ a3.T, torch.eye(3), atol=1e-5)
     with pytest.raises(DataError):
         P.task_subspace([], 2, 1.0)
+    # energy is the share of *squared* singular values: (3, 2, 1) at rank 2 -> 13 / 14
+    _, e = P.task_subspace([torch.diag(torch.tensor([3.0, 2.0, 1.0]))], 2, 1.0)
+    assert e == pytest.approx(13 / 14, abs=1e-6)
+    one = [torch.randn(1, 12)]  # one row, rank 3: the basis is completed, deterministically
+    assert torch.equal(P.task_subspace(one, 3, 1.0)[0], P.task_subspace(one, 3, 1.0)[0])
 
 
-def test_meta_train_subspace_init_is_the_base_model_and_resumes(tmp_path):
+def test_meta_train_subspace_init_is_the_base_model_and_resumes(tmp_path, monkeypatch):
     model, tok = tiny_policy()
     prompts = [f"question {i}?" for i in range(10)]
     users = get_users(["bullets", "concise-15"])
-    kto = P.AdaptConfig(kto_weight=1.0, sft_weight=0.0, pair_weight=0.0)  # learns from all-down groups too
+    # KTO learns from all-down groups too; train_layers=1 leaves layer 0 untrained, so its A shows each task's draw
+    kto = P.AdaptConfig(kto_weight=1.0, sft_weight=0.0, pair_weight=0.0, train_layers=1)
     cfg = P.MetaConfig(algo="subspace", meta_steps=2, inner_steps=2, pool_prompts=8, max_new_tokens=6,
                        checkpoint_every=1)
     a = P.meta_train_policy(prompts, users, tmp_path / "init", config=cfg, adapt_config=kto, base=(model, tok),
@@ -256,6 +263,10 @@ def test_meta_train_subspace_init_is_the_base_model_and_resumes(tmp_path):
     rows = [json.loads(x) for x in (tmp_path / "init.work" / "metrics.jsonl").read_text().splitlines()]
     assert [r["user"] for r in rows] == ["bullets", "concise-15"]  # the users in turn
     assert a.meta["algo"] == "subspace" and a.meta["subspace"]["tasks"] == 2 and a.meta["subspace"]["modules"] > 0
+    tasks = tmp_path / "init.work" / "tasks"
+    t1, t2 = (load_tensors(tasks / f"task_{i:05d}.safetensors") for i in (1, 2))
+    a0 = [k for k in t1 if ".layers.0." in k and "lora_A" in k]
+    assert a0 and not any(torch.equal(t1[k], t2[k]) for k in a0)  # every task drew its own A
     saved = load_adapter(tmp_path / "init", expect_kind="policy_init", expect_rank=8)
     assert all(v.abs().sum() == 0 for k, v in saved.tensors.items() if "lora_B" in k)
     with P.lora_attached(model, None, 0) as pm:
@@ -272,11 +283,25 @@ def test_meta_train_subspace_init_is_the_base_model_and_resumes(tmp_path):
             init_logits = pm(ids).logits
     assert torch.allclose(base_logits, init_logits, atol=1e-6)  # B = 0: the init is the base model
     cfg3 = P.MetaConfig(**{**cfg.__dict__, "meta_steps": 3})
+    calls = []
+    real_train = P.train_steps
+    monkeypatch.setattr(P, "train_steps", lambda *a, **kw: calls.append(1) or real_train(*a, **kw))
     b = P.meta_train_policy(prompts, users, tmp_path / "init", config=cfg3, adapt_config=kto, base=(model, tok),
                             resume=True, progress=False)
-    assert b.meta["subspace"]["tasks"] == 3 and len(list((tmp_path / "init.work" / "tasks").iterdir())) == 3
+    assert len(calls) == 1  # resumed: only task 3 ran
+    assert b.meta["subspace"]["tasks"] == 3 and len(list(tasks.iterdir())) == 3
+    assert torch.equal(load_tensors(tasks / "task_00001.safetensors")[a0[0]], t1[a0[0]])
     ad = P.adapt_policy(tiny_thumbs(), base=(model, tok), init=str(tmp_path / "init"), steps=1)
     assert ad.meta["init_sha256"] == b.meta["sha256"]
+    # a missing task file is refused on resume, not silently left out of the subspace
+    (tasks / "task_00002.safetensors").unlink()
+    with pytest.raises(DataError, match="task files missing"):
+        P.meta_train_policy(prompts, users, tmp_path / "init", config=cfg3, adapt_config=kto, base=(model, tok),
+                            resume=True, progress=False)
+    # a fresh run (no resume) starts over: old task files are discarded
+    P.meta_train_policy(prompts, users, tmp_path / "init2", work=tmp_path / "init.work", config=cfg,
+                        adapt_config=kto, base=(model, tok), progress=False)
+    assert sorted(f.name for f in tasks.iterdir()) == ["task_00001.safetensors", "task_00002.safetensors"]
 
 
 # ------------------------------------------------------------------ CLI
