@@ -72,9 +72,10 @@ Meta-training (:func:`meta_train_policy`)
 
     * ``reptile``: ``theta <- theta + eps * (phi - theta)`` (Nichol et al. 2018);
     * ``fomaml``:  ``theta <- Adam(theta, grad_phi L_query(phi))`` (first-order MAML);
-    * ``subspace``: each task adapts a fresh LoRA (its own random A, B = 0); the init's
-      A is the top-r right singular directions of the tasks' updates ``B A``, B = 0
-      (:func:`task_subspace`). The query set, ``reptile_eps`` and ``outer_lr`` are unused.
+    * ``subspace``: each task adapts a fresh LoRA (B = 0; A: peft's seeded draw, or its own
+      draw per task with ``task_a="per-task"``); the init's A is the top-r right singular
+      directions of the tasks' updates ``B A``, B = 0 (:func:`task_subspace`). The query
+      set, ``reptile_eps`` and ``outer_lr`` are unused.
 
     Checkpoints (init tensors, outer optimizer state, step; ``subspace``: one file of LoRA
     factors per task under ``tasks/``) are written every ``checkpoint_every`` steps;
@@ -1116,6 +1117,10 @@ class MetaConfig:
     checkpoint_every: int = 5
     seed: int = 0
     explore: str = "plain"  # pool samples: "plain" or "hints" (style hints, as in evaluation)
+    # subspace: the A each task starts from. "shared": peft's seeded draw, the same for every
+    # task (the shipped init); the SVD then leans towards that draw's row space. "per-task":
+    # a fresh draw per task, so only directions the tasks share stand out.
+    task_a: str = "shared"
 
     def __post_init__(self) -> None:
         if self.algo not in META_ALGOS:
@@ -1134,6 +1139,8 @@ class MetaConfig:
             raise ConfigError(f"outer_lr must be > 0, got {self.outer_lr}")
         if not 0 <= self.label_noise <= 0.5:
             raise ConfigError(f"label_noise must be in [0, 0.5], got {self.label_noise}")
+        if self.task_a not in ("shared", "per-task"):
+            raise ConfigError(f"task_a must be 'shared' or 'per-task', got {self.task_a!r}")
         if self.explore not in ("hints", "plain"):
             raise ConfigError(f"explore must be 'hints' or 'plain', got {self.explore!r}")
 
@@ -1341,7 +1348,7 @@ def meta_train_policy(
 
             support = prepare(pm, tok, label(idx[: cfg.support_prompts]), acfg, ref_cache)
             theta = [p.detach().clone() for p in params]
-            if cfg.algo == "subspace":  # each task its own random A, so no one draw of A biases the subspace
+            if cfg.algo == "subspace" and cfg.task_a == "per-task":
                 _fresh_lora_(names, params, f"{cfg.seed}:task:{step}")
             inner = train_steps(pm, support, acfg, cfg.inner_steps, rng)
             row: dict[str, Any] = {"step": step + 1, "user": user.name, "support_loss_first": inner[0],

@@ -257,7 +257,7 @@ def test_meta_train_subspace_init_is_the_base_model_and_resumes(tmp_path, monkey
     # KTO learns from all-down groups too; train_layers=1 leaves layer 0 untrained, so its A shows each task's draw
     kto = P.AdaptConfig(kto_weight=1.0, sft_weight=0.0, pair_weight=0.0, train_layers=1)
     cfg = P.MetaConfig(algo="subspace", meta_steps=2, inner_steps=2, pool_prompts=8, max_new_tokens=6,
-                       checkpoint_every=1)
+                       checkpoint_every=1, task_a="per-task")
     a = P.meta_train_policy(prompts, users, tmp_path / "init", config=cfg, adapt_config=kto, base=(model, tok),
                             progress=False)
     rows = [json.loads(x) for x in (tmp_path / "init.work" / "metrics.jsonl").read_text().splitlines()]
@@ -267,6 +267,12 @@ def test_meta_train_subspace_init_is_the_base_model_and_resumes(tmp_path, monkey
     t1, t2 = (load_tensors(tasks / f"task_{i:05d}.safetensors") for i in (1, 2))
     a0 = [k for k in t1 if ".layers.0." in k and "lora_A" in k]
     assert a0 and not any(torch.equal(t1[k], t2[k]) for k in a0)  # every task drew its own A
+    shared = P.meta_train_policy(prompts, users, tmp_path / "shared", config=P.MetaConfig(**{**cfg.__dict__, "task_a": "shared"}),
+                                 adapt_config=kto, base=(model, tok), progress=False)
+    s1, s2 = (load_tensors(tmp_path / "shared.work" / "tasks" / f"task_{i:05d}.safetensors") for i in (1, 2))
+    assert all(torch.equal(s1[k], s2[k]) for k in a0) and shared.meta["meta_config"]["task_a"] == "shared"
+    with pytest.raises(ConfigError, match="task_a"):
+        P.MetaConfig(task_a="each")
     saved = load_adapter(tmp_path / "init", expect_kind="policy_init", expect_rank=8)
     assert all(v.abs().sum() == 0 for k, v in saved.tensors.items() if "lora_B" in k)
     with P.lora_attached(model, None, 0) as pm:

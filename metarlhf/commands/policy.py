@@ -54,6 +54,8 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
     p.add_argument("--max-new-tokens", type=_positive, default=48)
     p.add_argument("--lr", type=float, default=AdaptConfig.lr, help="inner (adaptation) Adam lr")
     p.add_argument("--reptile-eps", type=float, default=0.1)
+    p.add_argument("--task-a", choices=["shared", "per-task"], default="shared",
+                   help="subspace: every task starts from the same seeded A (shared) or its own draw (per-task)")
     p.add_argument("--outer-lr", type=float, default=1e-3, help="fomaml outer Adam lr")
     p.add_argument("--checkpoint-every", type=_positive, default=5)
     p.add_argument("--policy", default=None, help="base policy model directory (default: embedded SmolLM2)")
@@ -148,6 +150,7 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
         samples_per_prompt=args.samples_per_prompt, pool_prompts=args.pool_prompts,
         max_new_tokens=args.max_new_tokens, reptile_eps=args.reptile_eps, outer_lr=args.outer_lr,
         checkpoint_every=args.checkpoint_every, seed=args.seed, explore=args.explore,
+        task_a=args.task_a,
     )
     acfg = AdaptConfig(lr=args.lr, kto_weight=args.kto_weight, sft_weight=args.sft_weight,
                        pair_weight=args.pair_weight, train_layers=args.train_layers)
