@@ -1141,8 +1141,16 @@ class MetaConfig:
             raise ConfigError(f"label_noise must be in [0, 0.5], got {self.label_noise}")
         if self.task_a not in ("shared", "per-task"):
             raise ConfigError(f"task_a must be 'shared' or 'per-task', got {self.task_a!r}")
+        if self.task_a != "shared" and self.algo != "subspace":
+            raise ConfigError(f"task_a={self.task_a!r} applies to algo 'subspace' only, not {self.algo!r}")
         if self.explore not in ("hints", "plain"):
             raise ConfigError(f"explore must be 'hints' or 'plain', got {self.explore!r}")
+
+
+#: Settings a resumed run must share with its checkpoint (``meta_steps`` and
+#: ``checkpoint_every`` may change).
+RESUME_FIXED: tuple[str, ...] = ("task_a", "seed", "inner_steps", "support_prompts", "query_prompts",
+                                 "samples_per_prompt", "pool_prompts", "explore", "max_new_tokens", "label_noise")
 
 
 def reptile_update(theta: Sequence[Any], phi: Sequence[Any], eps: float) -> list[Any]:
@@ -1308,6 +1316,12 @@ def meta_train_policy(
             state = json.loads((ckpt / "state.json").read_text())
             if state.get("algo") != cfg.algo:
                 raise ConfigError(f"checkpoint in {ckpt} is for algo {state.get('algo')!r}, not {cfg.algo!r}")
+            old = {"task_a": "shared", **state.get("config", {})}  # checkpoints before task_a were "shared"
+            now = asdict(cfg)
+            changed = [k for k in RESUME_FIXED if k in old and old[k] != now[k]]
+            if changed:
+                raise ConfigError(f"checkpoint in {ckpt} was made with other settings: "
+                                  + ", ".join(f"{k}={old[k]!r} (now {now[k]!r})" for k in changed))
             saved = load_tensors(ckpt / "params.safetensors")
             with torch.no_grad():
                 for n, p in zip(names, params, strict=True):
@@ -1346,10 +1360,10 @@ def meta_train_policy(
                     recs += user.thumbs(pool[i][0], pool[i][1], noise=cfg.label_noise, rng=rng)
                 return recs
 
-            support = prepare(pm, tok, label(idx[: cfg.support_prompts]), acfg, ref_cache)
             theta = [p.detach().clone() for p in params]
-            if cfg.algo == "subspace" and cfg.task_a == "per-task":
+            if cfg.algo == "subspace" and cfg.task_a == "per-task":  # before prepare: its caches see this LoRA
                 _fresh_lora_(names, params, f"{cfg.seed}:task:{step}")
+            support = prepare(pm, tok, label(idx[: cfg.support_prompts]), acfg, ref_cache)
             inner = train_steps(pm, support, acfg, cfg.inner_steps, rng)
             row: dict[str, Any] = {"step": step + 1, "user": user.name, "support_loss_first": inner[0],
                                    "support_loss_last": inner[-1]}

@@ -299,6 +299,12 @@ def test_meta_train_subspace_init_is_the_base_model_and_resumes(tmp_path, monkey
     assert torch.equal(load_tensors(tasks / "task_00001.safetensors")[a0[0]], t1[a0[0]])
     ad = P.adapt_policy(tiny_thumbs(), base=(model, tok), init=str(tmp_path / "init"), steps=1)
     assert ad.meta["init_sha256"] == b.meta["sha256"]
+    # resuming with other task settings is refused, not mixed into one subspace
+    with pytest.raises(ConfigError, match="task_a='per-task' \\(now 'shared'\\)"):
+        P.meta_train_policy(prompts, users, tmp_path / "init", config=P.MetaConfig(**{**cfg3.__dict__, "task_a": "shared"}),
+                            adapt_config=kto, base=(model, tok), resume=True, progress=False)
+    with pytest.raises(ConfigError, match="'subspace' only"):
+        P.MetaConfig(algo="reptile", task_a="per-task")
     # a missing task file is refused on resume, not silently left out of the subspace
     (tasks / "task_00002.safetensors").unlink()
     with pytest.raises(DataError, match="task files missing"):
