@@ -59,6 +59,17 @@ def main() -> int:
     records = []
     for i, p in enumerate(prompts):
         records += user.thumbs(p, comps[2 * i:2 * i + 2])
+    # the cold command first, while this process is idle
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "fb.jsonl"
+        data.write_text("".join(json.dumps({"user_id": t.user_id, "prompt": t.prompt, "completion": t.completion,
+                                            "label": t.label}) + "\n" for t in records))
+        cmd = [str(ROOT / ".venv/bin/metarlhf"), "adapt", "policy", "--data", str(data), "--user", user.name,
+               "--k", str(len(records)), "--out", str(Path(tmp) / "ad"), "--init", args.init]
+        t0 = time.perf_counter()
+        subprocess.run(cmd, check=True, cwd=ROOT)
+        cli_s = round(time.perf_counter() - t0, 2)
+        cli_adapt_s = json.loads((Path(tmp) / "ad" / "metarlhf.json").read_text())["wall_s"]  # adapt_policy inside it
     init = None if args.init == "scratch" else args.init
     recipes = {"default": {}, **json.loads(args.compare or "{}")}
     timings = {}
@@ -73,19 +84,10 @@ def main() -> int:
                   f"(loss {ad.meta['losses'][0]:.3f} -> {ad.meta['losses'][-1]:.3f})", flush=True)
         timings[name] = {"config": asdict(cfg), "adapt_policy_s": ts, "losses": ad.meta["losses"]}
     times = timings["default"]["adapt_policy_s"]
-    with tempfile.TemporaryDirectory() as tmp:
-        data = Path(tmp) / "fb.jsonl"
-        data.write_text("".join(json.dumps({"user_id": t.user_id, "prompt": t.prompt, "completion": t.completion,
-                                            "label": t.label}) + "\n" for t in records))
-        cmd = [str(ROOT / ".venv/bin/metarlhf"), "adapt", "policy", "--data", str(data), "--user", user.name,
-               "--k", str(len(records)), "--out", str(Path(tmp) / "ad"), "--init", args.init]
-        t0 = time.perf_counter()
-        subprocess.run(cmd, check=True, cwd=ROOT)
-        cli_s = round(time.perf_counter() - t0, 2)
     res = {
         "k": len(records), "user": user.name, "init": args.init, "explore": args.explore,
         "n_up": sum(t.label for t in records), "steps": timings["default"]["config"]["steps"],
-        "adapt_policy_s": times, "recipes": timings, "cli_end_to_end_s": cli_s, "bf16_autocast": use_bf16("auto"),
+        "adapt_policy_s": times, "recipes": timings, "cli_end_to_end_s": cli_s, "cli_adapt_policy_s": cli_adapt_s, "bf16_autocast": use_bf16("auto"),
         "target": "<= 60 s", "met": max(times) <= 60,
         "device": f"CPU ({platform.processor() or platform.machine()}), torch threads {torch.get_num_threads()}; "
                   "no GPU in this session",
