@@ -1,0 +1,36 @@
+"""Process-level settings for long CPU runs (the CLI applies them at start-up)."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+
+# glibc mallopt() parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4
+
+
+def tune_malloc(trim_bytes: int = 1 << 30, top_pad_bytes: int = 1 << 28) -> bool:
+    """Keep freed memory in the heap instead of handing it back to the OS (Linux glibc).
+
+    A training step frees and re-allocates the same large activation buffers (the LM
+    head's logits alone are ~100 MB). By default glibc serves blocks above its mmap
+    threshold (at most 32 MB) with fresh ``mmap`` calls and trims freed heap, so every
+    step page-faults its buffers in again. A long-lived process partly escapes this, as the
+    threshold rises after frees; a fresh ``metarlhf adapt policy`` process does not. Here:
+    no mmap for allocations (``M_MMAP_MAX=0``), trim only above ``trim_bytes``, and grow
+    the heap in ``top_pad_bytes`` steps. Measured on the 2-core CPU, cold K=16 ``adapt
+    policy``: 59.7 s and 4.6M minor page faults before, 49.6 s and 0.73M after.
+
+    Returns True when applied; False (nothing changed) off glibc, or with
+    ``METARLHF_TUNE_MALLOC=0`` in the environment.
+    """
+    if os.environ.get("METARLHF_TUNE_MALLOC", "1") == "0" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (e.g. musl)
+        return False
+    settings = ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, trim_bytes), (_M_TOP_PAD, top_pad_bytes))
+    return all(mallopt(option, value) == 1 for option, value in settings)
