@@ -43,7 +43,7 @@ import math
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +115,31 @@ class RewardConfig:
         return cls(**{k: d[k] for k in ("r", "lora_alpha", "target_modules", "max_length", "prompt_max_tokens") if k in d})
 
 
+#: LoRA targets (the attention query / value projections) by module naming family:
+#: BERT-style encoders (MiniLM), Llama / Qwen / Mistral-style decoders, DistilBERT.
+TARGET_FAMILIES: tuple[tuple[str, ...], ...] = (("query", "value"), ("q_proj", "v_proj"), ("q_lin", "v_lin"))
+
+
+def resolve_targets(config: RewardConfig, encoder: nn.Module) -> RewardConfig:
+    """``config`` with LoRA targets this encoder has.
+
+    The default targets (``query``/``value``, MiniLM's) are swapped for the first family of
+    :data:`TARGET_FAMILIES` the encoder has, so any local encoder or decoder works without
+    flags; explicitly different targets that the encoder lacks are an error.
+    """
+    linears = {n.rsplit(".", 1)[-1] for n, m in encoder.named_modules() if isinstance(m, nn.Linear)}
+    if set(config.target_modules) <= linears:
+        return config
+    if list(config.target_modules) == list(TARGET_FAMILIES[0]):
+        for family in TARGET_FAMILIES[1:]:
+            if set(family) <= linears:
+                return replace(config, target_modules=list(family))
+    raise ModelError(
+        f"the encoder has no Linear modules named {list(config.target_modules)} (nor any of "
+        f"{[list(f) for f in TARGET_FAMILIES]}); cannot put the reward LoRA on it"
+    )
+
+
 # --------------------------------------------------------------------------- encoded records
 
 
@@ -176,7 +201,7 @@ class RewardModel(nn.Module):
         super().__init__()
         from peft import get_peft_model
 
-        self.config = config or RewardConfig()
+        self.config = resolve_targets(config or RewardConfig(), encoder)
         for p in encoder.parameters():
             p.requires_grad_(False)
         try:

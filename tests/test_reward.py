@@ -124,6 +124,27 @@ def test_saved_adapter_loads_with_load_reward_model(model, tmp_path):
     assert torch.allclose(m.score(ps, cs), m2.score(ps, cs), atol=1e-5)
 
 
+def test_decoder_model_works_as_reward_encoder(tmp_path):
+    """A local causal-LM directory (Llama naming) replaces MiniLM without flags: the LoRA
+    goes on q_proj / v_proj, and adaptation fits the records."""
+    from metarlhf.reward import RewardConfig, resolve_targets
+    from metarlhf.testing import tiny_policy
+
+    pol, tok = tiny_policy()
+    enc_dir = save_tiny(pol, tok, tmp_path / "dec")
+    m = load_reward_model(enc_dir, adapter_dir=None)
+    assert sorted(m.config.target_modules) == ["q_proj", "v_proj"]
+    recs = _recs()
+    ad = adapt_reward(recs, init="scratch", encoder=m, steps=30)
+    assert sorted(ad.config["target_modules"]) == ["q_proj", "v_proj"]
+    assert ad.meta["final_loss"] < ad.meta["losses"][0] - 0.05
+    # explicit targets the encoder lacks are an error, not silently swapped
+    from metarlhf.errors import ModelError
+
+    with pytest.raises(ModelError, match="no Linear modules named"):
+        resolve_targets(RewardConfig(target_modules=["key"]), pol)
+
+
 def test_adapter_for_another_encoder_is_refused(model, tmp_path):
     init = _init_dir(model, tmp_path)
     other = RewardModel(*tiny_encoder(hidden=64), "tiny")  # same name, other shape
