@@ -130,13 +130,15 @@ def resolve_targets(config: RewardConfig, encoder: nn.Module) -> RewardConfig:
     linears = {n.rsplit(".", 1)[-1] for n, m in encoder.named_modules() if isinstance(m, nn.Linear)}
     if set(config.target_modules) <= linears:
         return config
-    if list(config.target_modules) == list(TARGET_FAMILIES[0]):
-        for family in TARGET_FAMILIES[1:]:
-            if set(family) <= linears:
-                return replace(config, target_modules=list(family))
+    if set(config.target_modules) != set(TARGET_FAMILIES[0]):  # explicit targets: no silent swap
+        raise ModelError(f"the encoder has no Linear modules named {list(config.target_modules)}; "
+                         "cannot put the reward LoRA on it")
+    for family in TARGET_FAMILIES[1:]:
+        if set(family) <= linears:
+            return replace(config, target_modules=list(family))
     raise ModelError(
-        f"the encoder has no Linear modules named {list(config.target_modules)} (nor any of "
-        f"{[list(f) for f in TARGET_FAMILIES]}); cannot put the reward LoRA on it"
+        f"the encoder has none of the known query/value Linear pairs {[list(f) for f in TARGET_FAMILIES]}; "
+        "cannot put the reward LoRA on it"
     )
 
 
@@ -342,7 +344,8 @@ class RewardModel(nn.Module):
         p = tok(prompt, add_special_tokens=False)["input_ids"][: cfg.prompt_max_tokens]
         c = tok(completion, add_special_tokens=False)["input_ids"]
         cls = [tok.cls_token_id] if tok.cls_token_id is not None else []
-        sep = [tok.sep_token_id] if tok.sep_token_id is not None else []
+        sep_id = tok.sep_token_id if tok.sep_token_id is not None else tok.eos_token_id  # decoders: EOS separates
+        sep = [sep_id] if sep_id is not None else []
         room = cfg.max_length - len(cls) - 2 * len(sep)
         c = c[: max(1, room - len(p))]
         p = p[: room - len(c)]
