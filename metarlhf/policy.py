@@ -179,13 +179,17 @@ class AdaptConfig:
     train_layers: int = 15  # train the LoRA of the top N decoder layers only (0: all); lower ones stay at init
     distill_samples: int = 0  # extra self-generated thumbs up in the liked style (needs the records' hints)
     distill_hints: int = 1  # how many liked hints (positive net feedback) the extra samples use
+    kl_weight: float = 0.0  # fluency anchor: per-token KL(reference || policy) on the feedback's completions
+    kl_topk: int = 32  # the anchor's KL is over the reference's top-k tokens + one bucket for the rest
 
     def __post_init__(self) -> None:
+        if not 1 <= self.kl_topk <= 4096:
+            raise ConfigError(f"kl_topk must be in [1, 4096], got {self.kl_topk}")
         if not 0 <= self.distill_samples <= 256:
             raise ConfigError(f"distill_samples must be in [0, 256], got {self.distill_samples}")
         if self.distill_hints < 1:
             raise ConfigError(f"distill_hints must be >= 1, got {self.distill_hints}")
-        for name in ("kto_weight", "sft_weight", "pair_weight"):
+        for name in ("kto_weight", "sft_weight", "pair_weight", "kl_weight"):
             value = getattr(self, name)
             if not (value >= 0 and math.isfinite(value)):
                 raise ConfigError(f"{name} must be a finite number >= 0, got {value}")
@@ -668,12 +672,16 @@ def encode_pairs(
     return SeqBatch(ids, mask, pos, comp, C)
 
 
-def sequence_logps(model: Any, batch: SeqBatch, rows: Any = None, hidden: Any = None, start: int = 0) -> Any:
+def sequence_logps(
+    model: Any, batch: SeqBatch, rows: Any = None, hidden: Any = None, start: int = 0, ref_top: Any = None,
+) -> Any:
     """Summed log-prob of each row's completion tokens: ``[n]``.
 
     Only the last ``C + 1`` positions go through the LM head (``logits_to_keep``).
     With ``hidden`` (``[n, T, d]`` from :func:`hidden_at` at layer ``start``) only the
-    layers from ``start`` up run.
+    layers from ``start`` up run. With ``ref_top`` (the selected rows' ``(indices,
+    logprobs)`` from :func:`reference_topk`) it returns ``(logps [n], kl [n])``, ``kl``
+    being :func:`topk_kl` averaged over each row's completion tokens, from the same pass.
     """
     import torch
 
@@ -690,8 +698,31 @@ def sequence_logps(model: Any, batch: SeqBatch, rows: Any = None, hidden: Any = 
         out = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=C + 1, use_cache=False)
     logits = out.logits[:, :-1, :].float()  # [n, C, V] predicts the last C tokens
     targets = ids[:, -C:]  # [n, C]
-    logp = torch.gather(logits, -1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)  # [n, C]
-    return (logp * comp).sum(-1)  # [n]
+    lse = torch.logsumexp(logits, -1)  # [n, C]
+    logp = torch.gather(logits, -1, targets.unsqueeze(-1)).squeeze(-1) - lse  # [n, C]
+    seq = (logp * comp).sum(-1)  # [n]
+    if ref_top is None:
+        return seq
+    idx, ref_lp = ref_top  # [n, C, k] each
+    kl = topk_kl(ref_lp, torch.gather(logits, -1, idx) - lse.unsqueeze(-1))  # [n, C]
+    return seq, (kl * comp).sum(-1) / comp.sum(-1).clamp(min=1)
+
+
+def topk_kl(ref_lp: Any, pol_lp: Any) -> Any:
+    """KL(reference || policy) per position over the reference's top-k tokens plus one
+    bucket holding the rest of the vocabulary (a true KL of the coarsened distributions:
+    >= 0, and 0 when the policy matches the reference on them; exact when k = vocab).
+    ``ref_lp``, ``pol_lp``: ``[..., k]`` log-probs of the same tokens. -> ``[...]``."""
+    import torch
+
+    def with_rest(lp: Any) -> Any:
+        x = torch.logsumexp(lp, -1).clamp(max=-1e-7)  # log of the top-k mass (< 0)
+        # log(1 - e^x), stable at both ends ("log1mexp"): expm1 near 0, log1p further out
+        rest = torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+        return torch.cat([lp, rest.unsqueeze(-1)], -1)
+
+    r, p = with_rest(ref_lp), with_rest(pol_lp)
+    return (r.exp() * (r - p)).sum(-1)
 
 
 # ----------------------------------------------------------------------------- training
@@ -711,6 +742,9 @@ class Prepared:
     kto_h: Any = None  # [n_kto, T, d]
     dpo_c_h: Any = None
     dpo_r_h: Any = None
+    kto_top: Any = None  # (indices, logprobs) [n_kto, C, k] of the reference (kl_weight > 0)
+    dpo_c_top: Any = None
+    dpo_r_top: Any = None
 
     @property
     def n_kto(self) -> int:
@@ -747,6 +781,26 @@ def reference_logps(peft_model: Any, batch: SeqBatch, chunk: int = 16, precision
 
     with torch.no_grad(), peft_model.disable_adapter(), autocast(precision):
         return logps_chunked(peft_model, batch, chunk)
+
+
+def reference_topk(peft_model: Any, batch: SeqBatch, k: int, chunk: int = 16,
+                   precision: str = "auto") -> tuple[Any, Any]:
+    """The reference policy's top-``k`` next-token log-probs at every completion position:
+    ``(indices [n, C, k], logprobs [n, C, k])`` (adapter disabled; for :func:`topk_kl`)."""
+    import torch
+
+    n, C = batch.input_ids.shape[0], batch.comp_len
+    idx, lps = [], []
+    with torch.no_grad(), peft_model.disable_adapter(), autocast(precision):
+        for i in range(0, n, chunk):
+            rows = torch.arange(i, min(i + chunk, n))
+            out = peft_model(input_ids=batch.input_ids[rows], attention_mask=batch.attention_mask[rows],
+                             position_ids=batch.position_ids[rows], logits_to_keep=C + 1, use_cache=False)
+            logits = out.logits[:, :-1, :].float()
+            top = torch.topk(logits, min(k, logits.shape[-1]), dim=-1)
+            idx.append(top.indices)
+            lps.append(top.values - torch.logsumexp(logits, -1, keepdim=True))
+    return torch.cat(idx), torch.cat(lps)
 
 
 def prepare(
@@ -791,6 +845,13 @@ def prepare(
     data = Prepared(kto, labels, kto_ref, dpo_c, dpo_r, ref_c, ref_r)
     if thumbs:
         data.kto_pairs = thumb_pairs([r.prompt for r in thumbs], [r.label for r in thumbs])
+    if cfg.kl_weight:
+        def top(batch: SeqBatch) -> tuple[Any, Any]:
+            return reference_topk(peft_model, batch, cfg.kl_topk, cfg.batch_size, cfg.precision)
+
+        data.kto_top = top(kto) if kto is not None else None
+        if dpo_c is not None:
+            data.dpo_c_top, data.dpo_r_top = top(dpo_c), top(dpo_r)
     data.start = start_layer_for(peft_model, cfg.train_layers)
     if data.start:
         with autocast(cfg.precision):
@@ -821,43 +882,55 @@ def sft_loss(logps: Any, n_tokens: Any) -> Any:
 def feedback_loss(
     model: Any, data: Prepared, cfg: AdaptConfig, kto_rows: Any = None, dpo_rows: Any = None
 ) -> Any:
-    """KTO on thumbs + DPO on pairs, averaged weighted by the number of rows used."""
+    """KTO on thumbs + DPO on pairs (+ the SFT and KL-anchor terms), averaged weighted by
+    the number of rows used."""
     import torch
+
+    def logps(batch: SeqBatch, rows: Any, hidden: Any, top: Any) -> tuple[Any, Any]:
+        if not cfg.kl_weight or top is None:
+            return sequence_logps(model, batch, rows, hidden, data.start), 0.0
+        lp, kl = sequence_logps(model, batch, rows, hidden, data.start, ref_top=(top[0][rows], top[1][rows]))
+        return lp, cfg.kl_weight * kl.mean()
 
     if kto_rows is None and data.n_kto:
         kto_rows = torch.arange(data.n_kto)
     if dpo_rows is None and data.n_dpo:
         dpo_rows = torch.arange(data.n_dpo)
-    total, n = 0.0, 0
+    total, n, feedback_terms = 0.0, 0, 0
     if data.n_kto and len(kto_rows):
-        pol = sequence_logps(model, data.kto, kto_rows, data.kto_h, data.start)  # [b]
+        pol, loss = logps(data.kto, kto_rows, data.kto_h, data.kto_top)  # [b]; the KL anchor term
         labels = data.kto_labels[kto_rows]  # [b]
-        loss = 0.0
         if cfg.kto_weight:
+            feedback_terms += 1
             kto, _ = kto_loss(pol, data.kto_ref[kto_rows], labels, cfg.beta, cfg.desirable_weight,
                               cfg.undesirable_weight)
             loss = loss + cfg.kto_weight * kto
         up = labels == 1
         if cfg.sft_weight and bool(up.any()):
+            feedback_terms += 1
             ntok = data.kto.comp_mask[kto_rows].sum(-1)  # [b]
             loss = loss + cfg.sft_weight * sft_loss(pol[up], ntok[up])
         if cfg.pair_weight and data.kto_pairs is not None and len(data.kto_pairs):
             where = {int(r): i for i, r in enumerate(kto_rows)}  # row -> position in this batch
             pairs = [(where[int(a)], where[int(b)]) for a, b in data.kto_pairs if int(a) in where and int(b) in where]
             if pairs:
+                feedback_terms += 1
                 ia, ib = torch.tensor(pairs).T
                 ref = data.kto_ref[kto_rows]
                 loss = loss + cfg.pair_weight * dpo_loss(pol[ia], pol[ib], ref[ia], ref[ib], cfg.beta)
         total, n = total + loss * len(kto_rows), n + len(kto_rows)
     if data.n_dpo and len(dpo_rows):
-        pc = sequence_logps(model, data.dpo_c, dpo_rows, data.dpo_c_h, data.start)
-        pr = sequence_logps(model, data.dpo_r, dpo_rows, data.dpo_r_h, data.start)
-        loss = dpo_loss(pc, pr, data.dpo_ref_c[dpo_rows], data.dpo_ref_r[dpo_rows], cfg.beta)
+        pc, kl_c = logps(data.dpo_c, dpo_rows, data.dpo_c_h, data.dpo_c_top)
+        pr, kl_r = logps(data.dpo_r, dpo_rows, data.dpo_r_h, data.dpo_r_top)
+        loss = dpo_loss(pc, pr, data.dpo_ref_c[dpo_rows], data.dpo_ref_r[dpo_rows], cfg.beta) + (kl_c + kl_r) / 2
+        feedback_terms += 1
         if cfg.sft_weight:
             loss = loss + cfg.sft_weight * sft_loss(pc, data.dpo_c.comp_mask[dpo_rows].sum(-1))
         total, n = total + loss * len(dpo_rows), n + len(dpo_rows)
     if n == 0:
         raise DataError("empty training batch")
+    if not feedback_terms:  # only the anchor applies (e.g. all thumbs down, no pairs): no step, as without it
+        return 0.0
     return total / n
 
 

@@ -156,3 +156,83 @@ def test_default_recipe_moves_towards_ups_and_away_from_downs():
     assert float(r[0] - r[1]) > 0 and float(r[2] - r[3]) > 0  # each up gained on its prompt's down
     assert float(r[0]) > 0 and float(r[2]) > 0
     assert adapter.meta["losses"][-1] < adapter.meta["losses"][0]
+
+
+def test_topk_kl_is_a_true_kl_and_exact_with_the_full_vocabulary():
+    g = torch.Generator().manual_seed(0)
+    ref = torch.log_softmax(torch.randn(3, 50, generator=g), -1)
+    pol = torch.log_softmax(torch.randn(3, 50, generator=g), -1)
+    exact = (ref.exp() * (ref - pol)).sum(-1)
+    assert torch.allclose(P.topk_kl(ref, pol), exact, atol=1e-4)  # k = vocab: the rest bucket is empty
+    idx = torch.topk(ref, 5, -1).indices
+    kl5 = P.topk_kl(ref.gather(-1, idx), pol.gather(-1, idx))
+    assert bool((kl5 >= -1e-6).all()) and bool((kl5 <= exact + 1e-5).all())  # coarsening never adds KL
+    assert torch.allclose(P.topk_kl(ref.gather(-1, idx), ref.gather(-1, idx)), torch.zeros(3), atol=1e-6)
+
+
+def test_kl_anchor_is_zero_at_the_reference_and_keeps_the_adapter_closer():
+    model, tok = tiny_policy()
+    recs = tiny_thumbs()
+    with P.lora_attached(model, None, 0) as pm:
+        data = P.prepare(pm, tok, recs, P.AdaptConfig(precision="fp32", kl_weight=1.0, kl_topk=8))
+        assert data.kto_top[0].shape[-1] == 8
+        with torch.no_grad():
+            _, kl = P.sequence_logps(pm, data.kto, None, None, 0, ref_top=data.kto_top)
+        assert float(kl.abs().max()) < 1e-5  # scratch init (B = 0) is the reference
+        _randomize_lora(pm)
+        with torch.no_grad():
+            _, kl = P.sequence_logps(pm, data.kto, None, None, 0, ref_top=data.kto_top)
+        assert float(kl.min()) > 1e-4
+    # the tiny random model is near-uniform and its drift tiny (KL ~0.01 nats), so the anchor
+    # needs a large weight here; k >= vocab makes it the exact KL
+    cfg = P.AdaptConfig(steps=8, lr=5e-2, precision="fp32", kl_weight=1000.0, kl_topk=4096)
+    batch = P.encode_pairs(tok, [r.prompt for r in recs], [r.completion for r in recs])
+    top = None
+
+    def drift(adapter):
+        nonlocal top
+        with P.adapter_attached(model, adapter) as pm, torch.no_grad():
+            if top is None:
+                top = P.reference_topk(pm, batch, 4096, precision="fp32")
+            return float(P.sequence_logps(pm, batch, None, None, 0, ref_top=top)[1].mean())
+
+    free = P.adapt_policy(recs, base=(model, tok), init=None, config=P.AdaptConfig(**{**vars(cfg), "kl_weight": 0.0}))
+    anchored = P.adapt_policy(recs, base=(model, tok), init=None, config=cfg)
+    assert drift(anchored) < 0.5 * drift(free)
+    # all thumbs down, no pairs: no feedback term applies, so the anchor alone takes no step
+    # (Adam would otherwise turn its ~0 gradient at the reference into full-size random steps)
+    downs = [r for r in recs if r.label == 0]
+    still = P.adapt_policy(downs, base=(model, tok), init=None, config=P.AdaptConfig(steps=3, kl_weight=1.0))
+    assert all(float(v.abs().sum()) == 0 for k, v in still.tensors.items() if "lora_B" in k)
+    with pytest.raises(ConfigError, match="kl_weight"):
+        P.AdaptConfig(kl_weight=-1.0)
+    with pytest.raises(ConfigError, match="kl_topk"):
+        P.AdaptConfig(kl_topk=0)
+
+
+def test_kl_anchor_term_with_cached_layers_pairs_and_row_subsets():
+    """The anchor's share of feedback_loss is exactly w x the per-row KL (thumbs and both
+    sides of pairs, weighted by rows), on the cached-hidden path and on sampled rows; with
+    w = 0 the loss is the same whether or not the reference top-k was prepared."""
+    from metarlhf.data import Pair
+
+    model, tok = tiny_policy(layers=4)
+    recs = tiny_thumbs() + [Pair("u", "tell me", "- p\n- q", "plain"), Pair("u", "say more", "- r", "no")]
+    w = 50.0  # large, so the anchor share stands well above fp32 rounding of the ~6-nat loss
+    cfg = P.AdaptConfig(precision="fp32", train_layers=2, batch_size=2, kl_weight=w, kl_topk=8)
+    cfg0 = P.AdaptConfig(**{**vars(cfg), "kl_weight": 0.0})
+    with P.lora_attached(model, None, 0) as pm:
+        _randomize_lora(pm)
+        data = P.prepare(pm, tok, recs, cfg)
+        plain = P.prepare(pm, tok, recs, cfg0)
+        assert data.start == 2 and plain.kto_top is None and data.dpo_c_top is not None
+        with torch.no_grad():
+            kl = {name: P.sequence_logps(pm, getattr(data, name), None, None, 0, ref_top=getattr(data, f"{name}_top"))[1]
+                  for name in ("kto", "dpo_c", "dpo_r")}
+            for kr, dr in [(torch.tensor([0, 3]), torch.tensor([1])), (torch.tensor([1, 2]), torch.tensor([0, 1]))]:
+                with_kl = P.feedback_loss(pm, data, cfg, kr, dr)
+                without = P.feedback_loss(pm, data, cfg0, kr, dr)
+                assert float(without) == pytest.approx(float(P.feedback_loss(pm, plain, cfg0, kr, dr)), abs=1e-6)
+                share = (len(kr) * kl["kto"][kr].mean() + len(dr) * (kl["dpo_c"][dr].mean() + kl["dpo_r"][dr].mean()) / 2)
+                assert float(with_kl - without) == pytest.approx(w * float(share) / (len(kr) + len(dr)), rel=1e-3)
+                assert float(share) > 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -113,6 +114,17 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
     p.set_defaults(func=cmd_eval)
 
 
+def _nonneg_float(value: str) -> float:
+    """An argparse type: a finite number >= 0."""
+    try:
+        x = float(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from e
+    if not (x >= 0 and math.isfinite(x)):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {value}")
+    return x
+
+
 def _recipe_args(p: argparse.ArgumentParser) -> None:
     """Loss mix and trained layers of the adaptation (defaults: :class:`metarlhf.policy.AdaptConfig`)."""
     from metarlhf.policy import AdaptConfig
@@ -125,6 +137,9 @@ def _recipe_args(p: argparse.ArgumentParser) -> None:
                    help="weight of DPO on (up, down) thumbs of the same prompt")
     p.add_argument("--train-layers", type=_nonneg, default=d.train_layers,
                    help="train the LoRA of the top N decoder layers only (0: all)")
+    p.add_argument("--kl-weight", type=_nonneg_float, default=d.kl_weight,
+                   help="fluency anchor: weight of the per-token KL(reference || policy) on the feedback's "
+                        "completions (0: off)")
 
 
 def _users(names: str | None, users_file: str | None, default: tuple[str, ...]) -> list:
@@ -153,7 +168,7 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
         task_a=args.task_a,
     )
     acfg = AdaptConfig(lr=args.lr, kto_weight=args.kto_weight, sft_weight=args.sft_weight,
-                       pair_weight=args.pair_weight, train_layers=args.train_layers)
+                       pair_weight=args.pair_weight, train_layers=args.train_layers, kl_weight=args.kl_weight)
     users = _users(args.users, args.users_file, TRAIN_USERS) if (args.users or args.users_file) else _users(
         None, None, TRAIN_USERS)
     prompts = read_prompts(args.prompts, limit=args.offset + cfg.pool_prompts)[args.offset:]
@@ -172,7 +187,8 @@ def cmd_adapt(args: argparse.Namespace) -> int:
 
     support = user_support(args.data, args.user, args.k, seed=args.seed)
     cfg = AdaptConfig(steps=args.steps, lr=args.lr, beta=args.beta, kto_weight=args.kto_weight,
-                      sft_weight=args.sft_weight, pair_weight=args.pair_weight, train_layers=args.train_layers)
+                      sft_weight=args.sft_weight, pair_weight=args.pair_weight, train_layers=args.train_layers,
+                      kl_weight=args.kl_weight)
     init = None if args.init == "scratch" else args.init
     t0 = time.perf_counter()
     adapter = adapt_policy(support, base=args.policy, init=init, seed=args.seed, config=cfg)
@@ -195,7 +211,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens, label_noise=args.label_noise, seed=args.seed, meta_init=args.init,
         explore=list(dict.fromkeys(args.explore)), plain_every=args.plain_every, kto_weight=args.kto_weight,
         sft_weight=args.sft_weight, pair_weight=args.pair_weight, train_layers=args.train_layers,
-        distill_samples=args.distill_samples, distill_hints=args.distill_hints, round_prompts=args.round_prompts,
+        kl_weight=args.kl_weight, distill_samples=args.distill_samples, distill_hints=args.distill_hints,
+        round_prompts=args.round_prompts,
     )
     n_train = -(-max(cfg.ks) // cfg.samples_per_prompt)
     prompts = read_prompts(args.prompts, limit=args.offset + n_train + cfg.eval_prompts)[args.offset:]
