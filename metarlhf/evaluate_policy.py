@@ -29,7 +29,11 @@ Reported per user and averaged over users: win rate against base, mean true rewa
 (personalized and base), adaptation wall time, and a fluency guard: the base model's
 mean per-token NLL of the personalized and of the base completions (``nll_personal``,
 ``nll_base``). The true rewards score style only, so a recipe that wins by writing
-gibberish shows up here as ``nll_personal`` far above ``nll_base``. The JSON is
+gibberish shows up here as ``nll_personal`` far above ``nll_base``. Per answer, a
+*fluency drop* is a personalized answer whose words are more than
+:data:`FLUENCY_DROP_NATS` nats/token less likely than the base answer's
+(``fluency_drop_rate``); ``fluent_win_rate`` counts every drop as a loss, and
+``base_resample_fluency_drop_rate`` is the same rate for a second base sample. The JSON is
 rewritten after every (user, K, method) cell, so an interrupted run keeps what it
 measured; a PNG plots the average win rate against K per method.
 """
@@ -149,14 +153,44 @@ def base_nll(model: Any, tok: Any, prompts: Sequence[str], completions: Sequence
     so an answer cut at ``max_new_tokens`` pays for that EOS; personalized and base answers
     are treated alike.
     """
+    return base_nll_rows(model, tok, prompts, completions, chunk)[1]
+
+
+def base_nll_rows(model: Any, tok: Any, prompts: Sequence[str], completions: Sequence[str],
+                  chunk: int = 8) -> tuple[list[float], float]:
+    """Per-answer mean per-token NLL of the answer's *words* under ``model`` (the closing EOS
+    left out, so a short answer is not charged for stopping early, which the base model
+    rarely does), and the token-weighted mean with the EOS (:func:`base_nll`)."""
+    import dataclasses
+
     import torch
 
     from metarlhf.policy import encode_pairs, logps_chunked
 
     batch = encode_pairs(tok, list(prompts), list(completions))
+    words = batch.comp_mask.clone()
+    words[:, -1] = 0  # rows are right-aligned and end with the EOS: the last column
     with torch.no_grad():
         logps = logps_chunked(model, batch, chunk)
-    return float(-logps.sum() / batch.comp_mask.sum())
+        word_logps = logps_chunked(model, dataclasses.replace(batch, comp_mask=words), chunk)
+    return (-word_logps / words.sum(-1).clamp(min=1)).tolist(), float(-logps.sum() / batch.comp_mask.sum())
+
+
+#: An answer whose words' base-model NLL is this many nats/token above the base answer's to the
+#: same prompt counts as a fluency drop (a judgment call: 1 nat/token is e^1 = 2.7x less likely
+#: per token).
+FLUENCY_DROP_NATS = 1.0
+
+
+def fluent_win_rate(personal: Sequence[float], base: Sequence[float], nll_personal: Sequence[float],
+                    nll_base: Sequence[float], drop: float = FLUENCY_DROP_NATS) -> tuple[float, float]:
+    """``(win rate with every fluency drop counted as a loss, share of fluency drops)``."""
+    if not (len(personal) == len(base) == len(nll_personal) == len(nll_base)) or not personal:
+        raise DataError("fluent_win_rate needs equally long, non-empty lists")
+    dropped = [p > b + drop for p, b in zip(nll_personal, nll_base, strict=True)]
+    score = sum(0.0 if d else 1.0 if p > b else 0.5 if p == b else 0.0
+                for p, b, d in zip(personal, base, dropped, strict=True))
+    return score / len(base), sum(dropped) / len(base)
 
 
 def _plot(result: dict[str, Any], path: Path) -> None:
@@ -238,6 +272,9 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "adapt_s": statistics.mean(r["adapt_s"] for r in sel),
             **({"nll_personal": statistics.mean(r["nll_personal"] for r in sel),
                 "nll_base": statistics.mean(r["nll_base"] for r in sel)} if all("nll_personal" in r for r in sel) else {}),
+            **({"fluent_win_rate": statistics.mean(r["fluent_win_rate"] for r in sel),
+                "fluency_drop_rate": statistics.mean(r["fluency_drop_rate"] for r in sel)}
+               if all("fluent_win_rate" in r for r in sel) else {}),
         })
     return out
 
@@ -304,7 +341,11 @@ def evaluate_policy(
                                   hints=hints)
         hint_log[explore] = hints
     base_eval = generate(model, tok, eval_prompts, cfg.max_new_tokens, cfg.eval_temperature, seed=cfg.seed + 1)
-    nll_base = base_nll(model, tok, eval_prompts, base_eval)
+    nll_base_rows, nll_base = base_nll_rows(model, tok, eval_prompts, base_eval)
+    # calibration of the fluency figures: a second base sample per prompt against the first
+    resample = generate(model, tok, eval_prompts, cfg.max_new_tokens, cfg.eval_temperature, seed=cfg.seed + 2)
+    resample_drop = fluent_win_rate([0.0] * len(resample), [0.0] * len(resample),
+                                    base_nll_rows(model, tok, eval_prompts, resample)[0], nll_base_rows)[1]
     result: dict[str, Any] = {
         "config": asdict(cfg),
         "base_model": base_name,
@@ -313,6 +354,7 @@ def evaluate_policy(
         "n_train_prompts": n_train,
         "n_eval_prompts": len(eval_prompts),
         "exploration_hints": hint_log,
+        "base_resample_fluency_drop_rate": resample_drop,  # the drop rate of base itself (another sample)
         "rows": [],
         "summary": [],
     }
@@ -363,7 +405,8 @@ def evaluate_policy(
             else:
                 comps = generate(pm, tok, eval_prompts, cfg.max_new_tokens, cfg.eval_temperature, seed=cfg.seed + 1)
         pers_r = [user.reward(p, c) for p, c in zip(eval_prompts, comps, strict=True)]
-        nll_personal = base_nll(model, tok, eval_prompts, comps)
+        nll_personal_rows, nll_personal = base_nll_rows(model, tok, eval_prompts, comps)
+        fluent_win, drops = fluent_win_rate(pers_r, base_r, nll_personal_rows, nll_base_rows)
         row = {
             "user": user.name,
             "family": user.family,
@@ -383,6 +426,8 @@ def evaluate_policy(
             "adapt_s": round(adapt_s, 2),
             "nll_personal": round(nll_personal, 4),
             "nll_base": round(nll_base, 4),
+            "fluent_win_rate": fluent_win,
+            "fluency_drop_rate": drops,
             "reward_model_s": round(rm_s, 2),
             "loss_first": adapter.meta["losses"][0],
             "loss_last": adapter.meta["losses"][-1],

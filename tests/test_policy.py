@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import math
 
@@ -358,6 +359,8 @@ def test_cli_eval_policy_with_users_file(tmp_path, tiny_dir):
     assert len(res["rows"]) == 8 and {r["user"] for r in res["rows"]} == {"likes-e", "bullets"}
     assert all(0 <= r["win_rate"] <= 1 and r["adapt_s"] > 0 for r in res["rows"])
     assert all(r["nll_personal"] > 0 and r["nll_base"] > 0 for r in res["rows"])
+    assert all(0 <= r["fluent_win_rate"] <= r["win_rate"] and 0 <= r["fluency_drop_rate"] <= 1 for r in res["rows"])
+    assert all("fluent_win_rate" in s for s in res["summary"])
     assert {(s["method"], s["explore"], s["k"]) for s in res["summary"]} == {
         ("scratch", e, k) for e in ("hints", "plain") for k in (2, 4)}
     hints = res["exploration_hints"]
@@ -379,6 +382,30 @@ def test_win_rate_counts_ties_as_half():
     assert win_rate([2, 1, 0, 3], [1, 1, 1, 3]) == pytest.approx((1 + 0.5 + 0 + 0.5) / 4)
     with pytest.raises(DataError):
         win_rate([], [])
+
+
+def test_fluent_win_rate_counts_fluency_drops_as_losses():
+    from metarlhf.evaluate_policy import base_nll_rows, fluent_win_rate
+
+    # wins on prompts 0 and 1, a tie on 2, a loss on 3; prompt 1's answer is 1.5 nats/token less fluent
+    win, drops = fluent_win_rate([2, 2, 1, 0], [1, 1, 1, 1], [2.0, 3.5, 2.0, 2.0], [2.0, 2.0, 2.0, 2.0])
+    assert win == pytest.approx((1 + 0 + 0.5 + 0) / 4) and drops == pytest.approx(1 / 4)
+    assert fluent_win_rate([2], [1], [2.9], [2.0]) == (1.0, 0.0)  # within 1 nat: still a win
+    with pytest.raises(DataError):
+        fluent_win_rate([1], [1, 2], [1], [1])
+    model, tok = tiny_policy()
+    prompts, comps = ["hi", "a much longer prompt here"], ["hello there", "ok"]
+    rows, mean = base_nll_rows(model, tok, prompts, comps)
+    batch = P.encode_pairs(tok, prompts, comps)
+    words = batch.comp_mask.clone()
+    words[:, -1] = 0
+    with torch.no_grad():
+        lp = P.sequence_logps(model, batch)
+        wlp = P.sequence_logps(model, dataclasses.replace(batch, comp_mask=words))
+    ntok = batch.comp_mask.sum(-1)
+    assert rows == pytest.approx((-wlp / words.sum(-1)).tolist(), rel=1e-5)  # per answer: words only, no EOS
+    assert mean == pytest.approx(float(-lp.sum() / ntok.sum()), rel=1e-5)  # the mean keeps the EOS
+    assert words.sum() == ntok.sum() - len(comps)
 
 
 def test_parse_method():
