@@ -361,6 +361,7 @@ def test_cli_eval_policy_with_users_file(tmp_path, tiny_dir):
     assert all(r["nll_personal"] > 0 and r["nll_base"] > 0 for r in res["rows"])
     assert all(0 <= r["fluent_win_rate"] <= r["win_rate"] and 0 <= r["fluency_drop_rate"] <= 1 for r in res["rows"])
     assert all("fluent_win_rate" in s for s in res["summary"])
+    assert 0 <= res["base_resample_fluency_drop_rate"] <= 1
     assert {(s["method"], s["explore"], s["k"]) for s in res["summary"]} == {
         ("scratch", e, k) for e in ("hints", "plain") for k in (2, 4)}
     hints = res["exploration_hints"]
