@@ -160,7 +160,8 @@ def base_nll_rows(model: Any, tok: Any, prompts: Sequence[str], completions: Seq
                   chunk: int = 8) -> tuple[list[float], float]:
     """Per-answer mean per-token NLL of the answer's *words* under ``model`` (the closing EOS
     left out, so a short answer is not charged for stopping early, which the base model
-    rarely does), and the token-weighted mean with the EOS (:func:`base_nll`)."""
+    rarely does; an empty answer gets +inf, i.e. always a fluency drop), and the
+    token-weighted mean with the EOS (:func:`base_nll`)."""
     import dataclasses
 
     import torch
@@ -173,7 +174,9 @@ def base_nll_rows(model: Any, tok: Any, prompts: Sequence[str], completions: Seq
     with torch.no_grad():
         logps = logps_chunked(model, batch, chunk)
         word_logps = logps_chunked(model, dataclasses.replace(batch, comp_mask=words), chunk)
-    return (-word_logps / words.sum(-1).clamp(min=1)).tolist(), float(-logps.sum() / batch.comp_mask.sum())
+    n_words = words.sum(-1)
+    per_answer = torch.where(n_words > 0, -word_logps / n_words.clamp(min=1), torch.full_like(word_logps, math.inf))
+    return per_answer.tolist(), float(-logps.sum() / batch.comp_mask.sum())
 
 
 #: An answer whose words' base-model NLL is this many nats/token above the base answer's to the

@@ -407,6 +407,7 @@ def test_fluent_win_rate_counts_fluency_drops_as_losses():
     assert rows == pytest.approx((-wlp / words.sum(-1)).tolist(), rel=1e-5)  # per answer: words only, no EOS
     assert mean == pytest.approx(float(-lp.sum() / ntok.sum()), rel=1e-5)  # the mean keeps the EOS
     assert words.sum() == ntok.sum() - len(comps)
+    assert base_nll_rows(model, tok, ["hi"], [""])[0] == [math.inf]  # an empty answer is no fluent answer
 
 
 def test_parse_method():
