@@ -1392,6 +1392,10 @@ def meta_train_policy(
             old = {"task_a": "shared", **state.get("config", {})}  # checkpoints before task_a were "shared"
             now = asdict(cfg)
             changed = [k for k in RESUME_FIXED if k in old and old[k] != now[k]]
+            old_recipe, now_recipe = state.get("adapt_config", {}), asdict(acfg)  # older checkpoints: unchecked
+            changed += [f"adapt_config.{k}" for k in now_recipe if k in old_recipe and old_recipe[k] != now_recipe[k]]
+            old |= {f"adapt_config.{k}": v for k, v in old_recipe.items()}
+            now |= {f"adapt_config.{k}": v for k, v in now_recipe.items()}
             if changed:
                 raise ConfigError(f"checkpoint in {ckpt} was made with other settings: "
                                   + ", ".join(f"{k}={old[k]!r} (now {now[k]!r})" for k in changed))
@@ -1489,7 +1493,7 @@ def meta_train_policy(
                     if ost:
                         save_tensors(ckpt / "outer.safetensors", ost)
                 atomic_write_json(ckpt / "state.json", {"step": step + 1, "algo": cfg.algo, "wall_s": row["wall_s"],
-                                                        "config": asdict(cfg)})
+                                                        "config": asdict(cfg), "adapt_config": asdict(acfg)})
         subspace_info = None
         if cfg.algo == "subspace":
             files = [tasks_dir / f"task_{i:05d}.safetensors" for i in range(1, cfg.meta_steps + 1)]

@@ -211,6 +211,10 @@ def test_meta_train_reptile_writes_init_and_resumes(tmp_path):
                         resume=True, progress=False)
     rows = [json.loads(x) for x in (work / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    # resuming with another adaptation recipe (here the fluency anchor) would mix two recipes: refused
+    with pytest.raises(ConfigError, match="adapt_config.kl_weight"):
+        P.meta_train_policy(prompts, users, tmp_path / "init", config=cfg4, base=(model, tok), resume=True,
+                            adapt_config=P.AdaptConfig(**{**vars(kto), "kl_weight": 0.5}), progress=False)
     # the saved init works as an init for adaptation
     saved = load_adapter(tmp_path / "init", expect_kind="policy_init")
     ad = P.adapt_policy(tiny_thumbs(), base=(model, tok), init=str(tmp_path / "init"), steps=1)
