@@ -32,7 +32,7 @@ def main() -> None:
     import torch
 
     from metarlhf.data import read_prompts
-    from metarlhf.evaluate_policy import FLUENCY_DROP_NATS, base_nll_rows, fluent_win_rate
+    from metarlhf.evaluate_policy import FLUENCY_DROP_NATS, base_nll_rows, fluency_drops
     from metarlhf.models import load_policy
     from metarlhf.policy import generate
 
@@ -52,8 +52,8 @@ def main() -> None:
     for i in range(args.resamples):
         seed = cfg["seed"] + 2 + i
         other = generate(model, tok, eval_prompts, cfg["max_new_tokens"], cfg["eval_temperature"], seed=seed)
-        rates[str(seed)] = fluent_win_rate([0.0] * n, [0.0] * n, base_nll_rows(model, tok, eval_prompts, other)[0],
-                                           nll_base)[1]
+        drops = fluency_drops(base_nll_rows(model, tok, eval_prompts, other)[0], nll_base)
+        rates[str(seed)] = sum(drops) / n
         print(f"base resample seed {seed}: fluency drop rate {rates[str(seed)]:.3f}", flush=True)
     out = {"command": " ".join(["flock /tmp/metarlhf-cpu.lock .venv/bin/python", *sys.argv]),
            "result": Path(args.result).name, "drop_nats": FLUENCY_DROP_NATS, "prompts": n,

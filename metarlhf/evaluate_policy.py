@@ -162,18 +162,16 @@ def base_nll_rows(model: Any, tok: Any, prompts: Sequence[str], completions: Seq
     left out, so a short answer is not charged for stopping early, which the base model
     rarely does; an empty answer gets +inf, i.e. always a fluency drop), and the
     token-weighted mean with the EOS (:func:`base_nll`)."""
-    import dataclasses
-
     import torch
 
-    from metarlhf.policy import encode_pairs, logps_chunked
+    from metarlhf.policy import encode_pairs, token_logps
 
     batch = encode_pairs(tok, list(prompts), list(completions))
     words = batch.comp_mask.clone()
     words[:, -1] = 0  # rows are right-aligned and end with the EOS: the last column
     with torch.no_grad():
-        logps = logps_chunked(model, batch, chunk)
-        word_logps = logps_chunked(model, dataclasses.replace(batch, comp_mask=words), chunk)
+        per_token = token_logps(model, batch, chunk)  # [n, C]
+    logps, word_logps = (per_token * batch.comp_mask).sum(-1), (per_token * words).sum(-1)
     n_words = words.sum(-1)
     per_answer = torch.where(n_words > 0, -word_logps / n_words.clamp(min=1), torch.full_like(word_logps, math.inf))
     return per_answer.tolist(), float(-logps.sum() / batch.comp_mask.sum())
@@ -185,12 +183,20 @@ def base_nll_rows(model: Any, tok: Any, prompts: Sequence[str], completions: Seq
 FLUENCY_DROP_NATS = 1.0
 
 
+def fluency_drops(nll_answers: Sequence[float], nll_base: Sequence[float],
+                  drop: float = FLUENCY_DROP_NATS) -> list[bool]:
+    """Per prompt: is the answer's NLL (:func:`base_nll_rows`) more than ``drop`` above base's?"""
+    if len(nll_answers) != len(nll_base) or not nll_base:
+        raise DataError("fluency_drops needs two equally long, non-empty NLL lists")
+    return [a > b + drop for a, b in zip(nll_answers, nll_base, strict=True)]
+
+
 def fluent_win_rate(personal: Sequence[float], base: Sequence[float], nll_personal: Sequence[float],
                     nll_base: Sequence[float], drop: float = FLUENCY_DROP_NATS) -> tuple[float, float]:
     """``(win rate with every fluency drop counted as a loss, share of fluency drops)``."""
-    if not (len(personal) == len(base) == len(nll_personal) == len(nll_base)) or not personal:
+    if len(personal) != len(base) or len(personal) != len(nll_personal):
         raise DataError("fluent_win_rate needs equally long, non-empty lists")
-    dropped = [p > b + drop for p, b in zip(nll_personal, nll_base, strict=True)]
+    dropped = fluency_drops(nll_personal, nll_base, drop)
     score = sum(0.0 if d else 1.0 if p > b else 0.5 if p == b else 0.0
                 for p, b, d in zip(personal, base, dropped, strict=True))
     return score / len(base), sum(dropped) / len(base)
@@ -347,8 +353,7 @@ def evaluate_policy(
     nll_base_rows, nll_base = base_nll_rows(model, tok, eval_prompts, base_eval)
     # calibration of the fluency figures: a second base sample per prompt against the first
     resample = generate(model, tok, eval_prompts, cfg.max_new_tokens, cfg.eval_temperature, seed=cfg.seed + 2)
-    resample_drop = fluent_win_rate([0.0] * len(resample), [0.0] * len(resample),
-                                    base_nll_rows(model, tok, eval_prompts, resample)[0], nll_base_rows)[1]
+    resample_drop = statistics.mean(fluency_drops(base_nll_rows(model, tok, eval_prompts, resample)[0], nll_base_rows))
     result: dict[str, Any] = {
         "config": asdict(cfg),
         "base_model": base_name,

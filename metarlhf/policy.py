@@ -672,17 +672,12 @@ def encode_pairs(
     return SeqBatch(ids, mask, pos, comp, C)
 
 
-def sequence_logps(
-    model: Any, batch: SeqBatch, rows: Any = None, hidden: Any = None, start: int = 0, ref_top: Any = None,
-) -> Any:
-    """Summed log-prob of each row's completion tokens: ``[n]``.
-
-    Only the last ``C + 1`` positions go through the LM head (``logits_to_keep``).
-    With ``hidden`` (``[n, T, d]`` from :func:`hidden_at` at layer ``start``) only the
-    layers from ``start`` up run. With ``ref_top`` (the selected rows' ``(indices,
-    logprobs)`` from :func:`reference_topk`) it returns ``(logps [n], kl [n])``, ``kl``
-    being :func:`topk_kl` averaged over each row's completion tokens, from the same pass.
-    """
+def _completion_logits(
+    model: Any, batch: SeqBatch, rows: Any = None, hidden: Any = None, start: int = 0,
+) -> tuple[Any, Any, Any, Any]:
+    """One forward pass over the completion positions of ``rows``: ``(logits [n, C, V],
+    logsumexp [n, C], log-prob of each actual token [n, C], completion mask [n, C])``.
+    See :func:`sequence_logps` for ``hidden`` / ``start``."""
     import torch
 
     ids, mask, pos, comp = batch.input_ids, batch.attention_mask, batch.position_ids, batch.comp_mask
@@ -700,6 +695,33 @@ def sequence_logps(
     targets = ids[:, -C:]  # [n, C]
     lse = torch.logsumexp(logits, -1)  # [n, C]
     logp = torch.gather(logits, -1, targets.unsqueeze(-1)).squeeze(-1) - lse  # [n, C]
+    return logits, lse, logp, comp
+
+
+def token_logps(model: Any, batch: SeqBatch, chunk: int) -> Any:
+    """Log-prob of every completion position's token, ``chunk`` rows per pass: ``[n, C]``
+    (positions outside ``batch.comp_mask`` hold no meaningful value)."""
+    import torch
+
+    n = batch.input_ids.shape[0]
+    return torch.cat([_completion_logits(model, batch, torch.arange(i, min(i + chunk, n)))[2]
+                      for i in range(0, n, chunk)])
+
+
+def sequence_logps(
+    model: Any, batch: SeqBatch, rows: Any = None, hidden: Any = None, start: int = 0, ref_top: Any = None,
+) -> Any:
+    """Summed log-prob of each row's completion tokens: ``[n]``.
+
+    Only the last ``C + 1`` positions go through the LM head (``logits_to_keep``).
+    With ``hidden`` (``[n, T, d]`` from :func:`hidden_at` at layer ``start``) only the
+    layers from ``start`` up run. With ``ref_top`` (the selected rows' ``(indices,
+    logprobs)`` from :func:`reference_topk`) it returns ``(logps [n], kl [n])``, ``kl``
+    being :func:`topk_kl` averaged over each row's completion tokens, from the same pass.
+    """
+    import torch
+
+    logits, lse, logp, comp = _completion_logits(model, batch, rows, hidden, start)
     seq = (logp * comp).sum(-1)  # [n]
     if ref_top is None:
         return seq
@@ -767,40 +789,37 @@ def check_records(records: Sequence[Record]) -> None:
 
 
 
-def logps_chunked(model: Any, batch: SeqBatch, chunk: int) -> Any:
-    """:func:`sequence_logps` of every row, ``chunk`` rows per forward pass: ``[n]``."""
+def reference_pass(peft_model: Any, batch: SeqBatch, chunk: int = 16, precision: str = "auto",
+                   topk: int = 0) -> tuple[Any, Any]:
+    """The reference policy (the same model with the adapter disabled), one pass per chunk:
+    the completions' summed log-probs ``[n]`` and, with ``topk > 0``, the top-``topk``
+    next-token ``(indices, logprobs)`` ``[n, C, k]`` at every completion position (for
+    :func:`topk_kl`; else None)."""
     import torch
 
     n = batch.input_ids.shape[0]
-    return torch.cat([sequence_logps(model, batch, torch.arange(i, min(i + chunk, n))) for i in range(0, n, chunk)])
+    seqs, idx, lps = [], [], []
+    with torch.no_grad(), peft_model.disable_adapter(), autocast(precision):
+        for i in range(0, n, chunk):
+            logits, lse, logp, comp = _completion_logits(peft_model, batch, torch.arange(i, min(i + chunk, n)))
+            seqs.append((logp * comp).sum(-1))
+            if topk:
+                top = torch.topk(logits, min(topk, logits.shape[-1]), dim=-1)
+                idx.append(top.indices)
+                lps.append(top.values - lse.unsqueeze(-1))
+    return torch.cat(seqs), ((torch.cat(idx), torch.cat(lps)) if topk else None)
 
 
 def reference_logps(peft_model: Any, batch: SeqBatch, chunk: int = 16, precision: str = "auto") -> Any:
     """Log-probs under the reference policy: the same model with the adapter disabled."""
-    import torch
-
-    with torch.no_grad(), peft_model.disable_adapter(), autocast(precision):
-        return logps_chunked(peft_model, batch, chunk)
+    return reference_pass(peft_model, batch, chunk, precision)[0]
 
 
 def reference_topk(peft_model: Any, batch: SeqBatch, k: int, chunk: int = 16,
                    precision: str = "auto") -> tuple[Any, Any]:
     """The reference policy's top-``k`` next-token log-probs at every completion position:
     ``(indices [n, C, k], logprobs [n, C, k])`` (adapter disabled; for :func:`topk_kl`)."""
-    import torch
-
-    n, C = batch.input_ids.shape[0], batch.comp_len
-    idx, lps = [], []
-    with torch.no_grad(), peft_model.disable_adapter(), autocast(precision):
-        for i in range(0, n, chunk):
-            rows = torch.arange(i, min(i + chunk, n))
-            out = peft_model(input_ids=batch.input_ids[rows], attention_mask=batch.attention_mask[rows],
-                             position_ids=batch.position_ids[rows], logits_to_keep=C + 1, use_cache=False)
-            logits = out.logits[:, :-1, :].float()
-            top = torch.topk(logits, min(k, logits.shape[-1]), dim=-1)
-            idx.append(top.indices)
-            lps.append(top.values - torch.logsumexp(logits, -1, keepdim=True))
-    return torch.cat(idx), torch.cat(lps)
+    return reference_pass(peft_model, batch, chunk, precision, k)[1]
 
 
 def prepare(
@@ -820,38 +839,38 @@ def prepare(
     check_records(records)
     enc = {"max_prompt_tokens": cfg.max_prompt_tokens, "max_completion_tokens": cfg.max_completion_tokens}
 
-    def refs(batch: SeqBatch, prompts: list[str], comps: list[str]) -> Any:
-        if ref_cache is not None and all((p, c) in ref_cache for p, c in zip(prompts, comps, strict=True)):
-            return torch.tensor([ref_cache[(p, c)] for p, c in zip(prompts, comps, strict=True)])
-        out = reference_logps(peft_model, batch, cfg.batch_size, cfg.precision)
-        if ref_cache is not None:
-            ref_cache.update({(p, c): float(v) for p, c, v in zip(prompts, comps, out, strict=True)})
-        return out
+    topk = cfg.kl_topk if cfg.kl_weight else 0  # the KL anchor's reference top-k, from the same pass
+
+    def refs(batch: SeqBatch, prompts: list[str], comps: list[str]) -> tuple[Any, Any]:
+        keys = list(zip(prompts, comps, strict=True))
+        cached = ref_cache is not None and all(key in ref_cache for key in keys)
+        if cached and not topk:
+            return torch.tensor([ref_cache[key] for key in keys]), None
+        out, top = reference_pass(peft_model, batch, cfg.batch_size, cfg.precision, topk)
+        if cached:  # keep the cached values (computed in other batches: padding may differ)
+            out = torch.tensor([ref_cache[key] for key in keys])
+        elif ref_cache is not None:
+            ref_cache.update({key: float(v) for key, v in zip(keys, out, strict=True)})
+        return out, top
 
     thumbs = [r for r in records if isinstance(r, Thumbs)]
     pairs = [r for r in records if isinstance(r, Pair)]
-    kto = labels = kto_ref = dpo_c = dpo_r = ref_c = ref_r = None
+    kto = labels = kto_ref = dpo_c = dpo_r = ref_c = ref_r = kto_top = dpo_c_top = dpo_r_top = None
     if thumbs:
         ps, cs = [r.prompt for r in thumbs], [r.completion for r in thumbs]
         kto = encode_pairs(tok, ps, cs, **enc)
         labels = torch.tensor([r.label for r in thumbs], dtype=torch.long)
-        kto_ref = refs(kto, ps, cs)
+        kto_ref, kto_top = refs(kto, ps, cs)
     if pairs:
         ps = [r.prompt for r in pairs]
         dpo_c = encode_pairs(tok, ps, [r.chosen for r in pairs], **enc)
         dpo_r = encode_pairs(tok, ps, [r.rejected for r in pairs], **enc)
-        ref_c = refs(dpo_c, ps, [r.chosen for r in pairs])
-        ref_r = refs(dpo_r, ps, [r.rejected for r in pairs])
-    data = Prepared(kto, labels, kto_ref, dpo_c, dpo_r, ref_c, ref_r)
+        ref_c, dpo_c_top = refs(dpo_c, ps, [r.chosen for r in pairs])
+        ref_r, dpo_r_top = refs(dpo_r, ps, [r.rejected for r in pairs])
+    data = Prepared(kto, labels, kto_ref, dpo_c, dpo_r, ref_c, ref_r,
+                    kto_top=kto_top, dpo_c_top=dpo_c_top, dpo_r_top=dpo_r_top)
     if thumbs:
         data.kto_pairs = thumb_pairs([r.prompt for r in thumbs], [r.label for r in thumbs])
-    if cfg.kl_weight:
-        def top(batch: SeqBatch) -> tuple[Any, Any]:
-            return reference_topk(peft_model, batch, cfg.kl_topk, cfg.batch_size, cfg.precision)
-
-        data.kto_top = top(kto) if kto is not None else None
-        if dpo_c is not None:
-            data.dpo_c_top, data.dpo_r_top = top(dpo_c), top(dpo_r)
     data.start = start_layer_for(peft_model, cfg.train_layers)
     if data.start:
         with autocast(cfg.precision):
@@ -1389,13 +1408,13 @@ def meta_train_policy(
             state = json.loads((ckpt / "state.json").read_text())
             if state.get("algo") != cfg.algo:
                 raise ConfigError(f"checkpoint in {ckpt} is for algo {state.get('algo')!r}, not {cfg.algo!r}")
-            old = {"task_a": "shared", **state.get("config", {})}  # checkpoints before task_a were "shared"
-            now = asdict(cfg)
-            changed = [k for k in RESUME_FIXED if k in old and old[k] != now[k]]
-            old_recipe, now_recipe = state.get("adapt_config", {}), asdict(acfg)  # older checkpoints: unchecked
-            changed += [f"adapt_config.{k}" for k in now_recipe if k in old_recipe and old_recipe[k] != now_recipe[k]]
-            old |= {f"adapt_config.{k}": v for k, v in old_recipe.items()}
-            now |= {f"adapt_config.{k}": v for k, v in now_recipe.items()}
+            def recipe(d: dict[str, Any]) -> dict[str, Any]:
+                return {f"adapt_config.{k}": v for k, v in d.items()}
+
+            # checkpoints before task_a were "shared"; before adapt_config, the recipe is unchecked
+            old = {"task_a": "shared", **state.get("config", {}), **recipe(state.get("adapt_config", {}))}
+            now = {**asdict(cfg), **recipe(asdict(acfg))}
+            changed = [k for k in (*RESUME_FIXED, *recipe(asdict(acfg))) if k in old and old[k] != now[k]]
             if changed:
                 raise ConfigError(f"checkpoint in {ckpt} was made with other settings: "
                                   + ", ".join(f"{k}={old[k]!r} (now {now[k]!r})" for k in changed))
