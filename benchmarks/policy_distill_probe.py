@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 PROMPTS = str(ROOT.parent / "shared/data/hh-rlhf/harmless-base-test.jsonl.gz")
 
 
-def main(user_name: str, variants: dict) -> int:
+def main(user_name: str, variants: dict, out: str) -> int:
     from dataclasses import asdict
 
     import torch
@@ -32,10 +32,12 @@ def main(user_name: str, variants: dict) -> int:
     from metarlhf import policy as P
     from metarlhf.data import read_prompts
     from metarlhf.evaluate_policy import win_rate
+    from metarlhf.io import atomic_write_json
     from metarlhf.models import load_policy
     from metarlhf.simusers import TRAIN_USERS, USERS
 
-    print("command: " + " ".join([sys.executable, *sys.argv]), flush=True)
+    command = " ".join([sys.executable, *sys.argv])
+    print("command: " + command, flush=True)
     if user_name not in TRAIN_USERS:
         raise SystemExit(f"{user_name} is not a training user")
     torch.set_num_threads(2)
@@ -53,6 +55,8 @@ def main(user_name: str, variants: dict) -> int:
     base_eval = P.generate(model, tok, evalp, 48, 0.7, seed=1)
     base_r = [user.reward(p, c) for p, c in zip(evalp, base_eval, strict=True)]
     init = P.load_init("meta", P.base_name_of(model))
+    result = {"command": command, "user": user_name, "force_hint": os.environ.get("FORCE_HINT"),
+              "credit": {str(k): v for k, v in cred.items()}, "variants": {}}
     for name, over in variants.items():
         cfg = P.AdaptConfig(**{**asdict(P.AdaptConfig(max_completion_tokens=48)), **over})
         t0 = time.time()
@@ -66,8 +70,17 @@ def main(user_name: str, variants: dict) -> int:
               f"{ad.meta['n_distilled']} samples) loss {ad.meta['losses'][0]:.2f} -> {ad.meta['losses'][-1]:.2f}",
               flush=True)
         print("   first personalized answer:", repr(comps[0][:150]), flush=True)
+        result["variants"][name] = {"config": over, "win_rate": win_rate(r, base_r), "mean_reward": sum(r) / len(r),
+                                    "base_mean_reward": sum(base_r) / len(r), "adapt_s": round(s, 1),
+                                    "n_distilled": ad.meta["n_distilled"], "losses": ad.meta["losses"],
+                                    "first_answer": comps[0]}
+        atomic_write_json(out, result)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1], json.loads(sys.argv[2])))
+    if len(sys.argv) != 3:
+        print(__doc__, file=sys.stderr)
+        sys.exit(2)
+    sys.exit(main(sys.argv[1], json.loads(sys.argv[2]),
+                  os.environ.get("OUT", str(ROOT / "benchmarks/results/policy_distill_probe.json"))))

@@ -3,14 +3,16 @@
 For each hint, 8 samples with the hint vs 8 plain samples (same seed) on pilot prompts
 500-507, at temperature 1.0 and 0.7: mean reward of a matching *training* user for the
 hinted and the plain samples, and the hinted sample's win rate against the plain one
-(ties 1/2). Prints one line per (temperature, hint); no JSON (results are quoted in
-``benchmarks/results/policy_explore_pilot.json``, entry ``probes``).
+(ties 1/2). Prints one line per (temperature, hint) and writes them to ``--out`` (session 3's
+figures are quoted in ``benchmarks/results/policy_explore_pilot.json``, entry ``probes``).
 
-    flock /tmp/metarlhf-cpu.lock .venv/bin/python benchmarks/policy_hint_following.py
+    flock /tmp/metarlhf-cpu.lock .venv/bin/python benchmarks/policy_hint_following.py \
+        --out benchmarks/results/policy_hint_following.json
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 from pathlib import Path
@@ -33,15 +35,22 @@ CHECK = {
 
 
 def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=str(ROOT / "benchmarks/results/policy_hint_following.json"))
+    args = ap.parse_args()
+
     import torch
 
     from metarlhf.data import read_prompts
+    from metarlhf.io import atomic_write_json
     from metarlhf.models import load_policy
     from metarlhf.policy import generate
     from metarlhf.simusers import USERS
 
-    print("command: " + " ".join([sys.executable, *sys.argv]), flush=True)
+    command = " ".join([sys.executable, *sys.argv])
+    print("command: " + command, flush=True)
     torch.set_num_threads(2)
+    rows = []
     model, tok = load_policy()
     prompts = read_prompts(PROMPTS, limit=508)[500:508]
     n = len(prompts)
@@ -58,7 +67,10 @@ def main() -> int:
             wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(r, rb, strict=True)) / n
             print(f"T={temp} {h!r} user {u.name}: hinted {sum(r) / n:+.3f} plain {sum(rb) / n:+.3f} "
                   f"win {wins:.3f}", flush=True)
+            rows.append({"temperature": temp, "hint": h, "user": u.name, "hinted_reward": sum(r) / n,
+                         "plain_reward": sum(rb) / n, "hinted_win_rate": wins, "prompts": n})
         print(f"T={temp}: {len(ps)} hinted samples in {time.time() - t0:.1f} s", flush=True)
+    atomic_write_json(args.out, {"command": command, "rows": rows})
     return 0
 
 

@@ -22,7 +22,7 @@ Features are multiplied by 10 before fitting. Methods, per feature set:
   set with an L2 pull ``lam`` on ``z`` (the frozen-feature analogue of the shipped
   init's stage-2 start, before any meta-training of the LoRA).
 
-Support / query draws are ``eval reward``'s (``_user_splits``: seeds 0 and 1, 200 query
+Support / query draws are ``eval reward``'s (``user_splits``: seeds 0 and 1, 200 query
 records). Only the 10 *validation* personas are scored (an idea check: nothing here
 is chosen on the test personas). Embeddings are cached under ``--cache``.
 
@@ -83,7 +83,7 @@ def main() -> None:
     from reward_subspace_ceiling import fit_head
 
     from metarlhf.data import group_by_user, load_records
-    from metarlhf.evaluate_reward import _user_splits, fit_logistic_regression
+    from metarlhf.evaluate_reward import fit_logistic_regression, user_splits
     from metarlhf.io import load_tensors, save_tensors
     from metarlhf.models import load_encoder, load_policy
 
@@ -136,7 +136,7 @@ def main() -> None:
             x = features(u, key)
             row = {t: i for i, t in enumerate(emb[u]["texts"])}
             for seed in range(args.seeds):
-                query, supports = _user_splits(u, by_user[u], args.ks, seed, 200)
+                query, supports = user_splits(u, by_user[u], args.ks, seed, 200)
                 xq = x[[row[r.completion] for r in query]].double()
                 yq = torch.tensor([float(r.label) for r in query], dtype=torch.float64)
                 for k, sup in supports.items():

@@ -57,7 +57,7 @@ def main() -> None:
     cmd = " ".join(["flock /tmp/metarlhf-cpu.lock .venv/bin/python", *sys.argv])
     print("command:", cmd, flush=True)
     from metarlhf.data import group_by_user, load_records
-    from metarlhf.evaluate_reward import _EmbCache, _pair_features, _user_splits
+    from metarlhf.evaluate_reward import EmbeddingCache, pair_features, user_splits
     from metarlhf.io import atomic_write_json
     from metarlhf.meta import fit_user_heads
     from metarlhf.reward import RewardModel, adapt_head, load_reward_model, records_accuracy
@@ -74,7 +74,7 @@ def main() -> None:
     heads = fit_user_heads(model, by_user, split["train"], args.head_records, params=params, progress=True)
     cands = torch.cat([heads, -heads])  # a persona and its opposite
     print(f"{len(heads)} training heads in {time.perf_counter() - t0:.0f} s", flush=True)
-    emb = _EmbCache(model, params)
+    emb = EmbeddingCache(model, params)
     methods = ["meta", *(f"prior@{t}" for t in args.taus), *(f"prior+adapt@{t}" for t in args.taus)]
     result: dict = {"command": cmd, "head_records": args.head_records, "steps": steps, "splits": {}}
     for part in args.splits:
@@ -82,7 +82,7 @@ def main() -> None:
         top: dict[str, list] = {}
         for u in split[part]:
             for seed in range(args.seeds):
-                query, supports = _user_splits(u, by_user[u], args.ks, seed, 200)
+                query, supports = user_splits(u, by_user[u], args.ks, seed, 200)
                 q = model.encode_records(query)
                 qe = emb(q.ids)
                 for k in args.ks:
@@ -90,7 +90,7 @@ def main() -> None:
                     se = emb(s.ids)
                     a, _ = adapt_head(se, s, params, log_lrs, steps, resid_l2)
                     acc["meta"][k].append(records_accuracy(RewardModel.head_scores(a, qe), q))
-                    x, y = _pair_features(se, s)
+                    x, y = pair_features(se, s)
                     for t in args.taus:
                         prior, w = neighbour_prior(cands, x, y, t)
                         acc[f"prior@{t}"][k].append(records_accuracy(qe @ prior[:-1] + prior[-1], q))

@@ -51,7 +51,7 @@ def main() -> None:
     print("command:", cmd, flush=True)
     from metarlhf.adapters import load_adapter, save_adapter
     from metarlhf.data import group_by_user, load_records
-    from metarlhf.evaluate_reward import _EmbCache, _user_splits
+    from metarlhf.evaluate_reward import EmbeddingCache, user_splits
     from metarlhf.io import atomic_write_json
     from metarlhf.reward import LR_PREFIX, R_KEY, RewardModel, adapt_head, load_reward_model, records_accuracy
 
@@ -66,11 +66,11 @@ def main() -> None:
     log_lrs.pop(R_KEY, None)
     init_steps = int(model.init_meta.get("inner_steps", 5))
     steps_grid = args.steps or [init_steps, 2 * init_steps, 4 * init_steps]
-    emb = _EmbCache(model, params)
+    emb = EmbeddingCache(model, params)
     tasks = []  # (query enc, {k: support enc}) per val user and seed
     for u in split["val"]:
         for seed in range(args.seeds):
-            query, supports = _user_splits(u, by_user[u], args.ks, seed, 200)
+            query, supports = user_splits(u, by_user[u], args.ks, seed, 200)
             tasks.append((model.encode_records(query), {k: model.encode_records(s) for k, s in supports.items()}))
             emb(tasks[-1][0].ids)
             for s in tasks[-1][1].values():

@@ -115,7 +115,7 @@ def main() -> None:
     torch.set_num_threads(2)
     print("command:", " ".join([sys.executable, *sys.argv]))
     from metarlhf.data import Thumbs, group_by_user, load_records
-    from metarlhf.evaluate_reward import _user_splits
+    from metarlhf.evaluate_reward import user_splits
 
     split = json.loads(Path(args.split).read_text())
     by_user = group_by_user(load_records(args.data)[0])
@@ -131,7 +131,7 @@ def main() -> None:
     for u in split["val"] + split["test"]:
         used: set[int] = set()
         for seed in range(args.seeds):  # the eval's query + support draws do not look at labels' values
-            q, sup = _user_splits(u, stand_ins(u, list(range(counts[u]))), args.ks, seed, 200)
+            q, sup = user_splits(u, stand_ins(u, list(range(counts[u]))), args.ks, seed, 200)
             used |= {int(r.prompt) for r in q} | {int(r.prompt) for k in sup for r in sup[k]}
         want[u] = sorted(used)
     t0 = time.perf_counter()
@@ -169,7 +169,7 @@ def main() -> None:
             train_user = u in split["train"]  # evaluated on its embedded subset only
             positions = want[u] if train_user else list(range(counts[u]))
             for seed in range(args.seeds):
-                query, supports = _user_splits(u, stand_ins(u, positions), args.ks, seed, 200)
+                query, supports = user_splits(u, stand_ins(u, positions), args.ks, seed, 200)
 
                 def row(r: Thumbs, train_user: bool = train_user, pos: dict = pos) -> int:
                     return int(r.prompt) if train_user else pos[int(r.prompt)]

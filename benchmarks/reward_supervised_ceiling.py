@@ -54,7 +54,7 @@ def main() -> None:
     from tqdm import tqdm
 
     from metarlhf.data import group_by_user, load_records
-    from metarlhf.evaluate_reward import _pair_features, _user_splits, fit_logistic_regression
+    from metarlhf.evaluate_reward import fit_logistic_regression, pair_features, user_splits
     from metarlhf.io import atomic_write_json
     from metarlhf.reward import EncodedRecords, RewardModel, load_reward_model, records_accuracy, records_loss
 
@@ -69,7 +69,7 @@ def main() -> None:
     for u in tqdm(users, desc="supervised ceiling"):
         t0 = time.perf_counter()
         recs = by_user[u]
-        query, _ = _user_splits(u, recs, [4, 8, 16, 32], 0, 200)  # the eval's seed-0 query records
+        query, _ = user_splits(u, recs, [4, 8, 16, 32], 0, 200)  # the eval's seed-0 query records
         qset = set(query)
         train = [r for r in recs if r not in qset]
         random.Random(f"ceiling:{u}").shuffle(train)
@@ -79,7 +79,7 @@ def main() -> None:
         with torch.no_grad():
             for name, params in (("logreg", base_params), ("logreg_meta", meta_params)):
                 es, eq = model.embed_ids(s.ids, params, 64), model.embed_ids(q.ids, params, 64)
-                x, y = _pair_features(es, s)
+                x, y = pair_features(es, s)
                 wb = fit_logistic_regression(x, y)
                 row[name] = round(records_accuracy(eq @ wb[:-1] + wb[-1], q), 4)
                 row[f"{name}_train_acc"] = round(records_accuracy(es @ wb[:-1] + wb[-1], s), 4)

@@ -61,7 +61,7 @@ def fit_logistic_regression(x: torch.Tensor, y: torch.Tensor, c: float = 1.0, ma
     return wb.detach().float()
 
 
-class _EmbCache:
+class EmbeddingCache:
     """Embeddings of token sequences under one fixed parameter set."""
 
     def __init__(self, model: Any, params: dict[str, torch.Tensor]):
@@ -76,7 +76,7 @@ class _EmbCache:
         return torch.stack([self.cache[tuple(x)] for x in ids])
 
 
-def _pair_features(emb: torch.Tensor, enc: Any) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_features(emb: torch.Tensor, enc: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """Thumbs rows as (e, label); pairs as (e_chosen - e_rejected, 1) and the reverse as 0."""
     xs, ys = [emb[enc.thumb_idx]], [enc.thumb_labels]
     if len(enc.chosen_idx):
@@ -86,7 +86,11 @@ def _pair_features(emb: torch.Tensor, enc: Any) -> tuple[torch.Tensor, torch.Ten
     return torch.cat(xs), torch.cat(ys)
 
 
-def _user_splits(user: str, recs: list, ks: list[int], seed: int, max_query: int) -> tuple[list, dict[int, list]]:
+def user_splits(user: str, recs: list, ks: list[int], seed: int, max_query: int) -> tuple[list, dict[int, list]]:
+    """``eval reward``'s draws for one user and seed: ``(query records, {K: support task})``.
+
+    Seeded by (user, seed) only, so benchmarks that call it score the same records.
+    """
     from metarlhf.data import make_task
 
     rng = random.Random(f"eval:{user}:{seed}")
@@ -169,8 +173,8 @@ def evaluate_reward(
     meta_params = model.adapter_params()
     log_lrs = model.inner_log_lrs
     base_params = model.fresh_params(0)  # lora_B = 0: the plain encoder
-    base_emb = _EmbCache(model, base_params)
-    meta_emb = _EmbCache(model, meta_params)
+    base_emb = EmbeddingCache(model, base_params)
+    meta_emb = EmbeddingCache(model, meta_params)
 
     acc: dict[str, dict[int, list[float]]] = {m: {k: [] for k in ks} for m in methods}
     per_user: dict[str, Any] = {}
@@ -181,7 +185,7 @@ def evaluate_reward(
     for u in users:
         per_user[u] = {m: {str(k): [] for k in ks} for m in methods}
         for seed in range(seeds):
-            query, supports = _user_splits(u, by_user[u], ks, seed, max_query)
+            query, supports = user_splits(u, by_user[u], ks, seed, max_query)
             q = model.encode_records(query)
             for k in ks:
                 s = model.encode_records(supports[k])
@@ -190,7 +194,7 @@ def evaluate_reward(
                     if m == "base":
                         scores = RewardModel.head_scores(meta_params, meta_emb(q.ids))
                     elif m == "linear":
-                        x, y = _pair_features(base_emb(s.ids), s)
+                        x, y = pair_features(base_emb(s.ids), s)
                         wb = fit_logistic_regression(x, y)
                         scores = base_emb(q.ids) @ wb[:-1] + wb[-1]
                     elif m == "meta" and inner in ("head", "subspace"):

@@ -266,7 +266,7 @@ def fit_user_heads(model: Any, users: dict[str, list], ids: list[str], n_records
     """
     from tqdm import tqdm
 
-    from metarlhf.evaluate_reward import _pair_features, fit_logistic_regression
+    from metarlhf.evaluate_reward import fit_logistic_regression, pair_features
 
     base = params if params is not None else model.fresh_params(seed)  # fresh: lora_B = 0, the plain encoder
     rng = random.Random(f"basis:{seed}")
@@ -277,7 +277,7 @@ def fit_user_heads(model: Any, users: dict[str, list], ids: list[str], n_records
         enc = model.encode_records(recs[:n_records])
         with torch.no_grad():
             emb = model.embed_ids(enc.ids, base, batch_size=64)  # [n, d]
-        x, y = _pair_features(emb, enc)
+        x, y = pair_features(emb, enc)
         heads.append(fit_logistic_regression(x, y))
     return torch.stack(heads)
 
