@@ -65,16 +65,22 @@ def main() -> int:
         t0 = time.perf_counter()
         got = evaluate_policy(users, prompts, cfg, base=(model, tok), progress=False)
         run = {"recipe": name, "params": r, "users": names, "summary": got["summary"],
+               "base_relevance": got.get("base_relevance"),
+               "base_repeat_opening_rate": got.get("base_repeat_opening_rate"),
                "per_user": [{k: row[k] for k in ("user", "k", "explore", "method", "n_up", "win_rate", "mean_reward",
                                                  "base_mean_reward", "adapt_s", "nll_personal", "nll_base", "hint_credit", "distill_hints",
-                                                 "n_distilled", "distill_s", "explore_s") if k in row}
+                                                 "n_distilled", "distill_s", "explore_s", "fluent_win_rate",
+                                                 "fluency_drop_rate", "relevance", "repeat_opening_rate",
+                                                 "answers") if k in row}
                             for row in got["rows"]],
                "wall_s": round(time.perf_counter() - t0, 1), "command": command}
         res["runs"].append(run)
         atomic_write_json(out, res)
         for s in got["summary"]:
             print(f"{name:>24} {s['method']:>8} {s['explore']:>5} K={s['k']:<3} win {s['win_rate']:.3f} "
-                  f"reward {s['mean_reward']:+.3f} (base {s['base_mean_reward']:+.3f}) adapt {s['adapt_s']:.1f} s",
+                  f"reward {s['mean_reward']:+.3f} (base {s['base_mean_reward']:+.3f}) adapt {s['adapt_s']:.1f} s "
+                  f"relevance {s.get('relevance', float('nan')):.3f} (base {got.get('base_relevance') or float('nan'):.3f}) "
+                  f"repeat openings {s.get('repeat_opening_rate', float('nan')):.2f}",
                   flush=True)
     return 0
 

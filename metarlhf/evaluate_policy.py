@@ -33,7 +33,13 @@ gibberish shows up here as ``nll_personal`` far above ``nll_base``. Per answer, 
 *fluency drop* is a personalized answer whose words are more than
 :data:`FLUENCY_DROP_NATS` nats/token less likely than the base answer's
 (``fluency_drop_rate``); ``fluent_win_rate`` counts every drop as a loss, and
-``base_resample_fluency_drop_rate`` is the same rate for a second base sample. The JSON is
+``base_resample_fluency_drop_rate`` is the same rate for a second base sample. Two
+figures catch answers that ignore the prompt (the true rewards cannot: a memorised
+answer in the liked style wins on every prompt): ``relevance``, the mean
+:func:`prompt_relevance` (nats/token the base model gains from the answer's own prompt
+over another one; ``base_relevance`` for the base answers), and ``repeat_opening_rate``,
+the share of answers whose first five words open another answer of the same user
+(``base_repeat_opening_rate`` for base). The JSON is
 rewritten after every (user, K, method) cell, so an interrupted run keeps what it
 measured; a PNG plots the average win rate against K per method.
 """
@@ -202,6 +208,36 @@ def fluent_win_rate(personal: Sequence[float], base: Sequence[float], nll_person
     return score / len(base), sum(dropped) / len(base)
 
 
+def prompt_relevance(model: Any, tok: Any, prompts: Sequence[str], completions: Sequence[str],
+                     own_nll: Sequence[float] | None = None, chunk: int = 8) -> list[float]:
+    """Per answer: how much more likely (nats/token of its words) ``model`` finds it after its
+    own prompt than after the next prompt of the list (cyclically), a pointwise mutual
+    information between prompt and answer. An answer that ignores its prompt (a memorised
+    template served for every question) scores about 0, an on-topic answer well above; an
+    empty answer scores 0. ``own_nll``: :func:`base_nll_rows` of the answers under their own
+    prompts, when already computed. Needs at least two prompts."""
+    if len(prompts) != len(completions) or len(prompts) < 2:
+        raise DataError("prompt_relevance needs at least two prompts, one answer each")
+    own = list(own_nll) if own_nll is not None else base_nll_rows(model, tok, prompts, completions, chunk)[0]
+    other = base_nll_rows(model, tok, [*prompts[1:], prompts[0]], completions, chunk)[0]
+    return [o - w if math.isfinite(w) else 0.0 for w, o in zip(own, other, strict=True)]
+
+
+def repeated_openings(completions: Sequence[str], words: int = 5) -> list[bool]:
+    """Per answer: do its first ``words`` words (lower-cased, punctuation stripped) open
+    another answer of the list too? Answers to different prompts that open alike are the
+    visible face of a template; an empty answer never counts."""
+    def opening(text: str) -> tuple[str, ...]:
+        toks = ["".join(ch for ch in w.lower() if ch.isalnum()) for w in text.split()]
+        return tuple(t for t in toks if t)[:words]
+
+    heads = [opening(c) for c in completions]
+    counts: dict[tuple[str, ...], int] = {}
+    for h in heads:
+        counts[h] = counts.get(h, 0) + 1
+    return [bool(h) and counts[h] > 1 for h in heads]
+
+
 def _plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -284,6 +320,10 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             **({"fluent_win_rate": statistics.mean(r["fluent_win_rate"] for r in sel),
                 "fluency_drop_rate": statistics.mean(r["fluency_drop_rate"] for r in sel)}
                if all("fluent_win_rate" in r for r in sel) else {}),
+            **({"relevance": statistics.mean(r["relevance"] for r in sel)}
+               if all(r.get("relevance") is not None for r in sel) else {}),
+            **({"repeat_opening_rate": statistics.mean(r["repeat_opening_rate"] for r in sel)}
+               if all("repeat_opening_rate" in r for r in sel) else {}),
         })
     return out
 
@@ -354,6 +394,8 @@ def evaluate_policy(
     # calibration of the fluency figures: a second base sample per prompt against the first
     resample = generate(model, tok, eval_prompts, cfg.max_new_tokens, cfg.eval_temperature, seed=cfg.seed + 2)
     resample_drop = statistics.mean(fluency_drops(base_nll_rows(model, tok, eval_prompts, resample)[0], nll_base_rows))
+    many = len(eval_prompts) > 1  # relevance compares each answer with another prompt
+    base_relevance = statistics.mean(prompt_relevance(model, tok, eval_prompts, base_eval, nll_base_rows)) if many else None
     result: dict[str, Any] = {
         "config": asdict(cfg),
         "base_model": base_name,
@@ -363,6 +405,9 @@ def evaluate_policy(
         "n_eval_prompts": len(eval_prompts),
         "exploration_hints": hint_log,
         "base_resample_fluency_drop_rate": resample_drop,  # the drop rate of base itself (another sample)
+        "base_relevance": base_relevance,  # nats/token: prompt_relevance of the base answers
+        "base_repeat_opening_rate": statistics.mean(repeated_openings(base_eval)),
+        "base_answers": base_eval,
         "rows": [],
         "summary": [],
     }
@@ -397,7 +442,7 @@ def evaluate_policy(
         if method.uses_reward:
             if (user.name, k, explore) not in scorers:
                 t0 = time.perf_counter()
-                scorers[(user.name, k, explore)] = _personal_scorer(reward_model, support, cfg.seed)
+                scorers[(user.name, k, explore)] = personal_scorer(reward_model, support, cfg.seed)
                 rm_s = time.perf_counter() - t0
             scorer = scorers[(user.name, k, explore)]
         t0 = time.perf_counter()
@@ -415,6 +460,8 @@ def evaluate_policy(
         pers_r = [user.reward(p, c) for p, c in zip(eval_prompts, comps, strict=True)]
         nll_personal_rows, nll_personal = base_nll_rows(model, tok, eval_prompts, comps)
         fluent_win, drops = fluent_win_rate(pers_r, base_r, nll_personal_rows, nll_base_rows)
+        relevance = (statistics.mean(prompt_relevance(model, tok, eval_prompts, comps, nll_personal_rows))
+                     if many else None)
         row = {
             "user": user.name,
             "family": user.family,
@@ -436,11 +483,14 @@ def evaluate_policy(
             "nll_base": round(nll_base, 4),
             "fluent_win_rate": fluent_win,
             "fluency_drop_rate": drops,
+            "relevance": relevance,
+            "repeat_opening_rate": statistics.mean(repeated_openings(comps)),
             "reward_model_s": round(rm_s, 2),
             "loss_first": adapter.meta["losses"][0],
             "loss_last": adapter.meta["losses"][-1],
             "examples": [{"prompt": eval_prompts[i], "base": base_eval[i], "personalized": comps[i]}
                          for i in range(min(2, len(comps)))],
+            "answers": comps,  # every personalized answer, in eval-prompt order (base: result["base_answers"])
         }
         result["rows"].append(row)
         bar.set_postfix(user=user.name[:12], k=k, e=explore, m=method.name, win=f"{row['win_rate']:.2f}")
@@ -462,7 +512,7 @@ def _load_reward_model() -> Any:
     return load_reward_model()
 
 
-def _personal_scorer(reward_model: Any, support: Sequence[Any], seed: int) -> Any:
+def personal_scorer(reward_model: Any, support: Sequence[Any], seed: int) -> Any:
     """``adapt_reward`` on the user's K thumbs -> ``scorer(prompts, completions)``."""
     from metarlhf.reward import SHIPPED_INIT_DIR, adapt_reward
 

@@ -366,6 +366,9 @@ def test_cli_eval_policy_with_users_file(tmp_path, tiny_dir):
     assert all(0 <= r["fluent_win_rate"] <= r["win_rate"] and 0 <= r["fluency_drop_rate"] <= 1 for r in res["rows"])
     assert all("fluent_win_rate" in s for s in res["summary"])
     assert 0 <= res["base_resample_fluency_drop_rate"] <= 1
+    assert all(math.isfinite(r["relevance"]) and 0 <= r["repeat_opening_rate"] <= 1 for r in res["rows"])
+    assert all(len(r["answers"]) == 3 for r in res["rows"]) and len(res["base_answers"]) == 3
+    assert math.isfinite(res["base_relevance"]) and "relevance" in res["summary"][0]
     assert {(s["method"], s["explore"], s["k"]) for s in res["summary"]} == {
         ("scratch", e, k) for e in ("hints", "plain") for k in (2, 4)}
     hints = res["exploration_hints"]
@@ -414,6 +417,32 @@ def test_fluent_win_rate_counts_fluency_drops_as_losses():
     assert base_nll_rows(model, tok, ["hi"], [""])[0] == [math.inf]  # an empty answer is no fluent answer
 
 
+def test_prompt_relevance_is_own_prompt_gain_over_the_next_prompt():
+    from metarlhf.evaluate_policy import base_nll_rows, prompt_relevance
+
+    model, tok = tiny_policy()
+    prompts, comps = ["hi", "a much longer prompt here", "third"], ["hello there", "ok", ""]
+    rel = prompt_relevance(model, tok, prompts, comps)
+    own = base_nll_rows(model, tok, prompts, comps)[0]
+    other = base_nll_rows(model, tok, [prompts[1], prompts[2], prompts[0]], comps)[0]
+    assert rel[:2] == pytest.approx([other[0] - own[0], other[1] - own[1]], rel=1e-5)
+    assert rel[2] == 0.0  # an empty answer carries no information about its prompt
+    assert prompt_relevance(model, tok, prompts, comps, own_nll=own) == pytest.approx(rel)
+    same = prompt_relevance(model, tok, ["q", "q"], ["same words", "same words"])
+    assert same == pytest.approx([0.0, 0.0], abs=1e-6)  # the same prompt twice: nothing to gain
+    with pytest.raises(DataError):
+        prompt_relevance(model, tok, ["one prompt"], ["one answer"])
+
+
+def test_repeated_openings_flags_answers_that_open_alike():
+    from metarlhf.evaluate_policy import repeated_openings
+
+    comps = ["What's that? Two lasses. We don't", "what's that two LASSES, we sing", "Here is a plan", "", ""]
+    assert repeated_openings(comps) == [True, True, False, False, False]  # empty answers never count
+    assert repeated_openings(["a b c d e f", "a b c d e g"]) == [True, True]  # five words decide
+    assert repeated_openings(["a b c d e", "a b c d x"]) == [False, False]
+
+
 def test_parse_method():
     from metarlhf.evaluate_policy import parse_method
 
@@ -436,7 +465,7 @@ def test_eval_with_reward_model_methods(monkeypatch):
         return lambda ps, cs: [float(c.count("e")) for c in cs]
 
     monkeypatch.setattr(E, "_load_reward_model", lambda: object())
-    monkeypatch.setattr(E, "_personal_scorer", fake_scorer)
+    monkeypatch.setattr(E, "personal_scorer", fake_scorer)
     model, tok = tiny_policy()
     cfg = E.EvalConfig(ks=[4], eval_prompts=2, methods=["scratch", "scratch+bon3", "scratch+aug2"], steps=1,
                        max_new_tokens=4, explore=["plain"])
