@@ -85,6 +85,7 @@ class EvalConfig:
     pair_weight: float = 1.0
     train_layers: int = 15  # 0: all layers
     kl_weight: float = AdaptConfig.kl_weight  # fluency anchor (AdaptConfig.kl_weight)
+    contrast_weight: float = AdaptConfig.contrast_weight  # prompt contrast (AdaptConfig.contrast_weight)
     distill_samples: int = 0  # extra self-generated thumbs up in the liked style (AdaptConfig.distill_samples)
     distill_hints: int = 1
     round_prompts: int = 2  # adaptive exploration: prompts per round after the first
@@ -378,7 +379,8 @@ def evaluate_policy(
     scorers: dict[tuple[str, int], Any] = {}
     acfg = AdaptConfig(steps=cfg.steps, lr=cfg.lr, max_completion_tokens=cfg.max_new_tokens,
                        kto_weight=cfg.kto_weight, sft_weight=cfg.sft_weight, pair_weight=cfg.pair_weight,
-                       train_layers=cfg.train_layers, kl_weight=cfg.kl_weight, distill_samples=cfg.distill_samples,
+                       train_layers=cfg.train_layers, kl_weight=cfg.kl_weight,
+                       contrast_weight=cfg.contrast_weight, distill_samples=cfg.distill_samples,
                        distill_hints=cfg.distill_hints)
     log.info("sampling %d base completions for thumbs and %d for held-out prompts", n_train * s, len(eval_prompts))
     rep = [p for p in train_prompts for _ in range(s)]

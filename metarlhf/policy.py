@@ -181,6 +181,8 @@ class AdaptConfig:
     distill_hints: int = 1  # how many liked hints (positive net feedback) the extra samples use
     kl_weight: float = 0.0  # fluency anchor: per-token KL(reference || policy) on the feedback's completions
     kl_topk: int = 32  # the anchor's KL is over the reference's top-k tokens + one bucket for the rest
+    contrast_weight: float = 0.0  # prompt contrast: a liked answer must gain more after its own prompt than after
+    #                               another support prompt (DPO form), so it is learnt as a style, not a template
 
     def __post_init__(self) -> None:
         if not 1 <= self.kl_topk <= 4096:
@@ -189,7 +191,7 @@ class AdaptConfig:
             raise ConfigError(f"distill_samples must be in [0, 256], got {self.distill_samples}")
         if self.distill_hints < 1:
             raise ConfigError(f"distill_hints must be >= 1, got {self.distill_hints}")
-        for name in ("kto_weight", "sft_weight", "pair_weight", "kl_weight"):
+        for name in ("kto_weight", "sft_weight", "pair_weight", "kl_weight", "contrast_weight"):
             value = getattr(self, name)
             if not (value >= 0 and math.isfinite(value)):
                 raise ConfigError(f"{name} must be a finite number >= 0, got {value}")
@@ -767,6 +769,10 @@ class Prepared:
     kto_top: Any = None  # (indices, logprobs) [n_kto, C, k] of the reference (kl_weight > 0)
     dpo_c_top: Any = None
     dpo_r_top: Any = None
+    ctx: SeqBatch | None = None  # prompt contrast: each thumbs-up answer after another support prompt
+    ctx_ref: Any = None  # [n_ctx] reference log-probs of ctx
+    ctx_h: Any = None  # [n_ctx, T, d]
+    ctx_of: Any = None  # [n_kto] thumbs row -> ctx row (-1: not an up row)
 
     @property
     def n_kto(self) -> int:
@@ -871,11 +877,21 @@ def prepare(
                     kto_top=kto_top, dpo_c_top=dpo_c_top, dpo_r_top=dpo_r_top)
     if thumbs:
         data.kto_pairs = thumb_pairs([r.prompt for r in thumbs], [r.label for r in thumbs])
+        other = contrast_prompts([r.prompt for r in thumbs]) if cfg.contrast_weight else {}
+        ups = [i for i, r in enumerate(thumbs) if r.label == 1 and r.prompt in other]
+        if ups:
+            ps, cs = [other[thumbs[i].prompt] for i in ups], [thumbs[i].completion for i in ups]
+            data.ctx = encode_pairs(tok, ps, cs, **enc)
+            data.ctx_ref = refs(data.ctx, ps, cs)[0]
+            data.ctx_of = torch.full((len(thumbs),), -1, dtype=torch.long)
+            data.ctx_of[ups] = torch.arange(len(ups))
     data.start = start_layer_for(peft_model, cfg.train_layers)
     if data.start:
         with autocast(cfg.precision):
             if kto is not None:
                 data.kto_h = hidden_at(peft_model, kto, data.start, cfg.batch_size)
+            if data.ctx is not None:
+                data.ctx_h = hidden_at(peft_model, data.ctx, data.start, cfg.batch_size)
             if dpo_c is not None:
                 data.dpo_c_h = hidden_at(peft_model, dpo_c, data.start, cfg.batch_size)
                 data.dpo_r_h = hidden_at(peft_model, dpo_r, data.start, cfg.batch_size)
@@ -891,6 +907,15 @@ def thumb_pairs(prompts: Sequence[str], labels: Sequence[int]) -> Any:
         if labels[i] == 1 and labels[j] == 0 and prompts[i] == prompts[j]
     ]
     return torch.tensor(out, dtype=torch.long).reshape(-1, 2)
+
+
+def contrast_prompts(prompts: Sequence[str]) -> dict[str, str]:
+    """For the prompt contrast: each distinct prompt -> the next distinct one (cyclically, in
+    order of first appearance); empty when there is only one."""
+    distinct = list(dict.fromkeys(prompts))
+    if len(distinct) < 2:
+        return {}
+    return {p: distinct[(i + 1) % len(distinct)] for i, p in enumerate(distinct)}
 
 
 def sft_loss(logps: Any, n_tokens: Any) -> Any:
@@ -937,6 +962,14 @@ def feedback_loss(
                 ia, ib = torch.tensor(pairs).T
                 ref = data.kto_ref[kto_rows]
                 loss = loss + cfg.pair_weight * dpo_loss(pol[ia], pol[ib], ref[ia], ref[ib], cfg.beta)
+        if cfg.contrast_weight and data.ctx is not None:
+            ctx_rows = data.ctx_of[kto_rows]  # [b]; -1 where the row is not a thumbs up
+            has = ctx_rows >= 0
+            if bool(has.any()):
+                feedback_terms += 1
+                other = sequence_logps(model, data.ctx, ctx_rows[has], data.ctx_h, data.start)
+                loss = loss + cfg.contrast_weight * dpo_loss(pol[has], other, data.kto_ref[kto_rows][has],
+                                                             data.ctx_ref[ctx_rows[has]], cfg.beta)
         total, n = total + loss * len(kto_rows), n + len(kto_rows)
     if data.n_dpo and len(dpo_rows):
         pc, kl_c = logps(data.dpo_c, dpo_rows, data.dpo_c_h, data.dpo_c_top)

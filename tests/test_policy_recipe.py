@@ -236,3 +236,62 @@ def test_kl_anchor_term_with_cached_layers_pairs_and_row_subsets():
                 share = (len(kr) * kl["kto"][kr].mean() + len(dr) * (kl["dpo_c"][dr].mean() + kl["dpo_r"][dr].mean()) / 2)
                 assert float(with_kl - without) == pytest.approx(w * float(share) / (len(kr) + len(dr)), rel=1e-3)
                 assert float(share) > 0
+
+
+def test_contrast_prompts_pairs_each_prompt_with_the_next_distinct_one():
+    assert P.contrast_prompts(["a", "a", "b", "c", "b"]) == {"a": "b", "b": "c", "c": "a"}
+    assert P.contrast_prompts(["a", "a"]) == {}  # one prompt: nothing to contrast with
+
+
+def test_prompt_contrast_term_is_dpo_of_own_prompt_against_another():
+    """feedback_loss with contrast_weight w adds w x DPO(up answer after its own prompt,
+    the same answer after the next support prompt), on up rows only, cached layers and
+    sampled rows included."""
+    model, tok = tiny_policy(layers=4)
+    recs = tiny_thumbs()  # ups: rows 0 ("tell me") and 2 ("say more")
+    w = 3.0
+    cfg = P.AdaptConfig(precision="fp32", train_layers=2, contrast_weight=w)
+    cfg0 = P.AdaptConfig(**{**vars(cfg), "contrast_weight": 0.0})
+    with P.lora_attached(model, None, 0) as pm:
+        _randomize_lora(pm)
+        data = P.prepare(pm, tok, recs, cfg)
+        assert data.ctx_of.tolist() == [0, -1, 1, -1] and P.prepare(pm, tok, recs, cfg0).ctx is None
+        swapped = P.encode_pairs(tok, ["say more", "tell me"], [recs[0].completion, recs[2].completion])
+        with torch.no_grad():
+            ref_other = P.reference_logps(pm, swapped, precision="fp32")
+            assert data.ctx_ref.tolist() == pytest.approx(ref_other.tolist(), abs=1e-5)
+            own = P.sequence_logps(pm, data.kto)
+            other = P.sequence_logps(pm, swapped)
+            for rows in (torch.tensor([0, 1, 2, 3]), torch.tensor([2, 3])):
+                ups = rows[torch.tensor([recs[int(i)].label == 1 for i in rows])]
+                expect = P.dpo_loss(own[ups], other[data.ctx_of[ups]], data.kto_ref[ups], ref_other[data.ctx_of[ups]])
+                got = P.feedback_loss(pm, data, cfg, rows, torch.tensor([], dtype=torch.long))
+                base = P.feedback_loss(pm, data, cfg0, rows, torch.tensor([], dtype=torch.long))
+                assert float(got - base) == pytest.approx(w * float(expect), rel=1e-4)
+            downs = torch.tensor([1, 3])  # no up row in the batch: the contrast adds nothing
+            assert float(P.feedback_loss(pm, data, P.AdaptConfig(**{**vars(cfg), "kto_weight": 1.0}), downs,
+                                         torch.tensor([], dtype=torch.long))) == pytest.approx(
+                float(P.feedback_loss(pm, data, P.AdaptConfig(**{**vars(cfg0), "kto_weight": 1.0}), downs,
+                                      torch.tensor([], dtype=torch.long))))
+
+
+def test_prompt_contrast_makes_liked_answers_depend_on_their_prompt():
+    """Trained with the contrast, an up answer becomes more likely after its own prompt than
+    after the other one (a template would be equally likely after both)."""
+    model, tok = tiny_policy()
+    recs = tiny_thumbs()
+    ups = [r for r in recs if r.label == 1]
+    own = P.encode_pairs(tok, [r.prompt for r in ups], [r.completion for r in ups])
+    swapped = P.encode_pairs(tok, [ups[1].prompt, ups[0].prompt], [r.completion for r in ups])
+
+    def gap(adapter):
+        with P.adapter_attached(model, adapter) as pm, torch.no_grad():
+            return float((P.sequence_logps(pm, own) - P.sequence_logps(pm, swapped)).mean())
+
+    cfg = P.AdaptConfig(steps=8, lr=5e-2, precision="fp32", pair_weight=0.0)
+    plain = P.adapt_policy(recs, base=(model, tok), init=None, config=cfg)
+    contrast = P.adapt_policy(recs, base=(model, tok), init=None,
+                              config=P.AdaptConfig(**{**vars(cfg), "contrast_weight": 5.0}))
+    assert gap(contrast) > gap(plain) + 0.5
+    with pytest.raises(ConfigError, match="contrast_weight"):
+        P.AdaptConfig(contrast_weight=-1.0)

@@ -140,6 +140,9 @@ def _recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kl-weight", type=_nonneg_float, default=d.kl_weight,
                    help="fluency anchor: weight of the per-token KL(reference || policy) on the feedback's "
                         "completions (0: off)")
+    p.add_argument("--contrast-weight", type=_nonneg_float, default=d.contrast_weight,
+                   help="prompt contrast: weight of DPO between each thumbs-up answer after its own prompt and "
+                        "after another support prompt, against memorised templates (0: off)")
 
 
 def _users(names: str | None, users_file: str | None, default: tuple[str, ...]) -> list:
@@ -168,7 +171,8 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
         task_a=args.task_a,
     )
     acfg = AdaptConfig(lr=args.lr, kto_weight=args.kto_weight, sft_weight=args.sft_weight,
-                       pair_weight=args.pair_weight, train_layers=args.train_layers, kl_weight=args.kl_weight)
+                       pair_weight=args.pair_weight, train_layers=args.train_layers, kl_weight=args.kl_weight,
+                       contrast_weight=args.contrast_weight)
     users = _users(args.users, args.users_file, TRAIN_USERS) if (args.users or args.users_file) else _users(
         None, None, TRAIN_USERS)
     prompts = read_prompts(args.prompts, limit=args.offset + cfg.pool_prompts)[args.offset:]
@@ -188,7 +192,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     support = user_support(args.data, args.user, args.k, seed=args.seed)
     cfg = AdaptConfig(steps=args.steps, lr=args.lr, beta=args.beta, kto_weight=args.kto_weight,
                       sft_weight=args.sft_weight, pair_weight=args.pair_weight, train_layers=args.train_layers,
-                      kl_weight=args.kl_weight)
+                      kl_weight=args.kl_weight, contrast_weight=args.contrast_weight)
     init = None if args.init == "scratch" else args.init
     t0 = time.perf_counter()
     adapter = adapt_policy(support, base=args.policy, init=init, seed=args.seed, config=cfg)
@@ -211,7 +215,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens, label_noise=args.label_noise, seed=args.seed, meta_init=args.init,
         explore=list(dict.fromkeys(args.explore)), plain_every=args.plain_every, kto_weight=args.kto_weight,
         sft_weight=args.sft_weight, pair_weight=args.pair_weight, train_layers=args.train_layers,
-        kl_weight=args.kl_weight, distill_samples=args.distill_samples, distill_hints=args.distill_hints,
+        kl_weight=args.kl_weight, contrast_weight=args.contrast_weight, distill_samples=args.distill_samples, distill_hints=args.distill_hints,
         round_prompts=args.round_prompts,
     )
     n_train = -(-max(cfg.ks) // cfg.samples_per_prompt)
