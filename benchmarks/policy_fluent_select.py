@@ -93,14 +93,10 @@ def main() -> int:
         resolve_base,
     )
     from metarlhf.reward import load_reward_model
-    from metarlhf.simusers import TRAIN_USERS, get_users
+    from metarlhf.simusers import get_training_users
 
     torch.set_num_threads(2)
-    names = [n for n in args.users.split(",") if n]
-    held = [n for n in names if n not in TRAIN_USERS]
-    if held:
-        raise SystemExit(f"pilot users must be training users; {held} are not")
-    users = get_users(names)
+    users = get_training_users(args.users)
     t_start = time.perf_counter()
     model, tok, base_name = resolve_base(None)
     init = load_init("meta", base_name)

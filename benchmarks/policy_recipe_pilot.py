@@ -43,14 +43,11 @@ def main() -> int:
     from metarlhf.evaluate_policy import EvalConfig, evaluate_policy
     from metarlhf.io import atomic_write_json
     from metarlhf.models import load_policy
-    from metarlhf.simusers import TRAIN_USERS, get_users
+    from metarlhf.simusers import get_training_users
 
     torch.set_num_threads(2)
-    names = [n for n in args.users.split(",") if n]
-    held = [n for n in names if n not in TRAIN_USERS]
-    if held:
-        raise SystemExit(f"pilot users must be training users; {held} are not")
-    users = get_users(names)
+    users = get_training_users(args.users)
+    names = [u.name for u in users]
     recipes = json.loads(args.recipes)
     model, tok = load_policy()
     n_train = -(-max(args.k) // 2)

@@ -261,6 +261,19 @@ def get_users(names: Sequence[str], extra: dict[str, SimUser] | None = None) -> 
     return [pool[n] for n in names]
 
 
+def get_training_users(names: str | Sequence[str]) -> list[SimUser]:
+    """Training users by name (a list or a comma-separated string) for recipe pilots, which
+    must never see a held-out user; a held-out or unknown name raises."""
+    wanted = [n.strip() for n in names.split(",")] if isinstance(names, str) else list(names)
+    wanted = [n for n in wanted if n]
+    held = [n for n in wanted if n in HELDOUT_USERS]
+    if held:
+        raise ConfigError(f"pilot users must be training users; {held} are held out")
+    if not wanted:
+        raise ConfigError("no training users named")
+    return get_users(wanted)
+
+
 def load_users_file(path: str | Path) -> dict[str, SimUser]:
     """Users from a Python file that defines ``USERS = {name: f(prompt, completion) -> float}``.
 

@@ -105,3 +105,17 @@ def test_reward_failure_is_a_data_error():
     u = SimUser("bad", "custom", lambda p, c: 1 / 0)
     with pytest.raises(DataError, match="reward function failed"):
         u.reward("p", "c")
+
+
+def test_get_training_users_refuses_held_out_users():
+    from metarlhf.simusers import get_training_users
+
+    names = list(TRAIN_USERS[:2])
+    assert [u.name for u in get_training_users(",".join(names) + ",")] == names
+    assert [u.name for u in get_training_users(names)] == names
+    with pytest.raises(ConfigError, match="held out"):
+        get_training_users([names[0], HELDOUT_USERS[0]])
+    with pytest.raises(ConfigError):
+        get_training_users("no-such-user")
+    with pytest.raises(ConfigError):
+        get_training_users(" , ")
