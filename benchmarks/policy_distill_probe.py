@@ -4,8 +4,10 @@ Adaptive exploration (:func:`metarlhf.policy.explore_adaptive`) of K=16 thumbs f
 *training* user on pilot prompts 500-507, then ``adapt_policy`` (shipped meta init) under
 each recipe variant (``AdaptConfig`` overrides), scored on prompts 508-515 against base
 (true reward, ties 1/2). ``FORCE_HINT=<hint>`` relabels the hint of every thumbs-up sample
-(an oracle liked style), to test distillation apart from exploration. Prints; no JSON
-(results are quoted in ``benchmarks/results/policy_explore_pilot.json``, entry ``probes``).
+(an oracle liked style), to test distillation apart from exploration. Prints one line per
+variant and writes them to ``OUT`` (default ``benchmarks/results/policy_distill_probe.json``;
+session 3's figures are quoted in ``benchmarks/results/policy_explore_pilot.json``, entry
+``probes``).
 
     FORCE_HINT='Say "we" and "us".' flock /tmp/metarlhf-cpu.lock .venv/bin/python -u \\
         benchmarks/policy_distill_probe.py first-plural '{"none": {}, "d16": {"distill_samples": 16}}'
@@ -34,17 +36,15 @@ def main(user_name: str, variants: dict, out: str) -> int:
     from metarlhf.evaluate_policy import win_rate
     from metarlhf.io import atomic_write_json
     from metarlhf.models import load_policy
-    from metarlhf.simusers import TRAIN_USERS, USERS
+    from metarlhf.simusers import get_training_users
 
     command = " ".join([sys.executable, *sys.argv])
     print("command: " + command, flush=True)
-    if user_name not in TRAIN_USERS:
-        raise SystemExit(f"{user_name} is not a training user")
+    user = get_training_users([user_name])[0]
     torch.set_num_threads(2)
     model, tok = load_policy()
     allp = read_prompts(PROMPTS, limit=516)[500:516]
     train, evalp = allp[:8], allp[8:16]
-    user = USERS[user_name]
     t0 = time.time()
     thumbs, arms = P.explore_adaptive(model, tok, train, lambda p, cs: user.thumbs(p, cs), 16, 2, seed=0)
     print(f"explore {time.time() - t0:.1f} s", flush=True)

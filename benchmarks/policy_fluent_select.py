@@ -125,9 +125,7 @@ def main() -> int:
         with adapter_attached(model, adapter) as pm:
             comps = generate(pm, tok, rep_eval, 48, 0.7, seed=1)
         nll, _ = base_nll_rows(model, tok, rep_eval, comps)
-        # relevance: each sample after the *next prompt's* text (rotate by N, not by 1: rep_eval repeats prompts)
-        other, _ = base_nll_rows(model, tok, rep_eval[args.n:] + rep_eval[:args.n], comps)
-        rel = [o - w if w < float("inf") else 0.0 for w, o in zip(nll, other, strict=True)]
+        rel = prompt_relevance(model, tok, rep_eval, comps, nll)  # against the next *distinct* prompt
         rewards = [user.reward(p, c) for p, c in zip(rep_eval, comps, strict=True)]
         rm = [float(s) for s in personal_scorer(reward_model, support, 0)(rep_eval, comps)]
         base_r = [user.reward(p, c) for p, c in zip(eval_prompts, base_eval, strict=True)]

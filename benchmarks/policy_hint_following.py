@@ -6,7 +6,7 @@ hinted and the plain samples, and the hinted sample's win rate against the plain
 (ties 1/2). Prints one line per (temperature, hint) and writes them to ``--out`` (session 3's
 figures are quoted in ``benchmarks/results/policy_explore_pilot.json``, entry ``probes``).
 
-    flock /tmp/metarlhf-cpu.lock .venv/bin/python benchmarks/policy_hint_following.py \
+    flock /tmp/metarlhf-cpu.lock .venv/bin/python benchmarks/policy_hint_following.py \\
         --out benchmarks/results/policy_hint_following.json
 """
 

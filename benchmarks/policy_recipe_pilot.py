@@ -76,7 +76,7 @@ def main() -> int:
         for s in got["summary"]:
             print(f"{name:>24} {s['method']:>8} {s['explore']:>5} K={s['k']:<3} win {s['win_rate']:.3f} "
                   f"reward {s['mean_reward']:+.3f} (base {s['base_mean_reward']:+.3f}) adapt {s['adapt_s']:.1f} s "
-                  f"relevance {s.get('relevance', float('nan')):.3f} (base {got.get('base_relevance') or float('nan'):.3f}) "
+                  f"relevance {s.get('relevance', float('nan')):.3f} (base {got['base_relevance'] if got.get('base_relevance') is not None else float('nan'):.3f}) "
                   f"repeat openings {s.get('repeat_opening_rate', float('nan')):.2f}",
                   flush=True)
     return 0

@@ -212,15 +212,19 @@ def fluent_win_rate(personal: Sequence[float], base: Sequence[float], nll_person
 def prompt_relevance(model: Any, tok: Any, prompts: Sequence[str], completions: Sequence[str],
                      own_nll: Sequence[float] | None = None, chunk: int = 8) -> list[float]:
     """Per answer: how much more likely (nats/token of its words) ``model`` finds it after its
-    own prompt than after the next prompt of the list (cyclically), a pointwise mutual
-    information between prompt and answer. An answer that ignores its prompt (a memorised
+    own prompt than after the next *distinct* prompt of the list (cyclically,
+    :func:`metarlhf.policy.contrast_prompts`), a pointwise mutual information between prompt
+    and answer. An answer that ignores its prompt (a memorised
     template served for every question) scores about 0, an on-topic answer well above; an
     empty answer scores 0. ``own_nll``: :func:`base_nll_rows` of the answers under their own
-    prompts, when already computed. Needs at least two prompts."""
-    if len(prompts) != len(completions) or len(prompts) < 2:
-        raise DataError("prompt_relevance needs at least two prompts, one answer each")
+    prompts, when already computed. Needs at least two distinct prompts."""
+    from metarlhf.policy import contrast_prompts
+
+    nxt = contrast_prompts(prompts)
+    if len(prompts) != len(completions) or not nxt:
+        raise DataError("prompt_relevance needs at least two distinct prompts, one answer each")
     own = list(own_nll) if own_nll is not None else base_nll_rows(model, tok, prompts, completions, chunk)[0]
-    other = base_nll_rows(model, tok, [*prompts[1:], prompts[0]], completions, chunk)[0]
+    other = base_nll_rows(model, tok, [nxt[p] for p in prompts], completions, chunk)[0]
     return [o - w if math.isfinite(w) else 0.0 for w, o in zip(own, other, strict=True)]
 
 
@@ -396,7 +400,7 @@ def evaluate_policy(
     # calibration of the fluency figures: a second base sample per prompt against the first
     resample = generate(model, tok, eval_prompts, cfg.max_new_tokens, cfg.eval_temperature, seed=cfg.seed + 2)
     resample_drop = statistics.mean(fluency_drops(base_nll_rows(model, tok, eval_prompts, resample)[0], nll_base_rows))
-    many = len(eval_prompts) > 1  # relevance compares each answer with another prompt
+    many = len(set(eval_prompts)) > 1  # relevance compares each answer with another prompt
     base_relevance = statistics.mean(prompt_relevance(model, tok, eval_prompts, base_eval, nll_base_rows)) if many else None
     result: dict[str, Any] = {
         "config": asdict(cfg),

@@ -882,7 +882,7 @@ def prepare(
         if ups:
             ps, cs = [other[thumbs[i].prompt] for i in ups], [thumbs[i].completion for i in ups]
             data.ctx = encode_pairs(tok, ps, cs, **enc)
-            data.ctx_ref = refs(data.ctx, ps, cs)[0]
+            data.ctx_ref = reference_pass(peft_model, data.ctx, cfg.batch_size, cfg.precision)[0]  # no top-k needed
             data.ctx_of = torch.full((len(thumbs),), -1, dtype=torch.long)
             data.ctx_of[ups] = torch.arange(len(ups))
     data.start = start_layer_for(peft_model, cfg.train_layers)
@@ -1445,7 +1445,9 @@ def meta_train_policy(
                 return {f"adapt_config.{k}": v for k, v in d.items()}
 
             # checkpoints before task_a were "shared"; before adapt_config, the recipe is unchecked
-            old = {"task_a": "shared", **state.get("config", {}), **recipe(state.get("adapt_config", {}))}
+            # settings added since a checkpoint was written held their defaults then (e.g. contrast_weight = 0)
+            saved_recipe = {**asdict(AdaptConfig()), **state["adapt_config"]} if "adapt_config" in state else {}
+            old = {"task_a": "shared", **state.get("config", {}), **recipe(saved_recipe)}
             now = {**asdict(cfg), **recipe(asdict(acfg))}
             changed = [k for k in (*RESUME_FIXED, *recipe(asdict(acfg))) if k in old and old[k] != now[k]]
             if changed:

@@ -215,6 +215,14 @@ def test_meta_train_reptile_writes_init_and_resumes(tmp_path):
     with pytest.raises(ConfigError, match="adapt_config.kl_weight"):
         P.meta_train_policy(prompts, users, tmp_path / "init", config=cfg4, base=(model, tok), resume=True,
                             adapt_config=P.AdaptConfig(**{**vars(kto), "kl_weight": 0.5}), progress=False)
+    # a checkpoint written before a setting existed (here contrast_weight) had it at its default
+    state_file = work / "checkpoint" / "state.json"
+    state = json.loads(state_file.read_text())
+    del state["adapt_config"]["contrast_weight"]
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(ConfigError, match="adapt_config.contrast_weight"):
+        P.meta_train_policy(prompts, users, tmp_path / "init", config=cfg4, base=(model, tok), resume=True,
+                            adapt_config=P.AdaptConfig(**{**vars(kto), "contrast_weight": 1.0}), progress=False)
     # the saved init works as an init for adaptation
     saved = load_adapter(tmp_path / "init", expect_kind="policy_init")
     ad = P.adapt_policy(tiny_thumbs(), base=(model, tok), init=str(tmp_path / "init"), steps=1)
@@ -428,10 +436,15 @@ def test_prompt_relevance_is_own_prompt_gain_over_the_next_prompt():
     assert rel[:2] == pytest.approx([other[0] - own[0], other[1] - own[1]], rel=1e-5)
     assert rel[2] == 0.0  # an empty answer carries no information about its prompt
     assert prompt_relevance(model, tok, prompts, comps, own_nll=own) == pytest.approx(rel)
-    same = prompt_relevance(model, tok, ["q", "q"], ["same words", "same words"])
-    assert same == pytest.approx([0.0, 0.0], abs=1e-6)  # the same prompt twice: nothing to gain
-    with pytest.raises(DataError):
-        prompt_relevance(model, tok, ["one prompt"], ["one answer"])
+    # a repeated prompt is compared with the next *distinct* one, never with itself
+    dup = prompt_relevance(model, tok, ["hi", "hi", "third"], ["hello there", "ok", "yes"])
+    vs_third = base_nll_rows(model, tok, ["third", "third", "hi"], ["hello there", "ok", "yes"])[0]
+    own_dup = base_nll_rows(model, tok, ["hi", "hi", "third"], ["hello there", "ok", "yes"])[0]
+    assert dup == pytest.approx([o - w for o, w in zip(vs_third, own_dup, strict=True)], rel=1e-5)
+    assert min(abs(d) for d in dup) > 1e-4  # (with the plain next entry, the first answer would score 0)
+    for bad in (["one prompt"], ["q", "q"]):
+        with pytest.raises(DataError):
+            prompt_relevance(model, tok, bad, ["an answer"] * len(bad))
 
 
 def test_repeated_openings_flags_answers_that_open_alike():
