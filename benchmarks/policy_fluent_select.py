@@ -81,7 +81,13 @@ def main() -> int:
     import torch
 
     from metarlhf.data import read_prompts
-    from metarlhf.evaluate_policy import FLUENCY_DROP_NATS, base_nll_rows, personal_scorer, prompt_relevance
+    from metarlhf.evaluate_policy import (
+        FLUENCY_DROP_NATS,
+        base_nll_rows,
+        personal_scorer,
+        prompt_outcome,
+        prompt_relevance,
+    )
     from metarlhf.io import atomic_write_json
     from metarlhf.policy import (
         AdaptConfig,
@@ -137,7 +143,7 @@ def main() -> int:
                 kept = pick(rule, rewards[g], nll[g], rm[g], rel[g], args.slack)
                 for j in kept:
                     r, d = rewards[g][j], nll[g][j] > nll_base[i] + FLUENCY_DROP_NATS
-                    w = 1.0 if r > base_r[i] else 0.5 if r == base_r[i] else 0.0
+                    w = prompt_outcome(r, base_r[i])
                     win += w / len(kept)
                     fluent += (0.0 if d else w) / len(kept)
                     drop += d / len(kept)

@@ -145,11 +145,16 @@ def parse_method(text: str) -> Method:
     return Method(text, init, best_of, augment, rank)
 
 
+def prompt_outcome(personal: float, base: float) -> float:
+    """One prompt's score against base: a win 1, a tie 1/2, a loss 0."""
+    return 1.0 if personal > base else 0.5 if personal == base else 0.0
+
+
 def win_rate(personal: Sequence[float], base: Sequence[float]) -> float:
     """Share of prompts where the personalized reward beats base; ties count 1/2."""
     if len(personal) != len(base) or not personal:
         raise DataError("win_rate needs two equally long, non-empty reward lists")
-    return sum(1.0 if p > b else 0.5 if p == b else 0.0 for p, b in zip(personal, base, strict=True)) / len(base)
+    return sum(prompt_outcome(p, b) for p, b in zip(personal, base, strict=True)) / len(base)
 
 
 def base_nll(model: Any, tok: Any, prompts: Sequence[str], completions: Sequence[str], chunk: int = 8) -> float:
@@ -204,8 +209,7 @@ def fluent_win_rate(personal: Sequence[float], base: Sequence[float], nll_person
     if len(personal) != len(base) or len(personal) != len(nll_personal):
         raise DataError("fluent_win_rate needs equally long, non-empty lists")
     dropped = fluency_drops(nll_personal, nll_base, drop)
-    score = sum(0.0 if d else 1.0 if p > b else 0.5 if p == b else 0.0
-                for p, b, d in zip(personal, base, dropped, strict=True))
+    score = sum(0.0 if d else prompt_outcome(p, b) for p, b, d in zip(personal, base, dropped, strict=True))
     return score / len(base), sum(dropped) / len(base)
 
 

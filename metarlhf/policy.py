@@ -882,7 +882,7 @@ def prepare(
         if ups:
             ps, cs = [other[thumbs[i].prompt] for i in ups], [thumbs[i].completion for i in ups]
             data.ctx = encode_pairs(tok, ps, cs, **enc)
-            data.ctx_ref = reference_pass(peft_model, data.ctx, cfg.batch_size, cfg.precision)[0]  # no top-k needed
+            data.ctx_ref = reference_logps(peft_model, data.ctx, cfg.batch_size, cfg.precision)
             data.ctx_of = torch.full((len(thumbs),), -1, dtype=torch.long)
             data.ctx_of[ups] = torch.arange(len(ups))
     data.start = start_layer_for(peft_model, cfg.train_layers)

@@ -216,8 +216,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         explore=list(dict.fromkeys(args.explore)), plain_every=args.plain_every, kto_weight=args.kto_weight,
         sft_weight=args.sft_weight, pair_weight=args.pair_weight, train_layers=args.train_layers,
         kl_weight=args.kl_weight, contrast_weight=args.contrast_weight, distill_samples=args.distill_samples,
-        distill_hints=args.distill_hints,
-        round_prompts=args.round_prompts,
+        distill_hints=args.distill_hints, round_prompts=args.round_prompts,
     )
     n_train = -(-max(cfg.ks) // cfg.samples_per_prompt)
     prompts = read_prompts(args.prompts, limit=args.offset + n_train + cfg.eval_prompts)[args.offset:]
