@@ -1,6 +1,6 @@
 """Mixed-adapter throughput and adapter-cache timings of MultiAdapterEngine.
 
-Embedded SmolLM2-135M-Instruct on CPU, 8 users with 8 distinct random r=8 q,v LoRA
+Embedded SmolLM2-135M-Instruct on CPU (or ``--device cuda``), 8 users with 8 distinct random r=8 q,v LoRA
 adapters (nonzero B), 8 chat prompts, greedy decoding, ``--new-tokens`` new tokens.
 Measured per repeat (interleaved, medians reported):
 
@@ -77,12 +77,16 @@ def main() -> int:
     ap.add_argument("--seq-repeats", type=int, default=2, help="repeats of the (slow) sequential baseline")
     ap.add_argument("--peft-repeats", type=int, default=2, help="0 skips the peft backend")
     ap.add_argument("--cache-repeats", type=int, default=20)
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     ap.add_argument("--out", default="benchmarks/results/engine_throughput.json")
     args = ap.parse_args()
     cmd = " ".join([Path(sys.executable).name, *sys.argv])
     print(f"command: {cmd}", flush=True)
 
-    model, tok = load_policy()
+    from metarlhf.runtime import resolve_device
+
+    device = resolve_device(args.device)
+    model, tok = load_policy(device=str(device))
     tmp = Path(tempfile.mkdtemp(prefix="engine_bench_"))
     refs = []
     for i in range(8):
@@ -151,7 +155,7 @@ def main() -> int:
     eng.close()
 
     if args.peft_repeats:
-        pmodel, _ = load_policy()
+        pmodel, _ = load_policy(device=str(device))
         peng = MultiAdapterEngine(pmodel, tok, DEFAULT_POLICY_NAME, capacity=8, backend="peft")
         for r in refs:
             peng.preload(r)
@@ -194,7 +198,8 @@ def main() -> int:
     report = {
         "command": cmd,
         "model": DEFAULT_POLICY_NAME,
-        "device": "cpu",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "batch": 8,
         "new_tokens": args.new_tokens,

@@ -46,6 +46,7 @@ def main(argv=None) -> int:
     p.add_argument("--kl-bound", type=float, default=4.0, help="configured bound on the KL per sequence (nats)")
     p.add_argument("--eval-every", type=int, default=10)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (the PPO run and its reward model)")
     p.add_argument("--work", default="runs/ppo_embedded")
     p.add_argument("--results", default="benchmarks/results")
     a = p.parse_args(argv)
@@ -98,7 +99,7 @@ def main(argv=None) -> int:
     cli_args = [
         "ppo", "--prompts", str(train_file), "--reward", f"user:{a.persona}", "--adapters-root", str(store),
         "--out", str(out), "--eval-prompts", str(heldout_file), "--eval-limit", str(a.heldout),
-        "--eval-every", str(a.eval_every), "--kl-bound", str(a.kl_bound), "--device", "cpu",
+        "--eval-every", str(a.eval_every), "--kl-bound", str(a.kl_bound), "--device", a.device,
         "--steps", str(a.steps), "--batch-size", str(a.batch_size), "--mini-batch-size", str(a.mini_batch_size),
         "--ppo-epochs", "2", "--max-new-tokens", str(a.max_new_tokens), "--max-prompt-tokens", "128",
         "--lr", str(a.lr), "--kl-coef", str(a.kl_coef), "--save-every", "10",
@@ -122,7 +123,7 @@ def main(argv=None) -> int:
     summary = {
         "command": bench_cmd,
         "ppo_command": ppo_cmd,
-        "device": "cpu (no GPU available in this session)",
+        "device": torch.cuda.get_device_name(a.device) if a.device.startswith("cuda") else "cpu",
         "policy": "SmolLM2-135M-Instruct (embedded), LoRA r=8 on q_proj,v_proj",
         "reward": {"persona": a.persona, "k": a.k, "adapt_steps": a.reward_steps, "init": "scratch",
                    "heldout_label_accuracy": reward_acc},

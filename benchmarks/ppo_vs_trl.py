@@ -13,6 +13,8 @@ with its default value head (``value_model="head"``) and with a separate critic
 (the nominal generated tokens; neither side stops early in practice on a random model).
 The first ``--warmup`` steps of each trainer are not timed. TRL is a benchmark-only
 extra: run with the separate venv, ``.venv-bench/bin/python benchmarks/ppo_vs_trl.py``.
+On a GPU: ``--device cuda``; ``--precision`` fp32 (default) or bf16 applies to both
+(metarlhf's ``precision``, TRL's ``bf16``).
 """
 
 from __future__ import annotations
@@ -60,7 +62,8 @@ def prompts_list(n: int) -> list[str]:
 
 
 def make_reward_fn(reward_model, tok):
-    """Our reward callable: the same sequence-classification model on chat prompt + completion."""
+    """Our reward callable: the same sequence-classification model on chat prompt + completion
+    (on the reward model's device)."""
 
     def reward_fn(prompts, completions):
         texts = [
@@ -68,6 +71,7 @@ def make_reward_fn(reward_model, tok):
             for p, c in zip(prompts, completions, strict=True)
         ]
         enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = {k: v.to(reward_model.device) for k, v in enc.items()}
         with torch.no_grad():
             return reward_model(**enc).logits[:, 0]
 
@@ -82,15 +86,17 @@ def run_ours(policy, tok, reward_model, a, value_model: str) -> dict:
     cfg = PPOConfig(
         steps=a.steps, batch_size=a.batch_size, mini_batch_size=a.mini_batch_size, ppo_epochs=a.ppo_epochs,
         max_new_tokens=a.response_length, temperature=1.0, lr=a.lr, kl_coef=a.kl_coef, lora=False,
-        value_model=value_model, seed=a.seed, max_grad_norm=1e9, max_prompt_tokens=512,
+        value_model=value_model, seed=a.seed, max_grad_norm=1e9, max_prompt_tokens=512, precision=a.precision,
     )
-    trainer = PPOTrainer(copy.deepcopy(policy), tok, make_reward_fn(reward_model, tok), cfg)
+    trainer = PPOTrainer(copy.deepcopy(policy), tok, make_reward_fn(reward_model.to(a.device), tok), cfg,
+                         device=a.device)
     prompts = prompts_list(a.batch_size * (a.steps + a.warmup))
     times, rewards, gen_tokens = [], [], []
     for i in range(a.warmup + a.steps):
         batch = prompts[i * a.batch_size : (i + 1) * a.batch_size]
         t0 = time.perf_counter()
         m = trainer.step(batch)
+        sync(a.device)
         dt = time.perf_counter() - t0
         if i >= a.warmup:
             times.append(dt)
@@ -132,6 +138,7 @@ def run_trl(policy, tok, reward_model, a) -> dict:
             return control
 
         def on_step_end(self, args, state, control, **kw):
+            sync(a.device)
             now = time.perf_counter()
             times.append(now - self.last)
             self.last = now
@@ -144,9 +151,9 @@ def run_trl(policy, tok, reward_model, a) -> dict:
         num_mini_batches=a.batch_size // a.mini_batch_size, num_ppo_epochs=a.ppo_epochs,
         response_length=a.response_length, temperature=1.0, learning_rate=a.lr, kl_coef=a.kl_coef,
         total_episodes=a.batch_size * (a.steps + a.warmup + 1), local_rollout_forward_batch_size=a.batch_size,
-        stop_token="eos", report_to="none", save_strategy="no", num_sample_generations=0, use_cpu=True,
-        bf16=False, fp16=False, seed=a.seed, disable_tqdm=True, logging_steps=1000, max_grad_norm=1e9,
-        dataloader_num_workers=0,
+        stop_token="eos", report_to="none", save_strategy="no", num_sample_generations=0,
+        use_cpu=a.device == "cpu", bf16=a.precision == "bf16", fp16=False, seed=a.seed, disable_tqdm=True,
+        logging_steps=1000, max_grad_norm=1e9, dataloader_num_workers=0,
     )
     trainer = PPOTrainer(
         args=cfg, processing_class=tok, model=copy.deepcopy(policy), ref_model=None, reward_model=reward_model,
@@ -154,6 +161,12 @@ def run_trl(policy, tok, reward_model, a) -> dict:
     )
     trainer.train()
     return {"step_times_s": times[a.warmup : a.warmup + a.steps]}
+
+
+def sync(device: str) -> None:
+    """Wait for queued GPU work, so that wall-clock step times are complete."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 def summarise(name: str, r: dict, a) -> dict:
@@ -177,11 +190,14 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--kl-coef", type=float, default=0.05)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (both trainers)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="both trainers")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="benchmarks/results/ppo_vs_trl.json")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    command = "flock /tmp/metarlhf-cpu.lock " + shlex.join([Path(sys.executable).relative_to(Path.cwd()).as_posix()
+    lock = "flock /tmp/metarlhf-cpu.lock " if a.device == "cpu" else ""
+    command = lock + shlex.join([Path(sys.executable).relative_to(Path.cwd()).as_posix()
                                                              if Path(sys.executable).is_relative_to(Path.cwd())
                                                              else sys.executable, *sys.argv])
     print("command:", command)
@@ -202,8 +218,7 @@ def main(argv=None) -> int:
         "command": command,
         "settings": {k: v for k, v in vars(a).items() if k != "out"},
         "policy_params": n_params,
-        "device": "cpu",
-        "gpu_note": "no GPU was available in this session; CPU only (2 shared cores)",
+        "device": torch.cuda.get_device_name(a.device) if a.device.startswith("cuda") else "cpu",
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
                      "python": platform.python_version()},
         "results": results,

@@ -176,9 +176,9 @@ def base_nll_rows(model: Any, tok: Any, prompts: Sequence[str], completions: Seq
     token-weighted mean with the EOS (:func:`base_nll`)."""
     import torch
 
-    from metarlhf.policy import encode_pairs, token_logps
+    from metarlhf.policy import encode_pairs, model_device, token_logps
 
-    batch = encode_pairs(tok, list(prompts), list(completions))
+    batch = encode_pairs(tok, list(prompts), list(completions), device=model_device(model))
     words = batch.comp_mask.clone()
     words[:, -1] = 0  # rows are right-aligned and end with the EOS: the last column
     with torch.no_grad():

@@ -172,7 +172,7 @@ class AdaptConfig:
     max_completion_tokens: int = 64
     desirable_weight: float = 1.0
     undesirable_weight: float = 1.0
-    precision: str = "auto"  # "auto": bf16 autocast on CPUs with bf16 support, else fp32; "fp32"; "bf16"
+    precision: str = "auto"  # "auto": bf16 autocast on CUDA and on CPUs with bf16 support, else fp32; "fp32"; "bf16"
     kto_weight: float = 0.0  # weight of the KTO term on thumbs
     sft_weight: float = 1.0  # weight of the NLL (per token) of thumbs-up / chosen completions
     pair_weight: float = 1.0  # weight of DPO on (up, down) thumbs of the same prompt
@@ -214,11 +214,14 @@ class AdaptConfig:
 
 
 def use_bf16(precision: str = "auto", device: str = "cpu") -> bool:
-    """Whether to run under bf16 autocast: on request, or on CPUs with native bf16."""
+    """Whether to run under bf16 autocast: on request, or (``auto``) on CUDA devices and CPUs
+    with native bf16 support. ``device`` is a device type: ``cpu`` or ``cuda``."""
     import torch
 
     if precision != "auto":
         return precision == "bf16"
+    if device == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     if device != "cpu":
         return False
     try:
@@ -227,11 +230,16 @@ def use_bf16(precision: str = "auto", device: str = "cpu") -> bool:
         return False
 
 
-def autocast(precision: str = "auto") -> Any:
-    """bf16 autocast context for CPU (a no-op context when fp32)."""
+def autocast(precision: str = "auto", device: str = "cpu") -> Any:
+    """bf16 autocast context for the ``device`` type (a no-op context when fp32)."""
     import torch
 
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16(precision))
+    return torch.autocast(device, dtype=torch.bfloat16, enabled=use_bf16(precision, device))
+
+
+def model_device(model: Any) -> Any:
+    """The ``torch.device`` holding ``model``'s parameters (inputs are moved there)."""
+    return next(model.parameters()).device
 
 
 def lora_config_dict(base_name: str | None = None) -> dict[str, Any]:
@@ -354,7 +362,7 @@ def lora_state(peft_model: Any) -> dict[str, Any]:
     """The adapter's tensors under peft's saved key names (detached copies)."""
     from peft.utils import get_peft_model_state_dict
 
-    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(peft_model).items()}
+    return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(peft_model).items()}
 
 
 def trainable_params(peft_model: Any, start_layer: int = 0) -> list[Any]:
@@ -643,12 +651,18 @@ class SeqBatch:
     comp_mask: Any  # [n, C] 1 where the last C positions are completion tokens
     comp_len: int  # C = longest completion (tokens)
 
+    def to(self, device: Any) -> SeqBatch:
+        """The same batch with its tensors on ``device``."""
+        return SeqBatch(self.input_ids.to(device), self.attention_mask.to(device), self.position_ids.to(device),
+                        self.comp_mask.to(device), self.comp_len)
+
 
 def encode_pairs(
     tok: Any, prompts: Sequence[str], completions: Sequence[str], max_prompt_tokens: int = 96,
-    max_completion_tokens: int = 64,
+    max_completion_tokens: int = 64, device: Any = None,
 ) -> SeqBatch:
-    """Tokenize (prompt, completion) rows, left-padded, completion + EOS at the end."""
+    """Tokenize (prompt, completion) rows, left-padded, completion + EOS at the end
+    (tensors on ``device``; default CPU)."""
     import torch
 
     if len(prompts) != len(completions) or not prompts:
@@ -671,7 +685,8 @@ def encode_pairs(
         mask[i, T - len(r):] = 1
         comp[i, C - cl:] = 1.0
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    return SeqBatch(ids, mask, pos, comp, C)
+    batch = SeqBatch(ids, mask, pos, comp, C)
+    return batch if device is None else batch.to(device)
 
 
 def _completion_logits(
@@ -805,7 +820,7 @@ def reference_pass(peft_model: Any, batch: SeqBatch, chunk: int = 16, precision:
 
     n = batch.input_ids.shape[0]
     seqs, idx, lps = [], [], []
-    with torch.no_grad(), peft_model.disable_adapter(), autocast(precision):
+    with torch.no_grad(), peft_model.disable_adapter(), autocast(precision, model_device(peft_model).type):
         for i in range(0, n, chunk):
             logits, lse, logp, comp = _completion_logits(peft_model, batch, torch.arange(i, min(i + chunk, n)))
             seqs.append((logp * comp).sum(-1))
@@ -843,7 +858,9 @@ def prepare(
     import torch
 
     check_records(records)
-    enc = {"max_prompt_tokens": cfg.max_prompt_tokens, "max_completion_tokens": cfg.max_completion_tokens}
+    dev = model_device(peft_model)
+    enc = {"max_prompt_tokens": cfg.max_prompt_tokens, "max_completion_tokens": cfg.max_completion_tokens,
+           "device": dev}
 
     topk = cfg.kl_topk if cfg.kl_weight else 0  # the KL anchor's reference top-k, from the same pass
 
@@ -851,10 +868,10 @@ def prepare(
         keys = list(zip(prompts, comps, strict=True))
         cached = ref_cache is not None and all(key in ref_cache for key in keys)
         if cached and not topk:
-            return torch.tensor([ref_cache[key] for key in keys]), None
+            return torch.tensor([ref_cache[key] for key in keys], device=dev), None
         out, top = reference_pass(peft_model, batch, cfg.batch_size, cfg.precision, topk)
         if cached:  # keep the cached values (computed in other batches: padding may differ)
-            out = torch.tensor([ref_cache[key] for key in keys])
+            out = torch.tensor([ref_cache[key] for key in keys], device=dev)
         elif ref_cache is not None:
             ref_cache.update({key: float(v) for key, v in zip(keys, out, strict=True)})
         return out, top
@@ -865,7 +882,7 @@ def prepare(
     if thumbs:
         ps, cs = [r.prompt for r in thumbs], [r.completion for r in thumbs]
         kto = encode_pairs(tok, ps, cs, **enc)
-        labels = torch.tensor([r.label for r in thumbs], dtype=torch.long)
+        labels = torch.tensor([r.label for r in thumbs], dtype=torch.long, device=dev)
         kto_ref, kto_top = refs(kto, ps, cs)
     if pairs:
         ps = [r.prompt for r in pairs]
@@ -883,11 +900,11 @@ def prepare(
             ps, cs = [other[thumbs[i].prompt] for i in ups], [thumbs[i].completion for i in ups]
             data.ctx = encode_pairs(tok, ps, cs, **enc)
             data.ctx_ref = reference_logps(peft_model, data.ctx, cfg.batch_size, cfg.precision)
-            data.ctx_of = torch.full((len(thumbs),), -1, dtype=torch.long)
-            data.ctx_of[ups] = torch.arange(len(ups))
+            data.ctx_of = torch.full((len(thumbs),), -1, dtype=torch.long, device=dev)
+            data.ctx_of[ups] = torch.arange(len(ups), device=dev)
     data.start = start_layer_for(peft_model, cfg.train_layers)
     if data.start:
-        with autocast(cfg.precision):
+        with autocast(cfg.precision, dev.type):
             if kto is not None:
                 data.kto_h = hidden_at(peft_model, kto, data.start, cfg.batch_size)
             if data.ctx is not None:
@@ -959,7 +976,7 @@ def feedback_loss(
             pairs = [(where[int(a)], where[int(b)]) for a, b in data.kto_pairs if int(a) in where and int(b) in where]
             if pairs:
                 feedback_terms += 1
-                ia, ib = torch.tensor(pairs).T
+                ia, ib = torch.tensor(pairs, device=pol.device).T
                 ref = data.kto_ref[kto_rows]
                 loss = loss + cfg.pair_weight * dpo_loss(pol[ia], pol[ib], ref[ia], ref[ib], cfg.beta)
         if cfg.contrast_weight and data.ctx is not None:
@@ -1007,11 +1024,12 @@ def train_steps(peft_model: Any, data: Prepared, cfg: AdaptConfig, steps: int, r
     if not params:
         raise ModelError("the model has no trainable LoRA parameters")
     opt = torch.optim.Adam(params, lr=cfg.lr)
+    device = model_device(peft_model).type
     losses = []
     for _ in range(steps):
         kto_rows, dpo_rows = _sample_rows(data, cfg.batch_size, rng)
         opt.zero_grad(set_to_none=True)
-        with autocast(cfg.precision):
+        with autocast(cfg.precision, device):
             loss = feedback_loss(peft_model, data, cfg, kto_rows, dpo_rows)
         if not (torch.is_tensor(loss) and loss.requires_grad):  # no term applies (e.g. SFT only, no ups)
             losses.append(float(loss))
@@ -1054,6 +1072,7 @@ def generate(
     if temperature < 0:
         raise ConfigError(f"temperature must be >= 0, got {temperature}")
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    dev = model_device(model)
     outs: list[str] = []
     for b, start in enumerate(range(0, len(prompts), batch_size)):
         rows = [
@@ -1070,12 +1089,12 @@ def generate(
         kwargs: dict[str, Any] = {"do_sample": temperature > 0}
         if temperature > 0:
             kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
-        with torch.no_grad(), autocast(precision):
+        with torch.no_grad(), autocast(precision, dev.type):
             gen = model.generate(
-                input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, pad_token_id=pad,
+                input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=max_new_tokens, pad_token_id=pad,
                 eos_token_id=tok.eos_token_id, **kwargs,
             )
-        outs += tok.batch_decode(gen[:, T:], skip_special_tokens=True)
+        outs += tok.batch_decode(gen[:, T:].cpu(), skip_special_tokens=True)
     return [o.strip() for o in outs]
 
 
@@ -1472,7 +1491,7 @@ def meta_train_policy(
         flat_c = [c for _, cs in pool for c in cs]
         for i in range(0, len(flat_p), acfg.batch_size):
             batch = encode_pairs(tok, flat_p[i:i + acfg.batch_size], flat_c[i:i + acfg.batch_size],
-                                 acfg.max_prompt_tokens, acfg.max_completion_tokens)
+                                 acfg.max_prompt_tokens, acfg.max_completion_tokens, model_device(pm))
             refs = reference_logps(pm, batch, acfg.batch_size, acfg.precision)
             ref_cache.update({(p, c): float(v) for p, c, v in
                               zip(flat_p[i:i + acfg.batch_size], flat_c[i:i + acfg.batch_size], refs, strict=True)})
@@ -1514,7 +1533,7 @@ def meta_train_policy(
                 query = prepare(pm, tok, label(idx[cfg.support_prompts:]), acfg, ref_cache)
                 for p in params:
                     p.grad = None
-                with autocast(acfg.precision):
+                with autocast(acfg.precision, model_device(pm).type):
                     q_loss = feedback_loss(pm, query, acfg)
                 if torch.is_tensor(q_loss) and q_loss.requires_grad:  # else no term applies: no outer step
                     q_loss.backward()

@@ -1,10 +1,14 @@
-"""Process-level settings for long CPU runs (the CLI applies them at start-up)."""
+"""Process-level settings: the compute device, and malloc tuning for long CPU runs (the CLI
+applies it at start-up)."""
 
 from __future__ import annotations
 
 import ctypes
 import os
 import sys
+from typing import Any
+
+from metarlhf.errors import ConfigError
 
 # glibc mallopt() parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4
@@ -34,3 +38,24 @@ def tune_malloc(trim_bytes: int = 1 << 30, top_pad_bytes: int = 1 << 28) -> bool
         return False
     settings = ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, trim_bytes), (_M_TOP_PAD, top_pad_bytes))
     return all(mallopt(option, value) == 1 for option, value in settings)
+
+
+def resolve_device(device: str = "auto") -> Any:
+    """``auto`` -> CUDA if available else CPU, as a ``torch.device``. A CUDA device that is
+    absent, or any other device type, is a ConfigError (the CLI's exit code 2)."""
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ConfigError(f"invalid device {device!r}: {e}") from e
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {device!r} is not available: no CUDA device on this machine")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {device!r} is not available: only {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type != "cpu":
+        raise ConfigError(f"device {device!r} is not supported; use cpu, cuda or cuda:N")
+    return dev

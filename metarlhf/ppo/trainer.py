@@ -33,28 +33,11 @@ from metarlhf.ppo.functional import (
     postprocess_scores,
     value_loss,
 )
+from metarlhf.runtime import resolve_device
 
 log = logging.getLogger(__name__)
 
 RewardFn = Callable[[list[str], list[str]], Sequence[float] | Tensor]
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    """``auto`` -> CUDA if available else CPU. A CUDA device that is absent is a ConfigError."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as e:
-        raise ConfigError(f"invalid device {device!r}: {e}") from e
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"device {device!r} is not available: no CUDA device on this machine")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ConfigError(f"device {device!r} is not available: only {torch.cuda.device_count()} CUDA device(s)")
-    elif dev.type != "cpu":
-        raise ConfigError(f"device {device!r} is not supported; use cpu, cuda or cuda:N")
-    return dev
 
 
 def load_python_reward(spec: str) -> RewardFn:
