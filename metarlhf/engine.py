@@ -569,11 +569,11 @@ class MultiAdapterEngine:
         self._last_stats = self.stats
 
     @classmethod
-    def from_pretrained(cls, model_dir: str | None = None, **kw: Any) -> MultiAdapterEngine:
-        """Load the policy with ``metarlhf.models.load_policy`` (None = embedded SmolLM2)."""
+    def from_pretrained(cls, model_dir: str | None = None, device: str = "cpu", **kw: Any) -> MultiAdapterEngine:
+        """Load the policy with ``metarlhf.models.load_policy`` (None = embedded SmolLM2) onto ``device``."""
         from metarlhf.models import DEFAULT_POLICY_NAME, load_policy, model_name
 
-        model, tok = load_policy(model_dir)
+        model, tok = load_policy(model_dir, device=device)
         kw.setdefault("base_name", model_name(model_dir, DEFAULT_POLICY_NAME))
         return cls(model, tok, **kw)
 
@@ -595,6 +595,7 @@ class MultiAdapterEngine:
         try:
             s = self._cache.snapshot()
             s["backend"] = self.backend
+            s["device"] = str(self._device)
             s["generated_tokens"] = self.generated_tokens
             self._last_stats = s
             return dict(s)

@@ -98,14 +98,14 @@ class DefaultPersonalizer:
     """
 
     def __init__(self, policy_dir: str | None = None, encoder_dir: str | None = None,
-                 reward_steps: int | None = None, policy_steps: int | None = None) -> None:
+                 reward_steps: int | None = None, policy_steps: int | None = None, device: str = "cpu") -> None:
         from metarlhf.models import DEFAULT_POLICY_NAME, load_policy, model_name
         from metarlhf.policy import DEFAULT_INIT_DIR
         from metarlhf.reward import SHIPPED_INIT_DIR, load_reward_model
 
         self.reward_model = load_reward_model(encoder_dir)
         self.reward_init: str | None = None if (SHIPPED_INIT_DIR / "metarlhf.json").is_file() else "scratch"
-        self.policy = load_policy(policy_dir)
+        self.policy = load_policy(policy_dir, device=device)  # adapted on this device; the reward model on the CPU
         self.policy_base = model_name(policy_dir, DEFAULT_POLICY_NAME)
         self.policy_init = "meta" if (DEFAULT_INIT_DIR / "metarlhf.json").is_file() else "scratch"
         self.reward_steps = reward_steps

@@ -118,6 +118,11 @@ def create_app(settings: Settings | None = None, *, engine: Any = None, personal
         from server.runtime import Runtime
 
         eng, pers = engine, personalizer
+        if eng is None or pers is None:
+            from metarlhf.runtime import resolve_device
+
+            device = str(resolve_device(settings.device))  # an absent CUDA device stops the start-up here
+            log.info("policy device: %s", device)
         if eng is None:
             from metarlhf.engine import MultiAdapterEngine
 
@@ -125,14 +130,14 @@ def create_app(settings: Settings | None = None, *, engine: Any = None, personal
             kw: dict[str, Any] = {"capacity": settings.engine_capacity, "backend": settings.engine_backend}
             if settings.max_context:
                 kw["max_context"] = settings.max_context
-            eng = MultiAdapterEngine.from_pretrained(settings.policy_dir, **kw)
+            eng = MultiAdapterEngine.from_pretrained(settings.policy_dir, device=device, **kw)
         if pers is None:
             from metarlhf.jobs import DefaultPersonalizer
 
             log.info("loading the adaptation models (reward encoder, policy copy) ...")
             pers = DefaultPersonalizer(settings.policy_dir, settings.encoder_dir,
                                        reward_steps=settings.adapt_reward_steps,
-                                       policy_steps=settings.adapt_policy_steps)
+                                       policy_steps=settings.adapt_policy_steps, device=device)
         rt = Runtime(settings, eng, pers)
         rt.start()
         app.state.runtime = rt

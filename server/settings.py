@@ -8,6 +8,7 @@ Examples::
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from pathlib import Path
 
@@ -25,6 +26,8 @@ class Settings(BaseSettings):
     api_keys: dict[str, str] = Field(default_factory=dict, description="API key -> tenant; empty: serve makes one")
     policy_dir: str | None = Field(None, description="local HF policy dir; None = embedded SmolLM2-135M-Instruct")
     encoder_dir: str | None = Field(None, description="local HF encoder dir; None = embedded all-MiniLM-L6-v2")
+    device: str = Field("auto", description="where the policy runs (serving engine and adaptation copy): auto "
+                        "(CUDA if available), cpu, cuda or cuda:N; the reward model stays on the CPU")
     model_name: str = Field("metarlhf", description="`model` reported in responses")
     adapter_root: str = Field("adapters", description="adapter store root (users/<tenant>/<user>/<kind>/v<N>)")
     feedback_url: str | None = Field(None, description="sqlite:///path or postgresql://...; "
@@ -57,6 +60,13 @@ class Settings(BaseSettings):
             if len(key) < 8:
                 raise ValueError("API keys must be at least 8 characters")
             check_id(tenant, "tenant")
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, v: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", v):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {v!r}")
         return v
 
     @property

@@ -282,6 +282,7 @@ def test_pin_survives_churn_and_lru_order(tmp_path):
         eng.preload(r)
     assert eng.resident == [("u0", 1), ("u4", 1)]
     assert eng.stats["pinned"] == 1
+    assert eng.stats["device"] == "cpu"
     eng.unpin(refs[0])
     eng.preload(refs[1])
     assert ("u0", 1) not in eng.resident

@@ -36,3 +36,15 @@ def test_cuda_matches_cpu(tmp_path):
     gmodel, _ = fresh_model()
     gpu = MultiAdapterEngine(gmodel.to("cuda"), tok, BASE_NAME).generate(reqs)
     assert [r.token_ids for r in gpu] == cpu
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_from_pretrained_onto_cuda(tmp_path):
+    from metarlhf.testing import save_tiny
+
+    model, tok = fresh_model()
+    eng = MultiAdapterEngine.from_pretrained(str(save_tiny(model, tok, tmp_path / "tiny")), device="cuda")
+    assert eng.stats["device"].startswith("cuda")
+    out = eng.generate([GenerationRequest(prompt=PROMPTS[0], params=SamplingParams(max_new_tokens=4))])
+    assert out[0].error is None and out[0].completion_tokens > 0

@@ -495,3 +495,23 @@ def test_serve_command_generates_and_prints_a_key(monkeypatch, capsys, tmp_path)
     assert key.startswith("sk-") and seen["port"] == 8123 and seen["host"] == "127.0.0.1"
     assert seen["app"].state.settings.api_keys == {key: "default"}
     assert main(["serve", "--adapt-threshold", "0"]) == 2  # invalid setting -> exit 2
+
+
+def test_serve_device_setting(monkeypatch, capsys, tmp_path):
+    import torch
+    import uvicorn
+
+    from metarlhf.cli import main
+
+    seen = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, host, port, log_level: seen.update(app=app))
+    monkeypatch.setenv("METARLHF_API_KEYS", '{"sk-test-key-1": "acme"}')
+    assert main(["serve", "--device", "cpu", "--adapter-root", str(tmp_path)]) == 0
+    assert seen["app"].state.settings.device == "cpu"
+    assert main(["serve", "--device", "tpu", "--adapter-root", str(tmp_path)]) == 2
+    assert "device must be auto, cpu, cuda or cuda:N" in capsys.readouterr().err
+    if not torch.cuda.is_available():  # refused before uvicorn starts or any model loads
+        seen.clear()
+        assert main(["serve", "--device", "cuda", "--adapter-root", str(tmp_path)]) == 2
+        assert "'cuda' is not available" in capsys.readouterr().err and not seen
+    assert Settings(device="cuda:1").device == "cuda:1" and Settings().device == "auto"

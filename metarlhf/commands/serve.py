@@ -18,6 +18,7 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
     p.add_argument("--policy-dir", default=None, help="local HF policy directory (default: embedded SmolLM2)")
     p.add_argument("--encoder-dir", default=None, help="local HF encoder directory (default: embedded MiniLM)")
     p.add_argument("--adapt-threshold", type=int, default=None, help="new feedback records that trigger adaptation")
+    p.add_argument("--device", default=None, help="policy device: auto (default: CUDA if available), cpu, cuda, cuda:N")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=run)
 
@@ -29,16 +30,19 @@ def run(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from metarlhf.errors import ConfigError
+    from metarlhf.runtime import resolve_device
     from server.app import create_app
     from server.settings import Settings
 
     overrides = {k: v for k, v in {
         "host": args.host, "port": args.port, "adapter_root": args.adapter_root, "policy_dir": args.policy_dir,
-        "encoder_dir": args.encoder_dir, "adapt_threshold": args.adapt_threshold}.items() if v is not None}
+        "encoder_dir": args.encoder_dir, "adapt_threshold": args.adapt_threshold, "device": args.device}.items()
+        if v is not None}
     try:
         settings = Settings(**overrides)
     except ValidationError as e:
         raise ConfigError(f"invalid server settings: {e}") from e
+    resolve_device(settings.device)  # an absent CUDA device: exit 2 before anything loads
     if not settings.api_keys:
         key = "sk-" + secrets.token_urlsafe(24)
         settings.api_keys = {key: "default"}
