@@ -83,7 +83,7 @@ def main() -> int:
     cmd = " ".join([Path(sys.executable).name, *sys.argv])
     print(f"command: {cmd}", flush=True)
 
-    from metarlhf.runtime import resolve_device
+    from metarlhf.runtime import describe_device, resolve_device
 
     device = resolve_device(args.device)
     model, tok = load_policy(device=str(device))
@@ -99,6 +99,14 @@ def main() -> int:
 
     eng = MultiAdapterEngine(model, tok, DEFAULT_POLICY_NAME, capacity=32)
     eng.generate([GenerationRequest(messages=msgs[0], adapter=refs[0], params=SamplingParams(max_new_tokens=4))])
+    # the engine's own KV-cache loop must decode what transformers' greedy generate decodes
+    ids = tok(PROMPTS[0], return_tensors="pt")["input_ids"].to(device)
+    with torch.no_grad():
+        hf = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False,
+                            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)[0, ids.shape[1]:].tolist()
+    mine = eng.generate([GenerationRequest(prompt=PROMPTS[0], params=SamplingParams(max_new_tokens=16))])[0].token_ids
+    engine_equals_hf = mine == (hf[: hf.index(tok.eos_token_id)] if tok.eos_token_id in hf else hf)
+    print(f"engine greedy == transformers generate: {engine_equals_hf}", flush=True)
     for r in refs:
         eng.preload(r)
 
@@ -198,7 +206,7 @@ def main() -> int:
     report = {
         "command": cmd,
         "model": DEFAULT_POLICY_NAME,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "device": describe_device(device),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "batch": 8,
@@ -209,6 +217,7 @@ def main() -> int:
         "cache": cache,
         "targets_met": targets,
         "engine_stats": stats,
+        "engine_equals_hf_generate": engine_equals_hf,
         "mixed_equals_sequential_text": mixed_texts == seq_texts,
         "peft_mixed_equals_stacked_mixed_text": None if peft_mixed_texts is None else peft_mixed_texts == mixed_texts,
         "runs": runs,

@@ -14,7 +14,8 @@
 # Environment: PYTHON (default python3), PROMPTS (HH-RLHF prompts, default
 # ../shared/data/hh-rlhf/harmless-base-test.jsonl.gz), WORK (scratch files, default a new temp
 # dir). Each stage has a time limit; a failed stage is logged and the next one runs. Writes
-# only results to OUT_DIR (*.json, *.jsonl, *.png); the log goes to stdout.
+# only results to OUT_DIR (*.json, *.jsonl, *.png: 1 file for tiny, 8 for embedded, the device
+# tool's limit per call, so keep a copy of the log outside OUT_DIR); the log goes to stdout.
 set -u
 OUT=${1:?usage: benchmarks/gpu_session.sh OUT_DIR [tiny|embedded|all]}
 WHAT=${2:-all}
@@ -67,9 +68,17 @@ EOF
     --eval-prompts "$WORK/ppo_heldout.jsonl" --eval-limit 64 --eval-every 10 --kl-bound 4.0 --steps 30 \
     --batch-size 32 --mini-batch-size 8 --ppo-epochs 2 --max-new-tokens 48 --max-prompt-tokens 128 \
     --lr 3e-4 --kl-coef 0.05 --save-every 30 --no-progress
-  cp "$WORK/ppo_run/metrics.jsonl" "$OUT/ppo_gpu_metrics.jsonl" 2>/dev/null
-  cp "$WORK/ppo_run/curves.png" "$OUT/ppo_gpu_curves.png" 2>/dev/null
+  cp "$WORK/ppo_run/metrics.jsonl" "$OUT/ppo_gpu_enthusiastic_metrics.jsonl" 2>/dev/null
+  cp "$WORK/ppo_run/curves.png" "$OUT/ppo_gpu_enthusiastic.png" 2>/dev/null
+  # the same with adaptive KL control (a smaller lr, a larger starting coefficient)
+  stage ppo-embedded-adaptive-kl 240 $PY -m metarlhf ppo --prompts "$WORK/ppo_train.jsonl" \
+    --reward "python:$WORK/sim_reward.py:enthusiastic" --out "$WORK/ppo_run_kl" --device cuda \
+    --eval-prompts "$WORK/ppo_heldout.jsonl" --eval-limit 64 --eval-every 10 --kl-bound 4.0 --steps 30 \
+    --batch-size 32 --mini-batch-size 8 --ppo-epochs 2 --max-new-tokens 48 --max-prompt-tokens 128 \
+    --lr 1e-4 --kl-coef 0.2 --adaptive-kl --kl-target 3.0 --kl-horizon 2000 --save-every 30 --no-progress
+  cp "$WORK/ppo_run_kl/metrics.jsonl" "$OUT/ppo_gpu_enthusiastic_adaptive_kl_metrics.jsonl" 2>/dev/null
+  cp "$WORK/ppo_run_kl/curves.png" "$OUT/ppo_gpu_enthusiastic_adaptive_kl.png" 2>/dev/null
   stage meta-train-policy 180 $PY -m metarlhf meta-train policy --algo reptile --prompts "$PROMPTS" \
     --out "$WORK/meta_policy" --work "$WORK/meta_work" --meta-steps 6 --pool-prompts 64 --device cuda
-  cp "$WORK/meta_work/metrics.jsonl" "$OUT/meta_train_gpu_metrics.jsonl" 2>/dev/null
+  cp "$WORK/meta_work/metrics.jsonl" "$OUT/meta_train_policy_gpu_metrics.jsonl" 2>/dev/null
 fi

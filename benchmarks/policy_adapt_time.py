@@ -51,7 +51,7 @@ def main() -> int:
     from metarlhf.io import atomic_write_json
     from metarlhf.models import load_policy
     from metarlhf.policy import AdaptConfig, adapt_policy, exploration_hints, generate, use_bf16
-    from metarlhf.runtime import resolve_device
+    from metarlhf.runtime import describe_device, resolve_device
     from metarlhf.simusers import USERS
 
     device = resolve_device(args.device)
@@ -99,7 +99,7 @@ def main() -> int:
         "adapt_policy_s": times, "recipes": timings, "cli_end_to_end_s": cli_s, "cli_adapt_policy_s": cli_adapt_s,
         "bf16_autocast": use_bf16("auto", device.type),
         "target": f"<= {limit} s", "met": max(times) <= limit,
-        "device": (f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}" if device.type == "cuda" else
+        "device": (f"{describe_device(device)}, torch {torch.__version__}" if device.type == "cuda" else
                    f"CPU ({platform.processor() or platform.machine()}), torch threads {torch.get_num_threads()}"),
         "command": " ".join([sys.executable, *sys.argv]),
     }

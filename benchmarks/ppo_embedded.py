@@ -59,6 +59,7 @@ def main(argv=None) -> int:
     from metarlhf.data import read_jsonl, read_prompts
     from metarlhf.io import atomic_write_bytes, atomic_write_json
     from metarlhf.reward import adapt_reward
+    from metarlhf.runtime import describe_device
 
     bench_cmd = "flock /tmp/metarlhf-cpu.lock .venv/bin/python " + shlex.join(sys.argv)
     print("command:", bench_cmd, flush=True)
@@ -123,7 +124,7 @@ def main(argv=None) -> int:
     summary = {
         "command": bench_cmd,
         "ppo_command": ppo_cmd,
-        "device": torch.cuda.get_device_name(a.device) if a.device.startswith("cuda") else "cpu",
+        "device": describe_device(a.device),
         "policy": "SmolLM2-135M-Instruct (embedded), LoRA r=8 on q_proj,v_proj",
         "reward": {"persona": a.persona, "k": a.k, "adapt_steps": a.reward_steps, "init": "scratch",
                    "heldout_label_accuracy": reward_acc},

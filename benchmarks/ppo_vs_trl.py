@@ -204,6 +204,8 @@ def main(argv=None) -> int:
     import transformers
     import trl
 
+    from metarlhf.runtime import describe_device
+
     cfg, tok, policy, reward_model = build_models(a.hidden, a.layers, a.seed)
     n_params = sum(p.numel() for p in policy.parameters())
     print(f"policy: random Llama hidden={a.hidden} layers={a.layers} vocab={cfg.vocab_size} params={n_params}")
@@ -218,7 +220,7 @@ def main(argv=None) -> int:
         "command": command,
         "settings": {k: v for k, v in vars(a).items() if k != "out"},
         "policy_params": n_params,
-        "device": torch.cuda.get_device_name(a.device) if a.device.startswith("cuda") else "cpu",
+        "device": describe_device(a.device),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
                      "python": platform.python_version()},
         "results": results,

@@ -50,6 +50,7 @@ Simplifications
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import os
@@ -62,6 +63,7 @@ from typing import Any
 
 from metarlhf.adapter_cache import AdapterCache, CacheFullError
 from metarlhf.errors import AdapterError, ConfigError, MetaRLHFError
+from metarlhf.runtime import model_device
 
 log = logging.getLogger(__name__)
 
@@ -261,6 +263,15 @@ def safe_stream_end(text: str, stops: Sequence[str], final: bool) -> int:
 # ---------------------------------------------------------------------------------------
 # LoRA backends: where slot weights live and how a forward applies them per row
 # ---------------------------------------------------------------------------------------
+def cache_keyword(model: Any) -> str:
+    """The keyword under which ``model.forward`` takes the KV cache: ``cache`` in recent
+    transformers, ``past_key_values`` before. A wrong name would land in ``**kwargs``
+    unnoticed and every decode step would run without its context."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    params = inspect.signature(base.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
 def find_target_linears(model: Any, target_modules: Sequence[str]) -> dict[str, Any]:
     """``{module_name: nn.Linear}`` for every Linear whose last name part is a target."""
     import torch
@@ -557,6 +568,7 @@ class MultiAdapterEngine:
         self._cache = AdapterCache(capacity, load=self._load_into_slot, clear=self._bank.clear)
         self._lock = threading.RLock()
         self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self._cache_kw = cache_keyword(model)
         eos = set()
         for e in (tokenizer.eos_token_id, getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
             if isinstance(e, int):
@@ -729,7 +741,7 @@ class MultiAdapterEngine:
 
     @property
     def _device(self) -> Any:
-        return next(self.model.parameters()).device
+        return model_device(self.model)
 
     def _error(self, ids: list[int] | None, e: MetaRLHFError) -> GenerationResult:
         return GenerationResult("", [], len(ids or []), 0, "error", error=e)
@@ -882,8 +894,8 @@ class MultiAdapterEngine:
         with torch.inference_mode():
             with self._bank.forward_rows([r.slot for r in active]) as kw:
                 logits = self.model(
-                    input_ids=input_ids, attention_mask=attn, position_ids=pos, cache=cache,
-                    use_cache=True, logits_to_keep=1, **kw,
+                    input_ids=input_ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1,
+                    **{self._cache_kw: cache}, **kw,
                 ).logits[:, -1, :]  # [b, V]
             last_pos = pos[:, -1]  # [b]
             while True:
@@ -909,7 +921,7 @@ class MultiAdapterEngine:
                 with self._bank.forward_rows([r.slot for r in active]) as kw:
                     logits = self.model(
                         input_ids=next_ids[:, None], attention_mask=attn, position_ids=last_pos[:, None],
-                        cache=cache, use_cache=True, **kw,
+                        use_cache=True, **{self._cache_kw: cache}, **kw,
                     ).logits[:, -1, :]  # [b, V]
 
     def _choose(self, logits: Any, rows: list[_Row]) -> Any:

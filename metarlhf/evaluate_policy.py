@@ -176,7 +176,8 @@ def base_nll_rows(model: Any, tok: Any, prompts: Sequence[str], completions: Seq
     token-weighted mean with the EOS (:func:`base_nll`)."""
     import torch
 
-    from metarlhf.policy import encode_pairs, model_device, token_logps
+    from metarlhf.policy import encode_pairs, token_logps
+    from metarlhf.runtime import model_device
 
     batch = encode_pairs(tok, list(prompts), list(completions), device=model_device(model))
     words = batch.comp_mask.clone()

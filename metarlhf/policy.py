@@ -103,6 +103,7 @@ from metarlhf.adapters import Adapter, load_adapter, save_adapter
 from metarlhf.data import Pair, Record, Thumbs
 from metarlhf.errors import AdapterError, ConfigError, DataError, ModelError
 from metarlhf.models import DEFAULT_POLICY_NAME, model_name
+from metarlhf.runtime import model_device
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +222,7 @@ def use_bf16(precision: str = "auto", device: str = "cpu") -> bool:
     if precision != "auto":
         return precision == "bf16"
     if device == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
     if device != "cpu":
         return False
     try:
@@ -235,11 +236,6 @@ def autocast(precision: str = "auto", device: str = "cpu") -> Any:
     import torch
 
     return torch.autocast(device, dtype=torch.bfloat16, enabled=use_bf16(precision, device))
-
-
-def model_device(model: Any) -> Any:
-    """The ``torch.device`` holding ``model``'s parameters (inputs are moved there)."""
-    return next(model.parameters()).device
 
 
 def lora_config_dict(base_name: str | None = None) -> dict[str, Any]:
@@ -1479,7 +1475,8 @@ def meta_train_policy(
             if outer is not None and (ckpt / "outer.safetensors").is_file():
                 ost = load_tensors(ckpt / "outer.safetensors")
                 for n, p in zip(names, params, strict=True):
-                    outer.state[p] = {"step": ost[f"step.{n}"], "exp_avg": ost[f"m.{n}"], "exp_avg_sq": ost[f"v.{n}"]}
+                    outer.state[p] = {"step": ost[f"step.{n}"], "exp_avg": ost[f"m.{n}"].to(p.device),
+                                      "exp_avg_sq": ost[f"v.{n}"].to(p.device)}  # Adam's step count stays on the CPU
             start, wall_before = int(state["step"]), float(state.get("wall_s", 0.0))
             log.info("resuming meta-training at step %d from %s", start, ckpt)
         elif (work / "metrics.jsonl").exists():
@@ -1493,8 +1490,8 @@ def meta_train_policy(
             batch = encode_pairs(tok, flat_p[i:i + acfg.batch_size], flat_c[i:i + acfg.batch_size],
                                  acfg.max_prompt_tokens, acfg.max_completion_tokens, model_device(pm))
             refs = reference_logps(pm, batch, acfg.batch_size, acfg.precision)
-            ref_cache.update({(p, c): float(v) for p, c, v in
-                              zip(flat_p[i:i + acfg.batch_size], flat_c[i:i + acfg.batch_size], refs, strict=True)})
+            ref_cache.update({(p, c): v for p, c, v in zip(flat_p[i:i + acfg.batch_size],
+                                                           flat_c[i:i + acfg.batch_size], refs.tolist(), strict=True)})
         bar = tqdm(range(start, cfg.meta_steps), desc=f"meta-train policy ({cfg.algo})", disable=not progress,
                    initial=start, total=cfg.meta_steps)
         for step in bar:

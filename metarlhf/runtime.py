@@ -40,22 +40,46 @@ def tune_malloc(trim_bytes: int = 1 << 30, top_pad_bytes: int = 1 << 28) -> bool
     return all(mallopt(option, value) == 1 for option, value in settings)
 
 
+def parse_device(device: str) -> Any:
+    """Check a device name without looking for the hardware: ``auto`` (returned as None),
+    ``cpu``, ``cuda`` or ``cuda:N`` (as a ``torch.device``); anything else is a ConfigError."""
+    import torch
+
+    if device == "auto":
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ConfigError(f"invalid device {device!r}: {e}") from e
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device {device!r} is not supported; use auto, cpu, cuda or cuda:N")
+    return dev
+
+
 def resolve_device(device: str = "auto") -> Any:
     """``auto`` -> CUDA if available else CPU, as a ``torch.device``. A CUDA device that is
     absent, or any other device type, is a ConfigError (the CLI's exit code 2)."""
     import torch
 
-    if device == "auto":
+    dev = parse_device(device)
+    if dev is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as e:
-        raise ConfigError(f"invalid device {device!r}: {e}") from e
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError(f"device {device!r} is not available: no CUDA device on this machine")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise ConfigError(f"device {device!r} is not available: only {torch.cuda.device_count()} CUDA device(s)")
-    elif dev.type != "cpu":
-        raise ConfigError(f"device {device!r} is not supported; use cpu, cuda or cuda:N")
     return dev
+
+
+def model_device(model: Any) -> Any:
+    """The ``torch.device`` holding ``model``'s parameters (inputs are moved there)."""
+    return next(model.parameters()).device
+
+
+def describe_device(device: Any) -> str:
+    """A device for reports: the GPU's name on CUDA, else ``cpu``."""
+    import torch
+
+    dev = torch.device(device)
+    return torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"

@@ -8,13 +8,14 @@ Examples::
 
 from __future__ import annotations
 
-import re
 from functools import lru_cache
 from pathlib import Path
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from metarlhf.errors import ConfigError
+from metarlhf.runtime import parse_device
 from metarlhf.store import check_id
 
 
@@ -65,8 +66,10 @@ class Settings(BaseSettings):
     @field_validator("device")
     @classmethod
     def _device_name(cls, v: str) -> str:
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", v):
-            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {v!r}")
+        try:
+            parse_device(v)  # the name only; whether the device exists is checked at start-up
+        except ConfigError as e:
+            raise ValueError(str(e)) from e
         return v
 
     @property

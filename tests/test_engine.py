@@ -577,3 +577,29 @@ def test_cancelled_row_leaves_the_batch_and_the_others_go_on(setup):
     assert out[1].token_ids == solo.token_ids and out[1].finish_reason == solo.finish_reason
     assert out[2].finish_reason == "cancelled" and out[2].completion_tokens == 0
     assert eng.stats["resident"] <= 3
+
+
+def test_kv_cache_reaches_a_model_that_names_it_past_key_values(tmp_path):
+    """Older transformers call the forward() argument ``past_key_values``; a cache passed under
+    the wrong name would vanish into ``**kwargs`` and every step would decode without context."""
+    from transformers import LlamaForCausalLM
+
+    from metarlhf.engine import cache_keyword
+
+    class OlderStyleLlama(LlamaForCausalLM):
+        def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                    inputs_embeds=None, use_cache=None, logits_to_keep=0, **kwargs):
+            return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                   cache=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                                   logits_to_keep=logits_to_keep, **kwargs)
+
+    model, tok = fresh_model()
+    older = OlderStyleLlama(model.config).eval()
+    older.load_state_dict(model.state_dict())
+    assert cache_keyword(model) == "cache" and cache_keyword(older) == "past_key_values"
+    ref = AdapterRef("u0", 1, make_adapter(tmp_path / "u0" / "v1", model, seed=100))
+    reqs = [GenerationRequest(prompt=p, adapter=a, params=SamplingParams(max_new_tokens=12))
+            for p, a in zip(PROMPTS[:3], [ref, None, ref], strict=True)]
+    want = [r.token_ids for r in MultiAdapterEngine(model, tok, BASE_NAME).generate(reqs)]
+    assert [r.token_ids for r in MultiAdapterEngine(older, tok, BASE_NAME).generate(reqs)] == want
+    assert want[1] == reference_tokens(None, PROMPTS[1], 12)

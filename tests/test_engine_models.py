@@ -44,7 +44,26 @@ def test_from_pretrained_onto_cuda(tmp_path):
     from metarlhf.testing import save_tiny
 
     model, tok = fresh_model()
-    eng = MultiAdapterEngine.from_pretrained(str(save_tiny(model, tok, tmp_path / "tiny")), device="cuda")
+    path = str(save_tiny(model, tok, tmp_path / "tiny"))
+    eng = MultiAdapterEngine.from_pretrained(path, device="cuda")
     assert eng.stats["device"].startswith("cuda")
-    out = eng.generate([GenerationRequest(prompt=PROMPTS[0], params=SamplingParams(max_new_tokens=4))])
-    assert out[0].error is None and out[0].completion_tokens > 0
+    reqs = [GenerationRequest(prompt=p, params=SamplingParams(max_new_tokens=8)) for p in PROMPTS[:3]]
+    cpu = [r.token_ids for r in MultiAdapterEngine.from_pretrained(path).generate(reqs)]
+    assert [r.token_ids for r in eng.generate(reqs)] == cpu
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_greedy_matches_hf_generate():
+    """The engine's own KV-cache loop against transformers' generate, both on CUDA (fp32)."""
+    model, tok = fresh_model()
+    model = model.to("cuda")
+    eng = MultiAdapterEngine(model, tok, BASE_NAME)
+    for p in PROMPTS[:3]:
+        got = eng.generate([GenerationRequest(prompt=p, params=SamplingParams(max_new_tokens=12))])[0].token_ids
+        ids = tok(p, return_tensors="pt")["input_ids"].to("cuda")
+        with torch.no_grad():
+            ref = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
+                                 do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        ref = ref[0, ids.shape[1]:].tolist()
+        assert got == (ref[: ref.index(tok.eos_token_id)] if tok.eos_token_id in ref else ref)

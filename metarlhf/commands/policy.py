@@ -29,12 +29,22 @@ def _int_at_least(minimum: int) -> Callable[[str], int]:
     return parse
 
 
-def _base(args: argparse.Namespace) -> tuple:
-    """The base policy ``(model, tokenizer)`` from ``--policy``, on ``--device``."""
-    from metarlhf.models import load_policy
+def _device_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
+
+
+def _device(args: argparse.Namespace) -> str:
+    """``--device``, checked first (exit 2 before any data or model is read)."""
     from metarlhf.runtime import resolve_device
 
-    return load_policy(args.policy, device=str(resolve_device(args.device)))
+    return str(resolve_device(args.device))
+
+
+def _base(args: argparse.Namespace, device: str) -> tuple:
+    """The base policy ``(model, tokenizer)`` from ``--policy``, on ``device``."""
+    from metarlhf.models import load_policy
+
+    return load_policy(args.policy, device=device)
 
 
 _positive = _int_at_least(1)
@@ -68,7 +78,7 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
     p.add_argument("--outer-lr", type=float, default=1e-3, help="fomaml outer Adam lr")
     p.add_argument("--checkpoint-every", type=_positive, default=5)
     p.add_argument("--policy", default=None, help="base policy model directory (default: embedded SmolLM2)")
-    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
+    _device_arg(p)
     p.add_argument("--resume", action="store_true", help="continue from <work>/checkpoint")
     p.add_argument("--explore", choices=["hints", "plain"], default="plain",
                    help="pool samples drawn with style hints (as `eval policy --explore hints`) or plain")
@@ -83,7 +93,7 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
     p.add_argument("--out", required=True, help="output adapter directory")
     p.add_argument("--init", default="meta", help="'meta' (shipped init, default), 'scratch', or an adapter dir")
     p.add_argument("--policy", default=None, help="base policy model directory (default: embedded SmolLM2)")
-    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
+    _device_arg(p)
     p.add_argument("--steps", type=_positive, default=AdaptConfig.steps)
     p.add_argument("--lr", type=float, default=AdaptConfig.lr, help="Adam lr (AdaptConfig default)")
     p.add_argument("--beta", type=float, default=0.1)
@@ -119,7 +129,7 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
                    help="how many liked hints the extra samples use")
     _recipe_args(p)
     p.add_argument("--policy", default=None, help="base policy model directory (default: embedded SmolLM2)")
-    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
+    _device_arg(p)
     p.add_argument("--out", required=True, help="results JSON (a PNG is written next to it)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_eval)
@@ -173,6 +183,7 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
     from metarlhf.policy import AdaptConfig, MetaConfig, meta_train_policy
     from metarlhf.simusers import TRAIN_USERS
 
+    device = _device(args)
     cfg = MetaConfig(
         algo=args.algo, meta_steps=args.meta_steps, inner_steps=args.inner_steps,
         support_prompts=args.support_prompts, query_prompts=args.query_prompts,
@@ -189,7 +200,7 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
     prompts = read_prompts(args.prompts, limit=args.offset + cfg.pool_prompts)[args.offset:]
     t0 = time.perf_counter()
     adapter = meta_train_policy(prompts, users, args.out, work=args.work, config=cfg, adapt_config=acfg,
-                                base=_base(args), resume=args.resume)
+                                base=_base(args, device), resume=args.resume)
     print(f"wrote {args.out} ({args.algo}, {cfg.meta_steps} meta-steps over {len(users)} users, "
           f"{time.perf_counter() - t0:.0f} s this run, {adapter.meta['wall_s']} s total)")
     return 0
@@ -199,16 +210,15 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     from metarlhf.adapters import save_adapter
     from metarlhf.data import user_support
     from metarlhf.policy import AdaptConfig, adapt_policy
-    from metarlhf.runtime import resolve_device
 
-    resolve_device(args.device)  # fails fast (exit 2) before the data and the model are read
+    device = _device(args)
     support = user_support(args.data, args.user, args.k, seed=args.seed)
     cfg = AdaptConfig(steps=args.steps, lr=args.lr, beta=args.beta, kto_weight=args.kto_weight,
                       sft_weight=args.sft_weight, pair_weight=args.pair_weight, train_layers=args.train_layers,
                       kl_weight=args.kl_weight, contrast_weight=args.contrast_weight)
     init = None if args.init == "scratch" else args.init
     t0 = time.perf_counter()
-    adapter = adapt_policy(support, base=_base(args), init=init, seed=args.seed, config=cfg)
+    adapter = adapt_policy(support, base=_base(args, device), init=init, seed=args.seed, config=cfg)
     save_adapter(Path(args.out), adapter)
     losses = adapter.meta["losses"]
     print(f"wrote {args.out}: user {args.user}, K={len(support)}, {cfg.steps} steps, "
@@ -221,6 +231,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from metarlhf.evaluate_policy import EvalConfig, evaluate_policy
     from metarlhf.simusers import HELDOUT_USERS
 
+    device = _device(args)
     users = _users(args.users, args.users_file, HELDOUT_USERS)
     cfg = EvalConfig(
         ks=list(dict.fromkeys(args.k)), eval_prompts=args.eval_prompts, samples_per_prompt=args.samples_per_prompt,
@@ -233,7 +244,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     )
     n_train = -(-max(cfg.ks) // cfg.samples_per_prompt)
     prompts = read_prompts(args.prompts, limit=args.offset + n_train + cfg.eval_prompts)[args.offset:]
-    result = evaluate_policy(users, prompts, cfg, base=_base(args), out=args.out)
+    result = evaluate_policy(users, prompts, cfg, base=_base(args, device), out=args.out)
     for row in result["summary"]:
         print(f"{row['method']:>8} {row['explore']:>5} K={row['k']:<3} win rate {row['win_rate']:.3f}  "
               f"mean reward {row['mean_reward']:+.3f} (base {row['base_mean_reward']:+.3f})  "
