@@ -515,3 +515,27 @@ def test_serve_device_setting(monkeypatch, capsys, tmp_path):
         assert main(["serve", "--device", "cuda", "--adapter-root", str(tmp_path)]) == 2
         assert "'cuda' is not available" in capsys.readouterr().err and not seen
     assert Settings(device="cuda:1").device == "cuda:1" and Settings().device == "auto"
+
+
+def test_lifespan_loads_the_policy_on_the_configured_device(monkeypatch, tmp_path):
+    import metarlhf.engine
+    import metarlhf.jobs
+
+    seen = {}
+
+    def fake_engine(model_dir=None, device="not passed", **kw):
+        seen["engine"] = device
+        return tiny_engine()
+
+    class FakePersonalizer(TinyPersonalizer):
+        def __init__(self, policy_dir=None, encoder_dir=None, reward_steps=None, policy_steps=None,
+                     device="not passed"):
+            seen["personalizer"] = device
+            super().__init__()
+
+    monkeypatch.setattr(metarlhf.engine.MultiAdapterEngine, "from_pretrained", staticmethod(fake_engine))
+    monkeypatch.setattr(metarlhf.jobs, "DefaultPersonalizer", FakePersonalizer)
+    s = Settings(api_keys={KEY_A: "acme"}, adapter_root=str(tmp_path / "adapters"), device="cpu")
+    with TestClient(create_app(s)) as c:
+        assert c.get("/readyz").status_code == 200
+    assert seen == {"engine": "cpu", "personalizer": "cpu"}
