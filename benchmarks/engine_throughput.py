@@ -200,6 +200,7 @@ def main() -> int:
         "mixed >= 0.7x base": ratios["mixed_over_base"] >= 0.7,
         "mixed >= 3x sequential (resident adapters)": ratios["mixed_over_seq_hit"] >= 3.0,
         "mixed >= 3x sequential (swap from disk)": ratios["mixed_over_seq_swap"] >= 3.0,
+        "engine greedy == transformers generate": engine_equals_hf,
         "cache hit reads no disk": hit_disk_reads == 0,
         "cache miss <= 50 ms (max)": cache["miss_ms_max"] <= 50.0,
     }

@@ -14,8 +14,9 @@
 # Environment: PYTHON (default python3), PROMPTS (HH-RLHF prompts, default
 # ../shared/data/hh-rlhf/harmless-base-test.jsonl.gz), WORK (scratch files, default a new temp
 # dir). Each stage has a time limit; a failed stage is logged and the next one runs. Writes
-# only results to OUT_DIR (*.json, *.jsonl, *.png: 1 file for tiny, 8 for embedded, the device
-# tool's limit per call, so keep a copy of the log outside OUT_DIR); the log goes to stdout.
+# only results to OUT_DIR (*.json, *.jsonl, *.png: 1 file for tiny, 8 for embedded); the log goes
+# to stdout. With this project's device tool (at most 8 files and 10 minutes a call), run `tiny`
+# and `embedded` as two calls: in session 8 their stages took about 115 s and 505 s.
 set -u
 OUT=${1:?usage: benchmarks/gpu_session.sh OUT_DIR [tiny|embedded|all]}
 WHAT=${2:-all}
@@ -82,3 +83,6 @@ EOF
     --out "$WORK/meta_policy" --work "$WORK/meta_work" --meta-steps 6 --pool-prompts 64 --device cuda
   cp "$WORK/meta_work/metrics.jsonl" "$OUT/meta_train_policy_gpu_metrics.jsonl" 2>/dev/null
 fi
+# again at the end, for logs that come back cut from the front
+$PY -c "import torch, transformers, peft; print('torch', torch.__version__, '| transformers', transformers.__version__,
+'| peft', peft.__version__, '|', torch.cuda.get_device_name(0))"

@@ -269,7 +269,11 @@ def cache_keyword(model: Any) -> str:
     unnoticed and every decode step would run without its context."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     params = inspect.signature(base.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
+    for name in ("cache", "past_key_values"):
+        if name in params:
+            return name
+    raise ConfigError(f"{type(base).__name__}.forward takes neither `cache` nor `past_key_values`: "
+                      "the engine cannot hand it a KV cache")
 
 
 def find_target_linears(model: Any, target_modules: Sequence[str]) -> dict[str, Any]:

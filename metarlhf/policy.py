@@ -1475,6 +1475,8 @@ def meta_train_policy(
             if outer is not None and (ckpt / "outer.safetensors").is_file():
                 ost = load_tensors(ckpt / "outer.safetensors")
                 for n, p in zip(names, params, strict=True):
+                    if f"m.{n}" not in ost:  # never stepped (a layer below train_layers): no Adam state
+                        continue
                     outer.state[p] = {"step": ost[f"step.{n}"], "exp_avg": ost[f"m.{n}"].to(p.device),
                                       "exp_avg_sq": ost[f"v.{n}"].to(p.device)}  # Adam's step count stays on the CPU
             start, wall_before = int(state["step"]), float(state.get("wall_s", 0.0))

@@ -43,14 +43,14 @@ def tune_malloc(trim_bytes: int = 1 << 30, top_pad_bytes: int = 1 << 28) -> bool
 def parse_device(device: str) -> Any:
     """Check a device name without looking for the hardware: ``auto`` (returned as None),
     ``cpu``, ``cuda`` or ``cuda:N`` (as a ``torch.device``); anything else is a ConfigError."""
-    import torch
-
     if device == "auto":
         return None
+    import torch
+
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as e:
-        raise ConfigError(f"invalid device {device!r}: {e}") from e
+        raise ConfigError(f"invalid device {device!r} (use auto, cpu, cuda or cuda:N): {e}") from e
     if dev.type not in ("cpu", "cuda"):
         raise ConfigError(f"device {device!r} is not supported; use auto, cpu, cuda or cuda:N")
     return dev
@@ -78,8 +78,8 @@ def model_device(model: Any) -> Any:
 
 
 def describe_device(device: Any) -> str:
-    """A device for reports: the GPU's name on CUDA, else ``cpu``."""
+    """A device for reports (``auto`` resolved): the GPU's name on CUDA, else ``cpu``."""
     import torch
 
-    dev = torch.device(device)
+    dev = resolve_device(device) if isinstance(device, str) else torch.device(device)
     return torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"

@@ -603,3 +603,14 @@ def test_kv_cache_reaches_a_model_that_names_it_past_key_values(tmp_path):
     want = [r.token_ids for r in MultiAdapterEngine(model, tok, BASE_NAME).generate(reqs)]
     assert [r.token_ids for r in MultiAdapterEngine(older, tok, BASE_NAME).generate(reqs)] == want
     assert want[1] == reference_tokens(None, PROMPTS[1], 12)
+
+
+def test_cache_keyword_refuses_a_forward_without_one():
+    from metarlhf.engine import cache_keyword
+
+    class NoCache(torch.nn.Module):
+        def forward(self, *args, **kwargs):
+            return None
+
+    with pytest.raises(ConfigError, match="neither"):
+        cache_keyword(NoCache())

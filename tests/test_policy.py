@@ -243,6 +243,22 @@ def test_meta_train_fomaml_and_bad_config(tmp_path):
         P.meta_train_policy(prompts[:3], get_users(["bullets"]), tmp_path / "g", config=cfg, base=(model, tok))
 
 
+def test_meta_train_fomaml_resumes_with_untrained_lower_layers(tmp_path):
+    """Layers below train_layers never step, so they have no Adam state to save or restore."""
+    model, tok = tiny_policy()
+    prompts = [f"q {i}" for i in range(8)]
+    kto = P.AdaptConfig(kto_weight=1.0, sft_weight=0.0, pair_weight=0.0, train_layers=1)  # 1 of 2 layers
+    cfg = P.MetaConfig(algo="fomaml", meta_steps=2, pool_prompts=8, max_new_tokens=4, checkpoint_every=1)
+    P.meta_train_policy(prompts, get_users(["bullets"]), tmp_path / "f", config=cfg, adapt_config=kto,
+                        base=(model, tok), progress=False)
+    saved = load_tensors(tmp_path / "f.work" / "checkpoint" / "outer.safetensors")
+    assert saved and all(".layers.1." in k for k in saved)
+    cfg3 = P.MetaConfig(algo="fomaml", meta_steps=3, pool_prompts=8, max_new_tokens=4, checkpoint_every=1)
+    a = P.meta_train_policy(prompts, get_users(["bullets"]), tmp_path / "f", config=cfg3, adapt_config=kto,
+                            base=(model, tok), resume=True, progress=False)
+    assert a.meta["steps"] == 3
+
+
 def test_task_subspace_recovers_the_directions_the_tasks_share():
     torch.manual_seed(0)
     u, _ = torch.linalg.qr(torch.randn(12, 2))  # a 2-d subspace of R^12 (orthonormal columns)

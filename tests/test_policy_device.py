@@ -31,6 +31,14 @@ def test_bf16_autocast_choice_per_device():
     if not torch.cuda.is_available():
         assert not P.use_bf16("auto", "cuda")
     assert not P.use_bf16("auto", "mps")
+
+
+def test_bf16_auto_on_cuda_needs_native_support(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert not P.use_bf16("auto", "cuda")  # emulated bf16 only (pre-Ampere): fp32
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert P.use_bf16("auto", "cuda")
     with P.autocast("fp32", "cpu"):
         assert not torch.is_autocast_enabled("cpu")
     with P.autocast("bf16", "cpu"):
@@ -64,6 +72,9 @@ def test_cli_refuses_an_absent_or_unknown_device(tmp_path, feedback, capsys):
     absent = "cuda:99" if torch.cuda.is_available() else "cuda"
     assert main(["adapt", "policy", *common, "--device", absent]) == 2
     assert f"'{absent}' is not available" in capsys.readouterr().err
+    missing = ["--data", str(tmp_path / "missing.jsonl"), "--user", "alice", "--k", "4", "--out", str(tmp_path / "o")]
+    assert main(["adapt", "policy", *missing, "--device", absent]) == 2  # the device is checked before the data
+    assert "is not available" in capsys.readouterr().err
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"question {i}"}) + "\n" for i in range(8)))
     assert main(["eval", "policy", "--prompts", str(prompts), "--out", str(tmp_path / "r.json"), "--policy", str(tiny),

@@ -533,9 +533,16 @@ def test_lifespan_loads_the_policy_on_the_configured_device(monkeypatch, tmp_pat
             seen["personalizer"] = device
             super().__init__()
 
+    import torch
+
+    import metarlhf.runtime
+
     monkeypatch.setattr(metarlhf.engine.MultiAdapterEngine, "from_pretrained", staticmethod(fake_engine))
     monkeypatch.setattr(metarlhf.jobs, "DefaultPersonalizer", FakePersonalizer)
-    s = Settings(api_keys={KEY_A: "acme"}, adapter_root=str(tmp_path / "adapters"), device="cpu")
+    resolved = []
+    monkeypatch.setattr(metarlhf.runtime, "resolve_device",
+                        lambda name: resolved.append(name) or torch.device("cuda", 3))  # as if a 4th GPU existed
+    s = Settings(api_keys={KEY_A: "acme"}, adapter_root=str(tmp_path / "adapters"), device="cuda:3")
     with TestClient(create_app(s)) as c:
         assert c.get("/readyz").status_code == 200
-    assert seen == {"engine": "cpu", "personalizer": "cpu"}
+    assert resolved == ["cuda:3"] and seen == {"engine": "cuda:3", "personalizer": "cuda:3"}
