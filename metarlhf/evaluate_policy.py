@@ -39,7 +39,9 @@ answer in the liked style wins on every prompt): ``relevance``, the mean
 :func:`prompt_relevance` (nats/token the base model gains from the answer's own prompt
 over another one; ``base_relevance`` for the base answers), and ``repeat_opening_rate``,
 the share of answers whose first five words open another answer of the same user
-(``base_repeat_opening_rate`` for base). The JSON is
+(``base_repeat_opening_rate`` for base). ``loop_rate`` is the share of answers caught in a
+decoding loop (:func:`repetition_loops`; ``base_loop_rate``), which the fluency drop misses,
+and ``sound_win_rate`` counts an answer that is a fluency drop *or* a loop as a loss. The JSON is
 rewritten after every (user, K, method) cell, so an interrupted run keeps what it
 measured; a PNG plots the average win rate against K per method.
 """
@@ -204,14 +206,45 @@ def fluency_drops(nll_answers: Sequence[float], nll_base: Sequence[float],
     return [a > b + drop for a, b in zip(nll_answers, nll_base, strict=True)]
 
 
+def win_rate_without(personal: Sequence[float], base: Sequence[float], broken: Sequence[bool]) -> float:
+    """Win rate (:func:`prompt_outcome`) with every ``broken`` answer counted as a loss."""
+    if len(personal) != len(base) or len(personal) != len(broken) or not base:
+        raise DataError("win_rate_without needs equally long, non-empty lists")
+    return sum(0.0 if x else prompt_outcome(p, b) for p, b, x in zip(personal, base, broken, strict=True)) / len(base)
+
+
 def fluent_win_rate(personal: Sequence[float], base: Sequence[float], nll_personal: Sequence[float],
                     nll_base: Sequence[float], drop: float = FLUENCY_DROP_NATS) -> tuple[float, float]:
     """``(win rate with every fluency drop counted as a loss, share of fluency drops)``."""
     if len(personal) != len(base) or len(personal) != len(nll_personal):
         raise DataError("fluent_win_rate needs equally long, non-empty lists")
     dropped = fluency_drops(nll_personal, nll_base, drop)
-    score = sum(0.0 if d else prompt_outcome(p, b) for p, b, d in zip(personal, base, dropped, strict=True))
-    return score / len(base), sum(dropped) / len(base)
+    return win_rate_without(personal, base, dropped), sum(dropped) / len(base)
+
+
+def repetition_loops(completions: Sequence[str], max_block: int = 10) -> list[bool]:
+    """Per answer: is it caught in a decoding loop? A block of ``n`` words (lower-cased,
+    punctuation stripped; ``n <= max_block``) that comes back to back, either 3+ times over 6+
+    words ("very, very, very, very, very, very", "I'm you. I'm you. I'm you.") or twice when the
+    block has 4+ words ("I'm gonna see her. I'm gonna see her."). The fluency drop misses these:
+    the base model finds a repeated phrase *likely*. A phrase that recurs with other words in
+    between ("I'm a bit of a stubborn one ... I'm a bit of a pragmatist") is not a loop."""
+    out = []
+    for text in completions:
+        toks = [t for t in ("".join(ch for ch in w.lower() if ch.isalnum()) for w in text.split()) if t]
+        found = False
+        for n in range(1, max_block + 1):
+            for i in range(len(toks) - 2 * n + 1):
+                c = 1
+                while toks[i + c * n:i + (c + 1) * n] == toks[i:i + n]:
+                    c += 1
+                if (c >= 3 and n * c >= 6) or (c >= 2 and n >= 4):
+                    found = True
+                    break
+            if found:
+                break
+        out.append(found)
+    return out
 
 
 def prompt_relevance(model: Any, tok: Any, prompts: Sequence[str], completions: Sequence[str],
@@ -334,6 +367,9 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                if all(r.get("relevance") is not None for r in sel) else {}),
             **({"repeat_opening_rate": statistics.mean(r["repeat_opening_rate"] for r in sel)}
                if all("repeat_opening_rate" in r for r in sel) else {}),
+            **({"loop_rate": statistics.mean(r["loop_rate"] for r in sel),
+                "sound_win_rate": statistics.mean(r["sound_win_rate"] for r in sel)}
+               if all("sound_win_rate" in r for r in sel) else {}),
         })
     return out
 
@@ -418,6 +454,7 @@ def evaluate_policy(
         "base_resample_fluency_drop_rate": resample_drop,  # the drop rate of base itself (another sample)
         "base_relevance": base_relevance,  # nats/token: prompt_relevance of the base answers
         "base_repeat_opening_rate": statistics.mean(repeated_openings(base_eval)),
+        "base_loop_rate": statistics.mean(repetition_loops(base_eval)),
         "base_answers": base_eval,
         "rows": [],
         "summary": [],
@@ -471,6 +508,8 @@ def evaluate_policy(
         pers_r = [user.reward(p, c) for p, c in zip(eval_prompts, comps, strict=True)]
         nll_personal_rows, nll_personal = base_nll_rows(model, tok, eval_prompts, comps)
         fluent_win, drops = fluent_win_rate(pers_r, base_r, nll_personal_rows, nll_base_rows)
+        loops = repetition_loops(comps)
+        broken = [d or lp for d, lp in zip(fluency_drops(nll_personal_rows, nll_base_rows), loops, strict=True)]
         relevance = (statistics.mean(prompt_relevance(model, tok, eval_prompts, comps, nll_personal_rows))
                      if many else None)
         row = {
@@ -496,6 +535,8 @@ def evaluate_policy(
             "fluency_drop_rate": drops,
             "relevance": relevance,
             "repeat_opening_rate": statistics.mean(repeated_openings(comps)),
+            "loop_rate": statistics.mean(loops),
+            "sound_win_rate": win_rate_without(pers_r, base_r, broken),
             "reward_model_s": round(rm_s, 2),
             "loss_first": adapter.meta["losses"][0],
             "loss_last": adapter.meta["losses"][-1],

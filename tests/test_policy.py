@@ -391,6 +391,8 @@ def test_cli_eval_policy_with_users_file(tmp_path, tiny_dir):
     assert all("fluent_win_rate" in s for s in res["summary"])
     assert 0 <= res["base_resample_fluency_drop_rate"] <= 1
     assert all(math.isfinite(r["relevance"]) and 0 <= r["repeat_opening_rate"] <= 1 for r in res["rows"])
+    assert all(0 <= r["loop_rate"] <= 1 and 0 <= r["sound_win_rate"] <= r["fluent_win_rate"] for r in res["rows"])
+    assert 0 <= res["base_loop_rate"] <= 1 and "sound_win_rate" in res["summary"][0]
     assert all(len(r["answers"]) == 3 for r in res["rows"]) and len(res["base_answers"]) == 3
     assert math.isfinite(res["base_relevance"]) and "relevance" in res["summary"][0]
     assert {(s["method"], s["explore"], s["k"]) for s in res["summary"]} == {
@@ -406,6 +408,19 @@ def test_cli_eval_policy_bad_users_file(tmp_path, tiny_dir, capsys):
     rc = main(["eval", "policy", "--users-file", str(bad), "--prompts", str(bad), "--out", str(tmp_path / "r.json"),
                "--policy", str(tiny_dir)])
     assert rc == 2 and "boom" in capsys.readouterr().err
+
+
+def test_repetition_loops_and_win_rate_without():
+    from metarlhf.evaluate_policy import repetition_loops, win_rate_without
+
+    loops = ["I being MIA. I being MIA. I being MIA.", "really, very, very, very, very, very, very",
+             "I'm gonna see her, I'm gonna see her now"]
+    fine = ["I'm a bit of a stubborn one, and I'm a bit of a pragmatist, and I'm a bit of a cook.",  # not back to back
+            "een een een", "you can, you can", "A plain answer that says one thing once.", ""]
+    assert repetition_loops(loops + fine) == [True] * 3 + [False] * 5
+    assert win_rate_without([2, 1, 3], [1, 1, 0], [False, False, True]) == pytest.approx((1 + 0.5 + 0) / 3)
+    with pytest.raises(DataError):
+        win_rate_without([1], [1, 2], [False])
 
 
 def test_win_rate_counts_ties_as_half():
