@@ -222,6 +222,22 @@ def fluent_win_rate(personal: Sequence[float], base: Sequence[float], nll_person
     return win_rate_without(personal, base, dropped), sum(dropped) / len(base)
 
 
+def _words(text: str) -> list[str]:
+    """The words of ``text``, lower-cased, punctuation stripped (empty ones dropped)."""
+    return [t for t in ("".join(ch for ch in w.lower() if ch.isalnum()) for w in text.split()) if t]
+
+
+def _has_loop(toks: Sequence[str], max_block: int) -> bool:
+    for n in range(1, max_block + 1):
+        for i in range(len(toks) - 2 * n + 1):
+            c = 1  # back-to-back copies of toks[i:i+n]
+            while toks[i + c * n:i + (c + 1) * n] == toks[i:i + n]:
+                c += 1
+            if (c >= 3 and n * c >= 6) or (c >= 2 and n >= 4):
+                return True
+    return False
+
+
 def repetition_loops(completions: Sequence[str], max_block: int = 10) -> list[bool]:
     """Per answer: is it caught in a decoding loop? A block of ``n`` words (lower-cased,
     punctuation stripped; ``n <= max_block``) that comes back to back, either 3+ times over 6+
@@ -229,22 +245,7 @@ def repetition_loops(completions: Sequence[str], max_block: int = 10) -> list[bo
     block has 4+ words ("I'm gonna see her. I'm gonna see her."). The fluency drop misses these:
     the base model finds a repeated phrase *likely*. A phrase that recurs with other words in
     between ("I'm a bit of a stubborn one ... I'm a bit of a pragmatist") is not a loop."""
-    out = []
-    for text in completions:
-        toks = [t for t in ("".join(ch for ch in w.lower() if ch.isalnum()) for w in text.split()) if t]
-        found = False
-        for n in range(1, max_block + 1):
-            for i in range(len(toks) - 2 * n + 1):
-                c = 1
-                while toks[i + c * n:i + (c + 1) * n] == toks[i:i + n]:
-                    c += 1
-                if (c >= 3 and n * c >= 6) or (c >= 2 and n >= 4):
-                    found = True
-                    break
-            if found:
-                break
-        out.append(found)
-    return out
+    return [_has_loop(_words(text), max_block) for text in completions]
 
 
 def prompt_relevance(model: Any, tok: Any, prompts: Sequence[str], completions: Sequence[str],
@@ -270,11 +271,7 @@ def repeated_openings(completions: Sequence[str], words: int = 5) -> list[bool]:
     """Per answer: do its first ``words`` words (lower-cased, punctuation stripped) open
     another answer of the list too? Answers to different prompts that open alike are the
     visible face of a template; an empty answer never counts."""
-    def opening(text: str) -> tuple[str, ...]:
-        toks = ["".join(ch for ch in w.lower() if ch.isalnum()) for w in text.split()]
-        return tuple(t for t in toks if t)[:words]
-
-    heads = [opening(c) for c in completions]
+    heads = [tuple(_words(c)[:words]) for c in completions]
     counts: dict[tuple[str, ...], int] = {}
     for h in heads:
         counts[h] = counts.get(h, 0) + 1
@@ -508,8 +505,9 @@ def evaluate_policy(
         pers_r = [user.reward(p, c) for p, c in zip(eval_prompts, comps, strict=True)]
         nll_personal_rows, nll_personal = base_nll_rows(model, tok, eval_prompts, comps)
         fluent_win, drops = fluent_win_rate(pers_r, base_r, nll_personal_rows, nll_base_rows)
+        dropped = fluency_drops(nll_personal_rows, nll_base_rows)
         loops = repetition_loops(comps)
-        broken = [d or lp for d, lp in zip(fluency_drops(nll_personal_rows, nll_base_rows), loops, strict=True)]
+        broken = [d or lp for d, lp in zip(dropped, loops, strict=True)]
         relevance = (statistics.mean(prompt_relevance(model, tok, eval_prompts, comps, nll_personal_rows))
                      if many else None)
         row = {

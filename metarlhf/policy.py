@@ -869,7 +869,7 @@ def prepare(
         if cached:  # keep the cached values (computed in other batches: padding may differ)
             out = torch.tensor([ref_cache[key] for key in keys], device=dev)
         elif ref_cache is not None:
-            ref_cache.update({key: float(v) for key, v in zip(keys, out, strict=True)})
+            ref_cache.update(zip(keys, out.tolist(), strict=True))  # one device-to-host copy
         return out, top
 
     thumbs = [r for r in records if isinstance(r, Thumbs)]
