@@ -45,8 +45,8 @@ def fit_logistic_regression(x: torch.Tensor, y: torch.Tensor, c: float = 1.0, ma
     x: [n, d], y: [n] in {0, 1}. Returns ``[d + 1]`` (weights, then the unpenalised bias).
     """
     x = x.detach().double()
-    y = y.detach().double()
-    wb = torch.zeros(x.shape[1] + 1, dtype=torch.float64, requires_grad=True)
+    y = y.detach().to(x.device, torch.float64)
+    wb = torch.zeros(x.shape[1] + 1, dtype=torch.float64, device=x.device, requires_grad=True)
     opt = torch.optim.LBFGS([wb], max_iter=max_iter, line_search_fn="strong_wolfe", tolerance_grad=1e-9)
 
     def closure() -> torch.Tensor:
@@ -78,11 +78,11 @@ class EmbeddingCache:
 
 def pair_features(emb: torch.Tensor, enc: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """Thumbs rows as (e, label); pairs as (e_chosen - e_rejected, 1) and the reverse as 0."""
-    xs, ys = [emb[enc.thumb_idx]], [enc.thumb_labels]
+    xs, ys = [emb[enc.thumb_idx]], [enc.thumb_labels.to(emb.device)]
     if len(enc.chosen_idx):
         d = emb[enc.chosen_idx] - emb[enc.rejected_idx]
         xs += [d, -d]
-        ys += [torch.ones(len(d)), torch.zeros(len(d))]
+        ys += [torch.ones(len(d), device=emb.device), torch.zeros(len(d), device=emb.device)]
     return torch.cat(xs), torch.cat(ys)
 
 
@@ -115,8 +115,11 @@ def evaluate_reward(
     steps: int | None = None,
     methods: list[str] | None = None,
     progress: bool = True,
+    device: str = "cpu",
 ) -> dict[str, Any]:
-    """Run the comparison and write ``out`` (+ PNG + detail JSON). Returns the summary dict."""
+    """Run the comparison and write ``out`` (+ PNG + detail JSON). Returns the summary dict.
+
+    The reward model runs on ``device`` (a ``torch.device`` string)."""
     from tqdm import tqdm
 
     from metarlhf.data import group_by_user, load_records
@@ -132,6 +135,7 @@ def evaluate_reward(
         load_reward_model,
         records_accuracy,
     )
+    from metarlhf.runtime import describe_device
 
     ks = sorted(set(ks or [4, 8, 16, 32]))
     methods = list(methods or METHODS)
@@ -145,7 +149,7 @@ def evaluate_reward(
         raise AdapterError(f"{init_dir}: no reward init (metarlhf.json missing)")
     records, _ = load_records(data)
     by_user = group_by_user(records)
-    model = load_reward_model(encoder_dir, adapter_dir=init_dir)
+    model = load_reward_model(encoder_dir, adapter_dir=init_dir, device=device)
     meta = model.init_meta
     split = meta.get("split") or {}
     if users is None:
@@ -226,6 +230,7 @@ def evaluate_reward(
         "per_user": per_user, "users": users, "seeds": seeds, "ks": ks, "steps": n_steps, "inner": inner,
         "inner_residual": R_KEY in log_lrs, "inner_resid_l2": resid_l2,
         "init": str(init_dir), "init_name": meta.get("name"), "encoder": model.base_model,
+        "device": describe_device(model.device),
         "seen_in_meta_training": seen, "seconds_total": round(time.perf_counter() - t_all, 1),
         "seconds_per_method": {m: round(v, 1) for m, v in timing.items()}, "scratch_adam_lr": SCRATCH_ADAM_LR,
         "linear": "L2 logistic regression, C=1, L-BFGS, frozen base encoder embeddings",

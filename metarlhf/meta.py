@@ -373,8 +373,12 @@ def _load_adam_state(opt: torch.optim.Optimizer, names: list[str], tensors: dict
 
 
 def meta_train_reward(data: str | Path, out: str | Path, cfg: MetaTrainConfig, encoder_dir: str | Path | None = None,
-                      resume: bool = False, ckpt_dir: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
+                      resume: bool = False, ckpt_dir: str | Path | None = None, progress: bool = True,
+                      device: str = "cpu") -> dict[str, Any]:
     """Meta-train a reward init on the users in ``data``; writes an init adapter to ``out``.
+
+    The encoder, the meta-parameters and the optimiser state live on ``device`` (a
+    ``torch.device`` string; the CLI resolves ``auto``); files are written from the CPU.
 
     Checkpoints (safetensors: meta-params, log-lrs, Adam state, best params; JSON: step,
     best validation, config) and ``metrics.jsonl`` go to ``ckpt_dir`` (default
@@ -411,7 +415,8 @@ def meta_train_reward(data: str | Path, out: str | Path, cfg: MetaTrainConfig, e
     small = [u for u in split["train"] if len(users[u]) < need]
     if small:
         raise DataError(f"user {small[0]!r} has {len(users[small[0]])} records; meta-training needs >= {need} per user")
-    model = load_reward_model(encoder_dir, adapter_dir=None, config=RewardConfig())
+    model = load_reward_model(encoder_dir, adapter_dir=None, config=RewardConfig(), device=device)
+    dev = model.device
     model.set_params(model.fresh_params(cfg.seed))  # never start from a shipped init
     torch.manual_seed(cfg.seed)
     init = model.fresh_params(cfg.seed)
@@ -425,7 +430,7 @@ def meta_train_reward(data: str | Path, out: str | Path, cfg: MetaTrainConfig, e
             raise ConfigError(f"--init-from {cfg.init_from} was meta-trained on another user split")
         warm = model.params_from_tensors(prev.tensors, cfg.init_from)
         init = {k: v for k, v in warm.items() if k != BASIS_KEY}
-        warm_lrs = {model.from_peft_key(k[len(LR_PREFIX):]): v for k, v in prev.tensors.items()
+        warm_lrs = {model.from_peft_key(k[len(LR_PREFIX):]): v.to(dev) for k, v in prev.tensors.items()
                     if k.startswith(LR_PREFIX)}
         if cfg.keep_basis and (BASIS_KEY not in warm or warm[BASIS_KEY].shape[0] != cfg.basis_rank):
             raise ConfigError(f"--keep-basis: {cfg.init_from} has no head basis of rank {cfg.basis_rank}")
@@ -441,12 +446,12 @@ def meta_train_reward(data: str | Path, out: str | Path, cfg: MetaTrainConfig, e
             log.info("head basis from %d train users in %.1fs", len(heads), time.perf_counter() - t0)
         else:
             w0, b0 = init["head.weight"], init["head.bias"]
-            basis = torch.zeros(cfg.basis_rank, model.hidden_size)
-        init |= {"head.weight": w0, "head.bias": b0, BASIS_KEY: basis, Z_KEY: torch.zeros(cfg.basis_rank)}
+            basis = torch.zeros(cfg.basis_rank, model.hidden_size, device=dev)
+        init |= {"head.weight": w0, "head.bias": b0, BASIS_KEY: basis, Z_KEY: torch.zeros(cfg.basis_rank, device=dev)}
         adapt_keys = list(SUBSPACE_INNER_KEYS)
         lrs = {Z_KEY: cfg.inner_lr_z, "head.bias": cfg.inner_lr_bias}
         if cfg.inner_lr_r > 0:  # subspace + residual: r [hidden] starts at 0
-            init[R_KEY] = torch.zeros(model.hidden_size)
+            init[R_KEY] = torch.zeros(model.hidden_size, device=dev)
             adapt_keys.append(R_KEY)
             lrs[R_KEY] = cfg.inner_lr_r
         if cfg.keep_basis:  # the warm init's learned rates where it has them (tensors: MetaLearner takes logs)
@@ -474,7 +479,7 @@ def meta_train_reward(data: str | Path, out: str | Path, cfg: MetaTrainConfig, e
             k: v for k, v in asdict(cfg).items() if k not in volatile
         }:
             raise ConfigError(f"--resume: checkpoint {ckpt} was made with a different configuration")
-        tensors = load_tensors(ckpt / "state.safetensors")
+        tensors = load_tensors(ckpt / "state.safetensors", device=str(dev))
         with torch.no_grad():
             for k in learner.params:
                 learner.params[k].copy_(tensors[f"param.{k}"])

@@ -175,7 +175,7 @@ def records_loss(scores: torch.Tensor, enc: EncodedRecords) -> torch.Tensor:
         raise DataError("no records to compute a loss on")
     total = scores.new_zeros(())
     if t:
-        total = total + logistic_loss(scores[enc.thumb_idx], enc.thumb_labels) * t
+        total = total + logistic_loss(scores[enc.thumb_idx], enc.thumb_labels.to(scores.device)) * t
     if p:
         total = total + bradley_terry_loss(scores[enc.chosen_idx], scores[enc.rejected_idx]) * p
     return total / (t + p)
@@ -185,7 +185,7 @@ def records_accuracy(scores: torch.Tensor, enc: EncodedRecords) -> float:
     """Thumbs: (score > 0) == label; pairs: chosen scored above rejected."""
     correct = 0.0
     if len(enc.thumb_idx):
-        correct += ((scores[enc.thumb_idx] > 0).float() == enc.thumb_labels).float().sum().item()
+        correct += ((scores[enc.thumb_idx] > 0).float() == enc.thumb_labels.to(scores.device)).float().sum().item()
     if len(enc.chosen_idx):
         correct += (scores[enc.chosen_idx] > scores[enc.rejected_idx]).float().sum().item()
     return correct / max(1, enc.n_records)
@@ -625,6 +625,7 @@ def adapt_reward(
     steps: int | None = None,
     seed: int = 0,
     scratch_lr: float = SCRATCH_ADAM_LR,
+    device: str = "cpu",
 ) -> Adapter:
     """Fit one user's reward adapter on their records; returns an :class:`Adapter` (kind ``reward``).
 
@@ -633,6 +634,7 @@ def adapt_reward(
     ``None`` for embedded MiniLM, or an already-loaded :class:`RewardModel` (not
     modified; its tokenisation cache is reused) so a server need not reload it.
     ``steps=None`` uses the init's inner-step count (scratch: the same default).
+    ``device`` places a model loaded here (a passed :class:`RewardModel` stays where it is).
     """
     t0 = time.perf_counter()
     if not records:
@@ -644,14 +646,14 @@ def adapt_reward(
         raise AdapterError(f"{init_dir}: no reward init there (expected metarlhf.json); pass init='scratch' or a dir")
     model = encoder if isinstance(encoder, RewardModel) else load_reward_model(
         encoder, adapter_dir=init_dir if init_dir is not None else None,
-        config=None if init_dir is not None else RewardConfig())
+        config=None if init_dir is not None else RewardConfig(), device=device)
     if init_dir is not None:
         if isinstance(encoder, RewardModel):  # shared model: read the init without touching the model
             adapter = load_adapter(init_dir, expect_base=model.base_model, expect_rank=model.config.r)
             if adapter.meta.get("kind") not in (INIT_KIND, USER_KIND):
                 raise AdapterError(f"{init_dir}: a {adapter.meta.get('kind')!r} adapter, not a reward init")
             params = model.params_from_tensors(adapter.tensors, str(init_dir))
-            log_lrs = {model.from_peft_key(k[len(LR_PREFIX):]): v for k, v in adapter.tensors.items()
+            log_lrs = {model.from_peft_key(k[len(LR_PREFIX):]): v.to(model.device) for k, v in adapter.tensors.items()
                        if k.startswith(LR_PREFIX)}
             meta = adapter.meta
         else:

@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from metarlhf.commands import add_device_arg, device_from_args
 from metarlhf.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -27,17 +28,6 @@ def _int_at_least(minimum: int) -> Callable[[str], int]:
         return n
 
     return parse
-
-
-def _device_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
-
-
-def _device(args: argparse.Namespace) -> str:
-    """``--device``, checked first (exit 2 before any data or model is read)."""
-    from metarlhf.runtime import resolve_device
-
-    return str(resolve_device(args.device))
 
 
 def _base(args: argparse.Namespace, device: str) -> tuple:
@@ -78,7 +68,7 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
     p.add_argument("--outer-lr", type=float, default=1e-3, help="fomaml outer Adam lr")
     p.add_argument("--checkpoint-every", type=_positive, default=5)
     p.add_argument("--policy", default=None, help="base policy model directory (default: embedded SmolLM2)")
-    _device_arg(p)
+    add_device_arg(p)
     p.add_argument("--resume", action="store_true", help="continue from <work>/checkpoint")
     p.add_argument("--explore", choices=["hints", "plain"], default="plain",
                    help="pool samples drawn with style hints (as `eval policy --explore hints`) or plain")
@@ -93,7 +83,7 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
     p.add_argument("--out", required=True, help="output adapter directory")
     p.add_argument("--init", default="meta", help="'meta' (shipped init, default), 'scratch', or an adapter dir")
     p.add_argument("--policy", default=None, help="base policy model directory (default: embedded SmolLM2)")
-    _device_arg(p)
+    add_device_arg(p)
     p.add_argument("--steps", type=_positive, default=AdaptConfig.steps)
     p.add_argument("--lr", type=float, default=AdaptConfig.lr, help="Adam lr (AdaptConfig default)")
     p.add_argument("--beta", type=float, default=0.1)
@@ -129,7 +119,7 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
                    help="how many liked hints the extra samples use")
     _recipe_args(p)
     p.add_argument("--policy", default=None, help="base policy model directory (default: embedded SmolLM2)")
-    _device_arg(p)
+    add_device_arg(p)
     p.add_argument("--out", required=True, help="results JSON (a PNG is written next to it)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_eval)
@@ -183,7 +173,7 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
     from metarlhf.policy import AdaptConfig, MetaConfig, meta_train_policy
     from metarlhf.simusers import TRAIN_USERS
 
-    device = _device(args)
+    device = device_from_args(args)
     cfg = MetaConfig(
         algo=args.algo, meta_steps=args.meta_steps, inner_steps=args.inner_steps,
         support_prompts=args.support_prompts, query_prompts=args.query_prompts,
@@ -211,7 +201,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     from metarlhf.data import user_support
     from metarlhf.policy import AdaptConfig, adapt_policy
 
-    device = _device(args)
+    device = device_from_args(args)
     support = user_support(args.data, args.user, args.k, seed=args.seed)
     cfg = AdaptConfig(steps=args.steps, lr=args.lr, beta=args.beta, kto_weight=args.kto_weight,
                       sft_weight=args.sft_weight, pair_weight=args.pair_weight, train_layers=args.train_layers,
@@ -231,7 +221,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from metarlhf.evaluate_policy import EvalConfig, evaluate_policy
     from metarlhf.simusers import HELDOUT_USERS
 
-    device = _device(args)
+    device = device_from_args(args)
     users = _users(args.users, args.users_file, HELDOUT_USERS)
     cfg = EvalConfig(
         ks=list(dict.fromkeys(args.k)), eval_prompts=args.eval_prompts, samples_per_prompt=args.samples_per_prompt,

@@ -7,6 +7,7 @@ import json
 import time
 from pathlib import Path
 
+from metarlhf.commands import add_device_arg, device_from_args
 from metarlhf.errors import ConfigError, DataError
 
 
@@ -51,6 +52,7 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
     p.add_argument("--checkpoint-dir", default=None, help="default: <out>.ckpt")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint")
     p.add_argument("--no-progress", action="store_true")
+    add_device_arg(p)
     p.set_defaults(func=_meta_train)
 
     p = groups["adapt"].add_parser("reward", help="fit one user's reward adapter")
@@ -62,6 +64,7 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
     p.add_argument("--encoder", default=None)
     p.add_argument("--steps", type=int, default=None, help="default: the init's inner steps")
     p.add_argument("--seed", type=int, default=0)
+    add_device_arg(p)
     p.set_defaults(func=_adapt)
 
     p = groups["eval"].add_parser("reward", help="few-shot accuracy of base / linear / scratch / meta")
@@ -77,12 +80,14 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
     p.add_argument("--query", type=int, default=200)
     p.add_argument("--steps", type=int, default=None, help="step budget for every method (default: init's)")
     p.add_argument("--methods", nargs="+", default=["base", "linear", "scratch", "meta"])
+    add_device_arg(p)
     p.set_defaults(func=_eval)
 
 
 def _meta_train(args: argparse.Namespace) -> int:
     from metarlhf.meta import MetaTrainConfig, meta_train_reward
 
+    device = device_from_args(args)
     cfg = MetaTrainConfig(
         algo=args.algo, first_order=args.first_order, inner=args.inner, inner_steps=args.inner_steps, inner_lr_head=args.inner_lr_head,
         inner_lr_bias=args.inner_lr_bias, inner_lr_z=args.inner_lr_z, basis_rank=args.basis_rank,
@@ -94,7 +99,7 @@ def _meta_train(args: argparse.Namespace) -> int:
         max_seconds=args.max_seconds, init_from=args.init_from,
     )
     result = meta_train_reward(args.data, args.out, cfg, encoder_dir=args.encoder, resume=args.resume,
-                               ckpt_dir=args.checkpoint_dir, progress=not args.no_progress)
+                               ckpt_dir=args.checkpoint_dir, progress=not args.no_progress, device=device)
     print(json.dumps(result))
     return 0
 
@@ -104,9 +109,11 @@ def _adapt(args: argparse.Namespace) -> int:
     from metarlhf.data import user_support
     from metarlhf.reward import adapt_reward
 
+    device = device_from_args(args)
     support = user_support(args.data, args.user, args.k, seed=args.seed)
     t0 = time.perf_counter()
-    adapter = adapt_reward(support, init=args.init, encoder=args.encoder, steps=args.steps, seed=args.seed)
+    adapter = adapt_reward(support, init=args.init, encoder=args.encoder, steps=args.steps, seed=args.seed,
+                           device=device)
     save_adapter(args.out, adapter)
     print(json.dumps({"out": args.out, "k": args.k, "steps": adapter.meta["steps"],
                       "final_loss": adapter.meta["final_loss"], "seconds": round(time.perf_counter() - t0, 3)}))
@@ -116,6 +123,7 @@ def _adapt(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from metarlhf.evaluate_reward import evaluate_reward
 
+    device = device_from_args(args)
     if args.seeds < 1:
         raise ConfigError("--seeds must be >= 1")
     users = None
@@ -128,6 +136,6 @@ def _eval(args: argparse.Namespace) -> int:
             raise DataError(f"{path}: no user ids")
     result = evaluate_reward(args.data, args.out, users=users, holdout=args.holdout, ks=list(args.k),
                              init=args.init, encoder_dir=args.encoder, seeds=args.seeds, max_query=args.query,
-                             steps=args.steps, methods=list(args.methods))
+                             steps=args.steps, methods=list(args.methods), device=device)
     print(json.dumps(result))
     return 0
