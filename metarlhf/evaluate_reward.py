@@ -116,10 +116,13 @@ def evaluate_reward(
     methods: list[str] | None = None,
     progress: bool = True,
     device: str = "cpu",
+    model: Any = None,
 ) -> dict[str, Any]:
     """Run the comparison and write ``out`` (+ PNG + detail JSON). Returns the summary dict.
 
-    The reward model runs on ``device`` (a ``torch.device`` string)."""
+    The reward model runs on ``device`` (a ``torch.device`` string). ``model``: an
+    already-built :class:`~metarlhf.reward.RewardModel` to load the init into instead of
+    loading ``encoder_dir`` (``device`` is then ignored)."""
     from tqdm import tqdm
 
     from metarlhf.data import group_by_user, load_records
@@ -149,7 +152,10 @@ def evaluate_reward(
         raise AdapterError(f"{init_dir}: no reward init (metarlhf.json missing)")
     records, _ = load_records(data)
     by_user = group_by_user(records)
-    model = load_reward_model(encoder_dir, adapter_dir=init_dir, device=device)
+    if model is None:
+        model = load_reward_model(encoder_dir, adapter_dir=init_dir, device=device)
+    else:
+        model.load_adapter_dir(init_dir)
     meta = model.init_meta
     split = meta.get("split") or {}
     if users is None:

@@ -214,6 +214,17 @@ class MetaTrainConfig:
     split_seed: int = 0
     max_seconds: float | None = None
     init_from: str | None = field(default=None, metadata={"help": "start LoRA + head from this reward init dir"})
+    encoder_layers: int | None = field(default=None, metadata={"help": "use only the encoder's first N layers"})
+    lora_layers: list[int] | None = field(default=None, metadata={"help": "LoRA only on these layer indices"})
+    standardise: bool = field(default=False, metadata={"help": "standardise pooled features (statistics of the "
+                                                               "train users' basis_records records, label-free)"})
+
+    def reward_config(self) -> Any:
+        """The reward model's set-up these options ask for."""
+        from metarlhf.reward import RewardConfig
+
+        return RewardConfig(encoder_layers=self.encoder_layers, lora_layers=self.lora_layers,
+                            standardise=self.standardise)
 
     def __post_init__(self) -> None:
         if self.algo not in ALGOS:
@@ -234,6 +245,7 @@ class MetaTrainConfig:
             raise ConfigError("keep_basis needs inner='subspace' and init_from")
         if not self.k_choices or min(self.k_choices) < 1:
             raise ConfigError(f"k_choices must be positive, got {self.k_choices}")
+        self.reward_config()  # checks encoder_layers / lora_layers
 
 
 def pca_head_basis(heads: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -374,11 +386,14 @@ def _load_adam_state(opt: torch.optim.Optimizer, names: list[str], tensors: dict
 
 def meta_train_reward(data: str | Path, out: str | Path, cfg: MetaTrainConfig, encoder_dir: str | Path | None = None,
                       resume: bool = False, ckpt_dir: str | Path | None = None, progress: bool = True,
-                      device: str = "cpu") -> dict[str, Any]:
+                      device: str = "cpu", model: Any = None) -> dict[str, Any]:
     """Meta-train a reward init on the users in ``data``; writes an init adapter to ``out``.
 
     The encoder, the meta-parameters and the optimiser state live on ``device`` (a
     ``torch.device`` string; the CLI resolves ``auto``); files are written from the CPU.
+    ``model``: an already-built :class:`~metarlhf.reward.RewardModel` (e.g. a subclass
+    that caches a frozen part of the encoder) used instead of loading ``encoder_dir``;
+    its adapter is reset to a fresh one, and ``device`` is ignored.
 
     Checkpoints (safetensors: meta-params, log-lrs, Adam state, best params; JSON: step,
     best validation, config) and ``metrics.jsonl`` go to ``ckpt_dir`` (default
@@ -397,10 +412,10 @@ def meta_train_reward(data: str | Path, out: str | Path, cfg: MetaTrainConfig, e
         INIT_KIND,
         LR_PREFIX,
         R_KEY,
+        STATS_KEYS,
         SUBSPACE_INNER_KEYS,
         Z_KEY,
         EncodedRecords,
-        RewardConfig,
         fold_z,
         load_reward_model,
     )
@@ -415,7 +430,10 @@ def meta_train_reward(data: str | Path, out: str | Path, cfg: MetaTrainConfig, e
     small = [u for u in split["train"] if len(users[u]) < need]
     if small:
         raise DataError(f"user {small[0]!r} has {len(users[small[0]])} records; meta-training needs >= {need} per user")
-    model = load_reward_model(encoder_dir, adapter_dir=None, config=RewardConfig(), device=device)
+    if model is None:
+        model = load_reward_model(encoder_dir, adapter_dir=None, config=cfg.reward_config(), device=device)
+    elif (why := model.config.encoder_mismatch(cfg.reward_config())) is not None:
+        raise ConfigError(f"the model passed is set up differently from the configuration: {why}")
     dev = model.device
     model.set_params(model.fresh_params(cfg.seed))  # never start from a shipped init
     torch.manual_seed(cfg.seed)
@@ -428,12 +446,20 @@ def meta_train_reward(data: str | Path, out: str | Path, cfg: MetaTrainConfig, e
             raise ConfigError(f"--init-from {cfg.init_from}: a {prev.meta.get('kind')!r} adapter, not a reward init")
         if prev.meta.get("split") not in (None, split):  # its train users must not include our val/test users
             raise ConfigError(f"--init-from {cfg.init_from} was meta-trained on another user split")
+        model.check_config(prev.meta, cfg.init_from)
         warm = model.params_from_tensors(prev.tensors, cfg.init_from)
+        model.check_feature_stats(prev.tensors, cfg.init_from, load=True)  # standardise: the warm init's
         init = {k: v for k, v in warm.items() if k != BASIS_KEY}
         warm_lrs = {model.from_peft_key(k[len(LR_PREFIX):]): v.to(dev) for k, v in prev.tensors.items()
                     if k.startswith(LR_PREFIX)}
         if cfg.keep_basis and (BASIS_KEY not in warm or warm[BASIS_KEY].shape[0] != cfg.basis_rank):
             raise ConfigError(f"--keep-basis: {cfg.init_from} has no head basis of rank {cfg.basis_rank}")
+    elif cfg.standardise and not resume:  # label-free statistics of the train users' records
+        rng = random.Random(f"stats:{cfg.seed}")
+        sample = [r for u in split["train"] for r in rng.sample(users[u], min(cfg.basis_records, len(users[u])))]
+        t0 = time.perf_counter()
+        model.fit_feature_stats(model.encode_records(sample).ids)
+        log.info("feature statistics from %d records in %.1fs", len(sample), time.perf_counter() - t0)
     keys = list(init)
     head_keys = list(HEAD_KEYS)
     if cfg.inner == "subspace":
@@ -488,6 +514,8 @@ def meta_train_reward(data: str | Path, out: str | Path, cfg: MetaTrainConfig, e
                 learner.log_lrs[k].copy_(tensors[f"log_lr.{k}"])
                 best_lrs[k] = tensors[f"best_log_lr.{k}"]
         _load_adam_state(opt, names, tensors)
+        if cfg.standardise and cfg.init_from is None:
+            model.check_feature_stats({k: tensors[f"stats.{k}"] for k in STATS_KEYS}, str(ckpt), load=True)
         step, best_val, best_step = state["step"], state["best_val"], state["best_step"]
         t_start -= state.get("elapsed", 0.0)
         log.info("resumed from %s at step %d", ckpt, step)
@@ -500,6 +528,7 @@ def meta_train_reward(data: str | Path, out: str | Path, cfg: MetaTrainConfig, e
         t |= {f"log_lr.{k}": v for k, v in learner.log_lrs.items()}
         t |= {f"best.{k}": v for k, v in best.items()} | {f"best_log_lr.{k}": v for k, v in best_lrs.items()}
         t |= _adam_state_tensors(opt, names)
+        t |= {f"stats.{k}": v for k, v in model.feature_stats().items()}
         save_tensors(ckpt / "state.safetensors", t)
         atomic_write_json(ckpt / "state.json", {"step": step, "best_val": best_val, "best_step": best_step,
                                                  "config": asdict(cfg), "elapsed": time.perf_counter() - t_start,

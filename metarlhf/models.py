@@ -144,15 +144,25 @@ def load_policy(model_dir: str | os.PathLike | None = None, dtype: Any = None, d
     return model, tok
 
 
-def load_encoder(model_dir: str | os.PathLike | None = None, device: str = "cpu") -> tuple:
-    """Load ``(encoder, tokenizer)`` for the reward model. ``None`` means embedded MiniLM."""
+def load_encoder(model_dir: str | os.PathLike | None = None, device: str = "cpu", num_layers: int | None = None) -> tuple:
+    """Load ``(encoder, tokenizer)`` for the reward model. ``None`` means embedded MiniLM.
+
+    ``num_layers``: keep only the first N layers (the rest are not loaded)."""
     import torch
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
 
     path = resolve_encoder_dir(model_dir)
+    kwargs = {}
     try:
+        if num_layers is not None:
+            have = getattr(AutoConfig.from_pretrained(path, local_files_only=True), "num_hidden_layers", None)
+            if have is None or not 1 <= num_layers <= have:
+                raise ModelError(f"reward encoder at {str(path)!r} has {have} layers; cannot keep {num_layers}")
+            kwargs["num_hidden_layers"] = num_layers
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        enc = AutoModel.from_pretrained(path, dtype=torch.float32, local_files_only=True).to(device)
+        enc = AutoModel.from_pretrained(path, dtype=torch.float32, local_files_only=True, **kwargs).to(device)
+    except ModelError:
+        raise
     except Exception as e:  # noqa: BLE001
         raise ModelError(f"cannot load reward encoder from {str(path)!r}: {e}") from e
     if not hasattr(enc.config, "hidden_size"):

@@ -31,6 +31,13 @@
   lets a user whose direction lies outside the subspace still be fitted when the data
   asks for it.
 
+* Deeper encoders (e.g. a causal LM such as SmolLM2): ``RewardConfig.encoder_layers``
+  keeps only the encoder's first N layers, ``lora_layers`` puts the LoRA on some layers
+  only, and ``standardise`` centres and scales each pooled dimension with label-free
+  statistics stored in the adapter (``encoder.feature_mean`` / ``encoder.feature_std``,
+  fitted by :meth:`RewardModel.fit_feature_stats`) before the L2 norm: a causal LM's
+  hidden states have a few very large dimensions that would otherwise dominate.
+
 Simplifications: the prompt is truncated to its first ``prompt_max_tokens`` tokens
 (the completion carries most of the signal), the pooled embedding is L2-normalised,
 and all records of one user are encoded in one padded batch per ``batch_size``.
@@ -43,7 +50,7 @@ import math
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +71,7 @@ HEAD_KEYS = ("head.weight", "head.bias")
 BASIS_KEY = "head.basis"  # [r, hidden] head subspace of an init (extra tensor)
 Z_KEY = "head.z"  # [r] coordinates in that subspace (inner-loop only, never stored)
 R_KEY = "head.r"  # [hidden] residual of the head outside the subspace (inner-loop only, never stored)
+STATS_KEYS = ("encoder.feature_mean", "encoder.feature_std")  # [hidden] each, with RewardConfig.standardise
 SUBSPACE_INNER_KEYS = (Z_KEY, "head.bias")
 INNER_MODES = ("head", "all", "subspace")  # what an init's inner loop adapts
 
@@ -93,10 +101,20 @@ class RewardConfig:
     target_modules: list[str] = field(default_factory=lambda: ["query", "value"])
     max_length: int = field(default=128, metadata={"help": "max tokens of prompt + completion"})
     prompt_max_tokens: int = field(default=16, metadata={"help": "prompt tokens kept (from its start)"})
+    encoder_layers: int | None = field(default=None, metadata={"help": "use only the encoder's first N layers"})
+    lora_layers: list[int] | None = field(default=None, metadata={"help": "LoRA only on these layer indices"})
+    standardise: bool = field(default=False, metadata={"help": "standardise pooled features with stored statistics"})
 
     def __post_init__(self) -> None:
         if self.r < 1:
             raise ConfigError(f"r must be >= 1, got {self.r}")
+        if self.encoder_layers is not None and self.encoder_layers < 1:
+            raise ConfigError(f"encoder_layers must be >= 1, got {self.encoder_layers}")
+        if self.lora_layers is not None:
+            self.lora_layers = sorted(set(self.lora_layers))
+            top = self.encoder_layers if self.encoder_layers is not None else math.inf
+            if not self.lora_layers or self.lora_layers[0] < 0 or self.lora_layers[-1] >= top:
+                raise ConfigError(f"lora_layers must be layer indices in [0, {top}), got {self.lora_layers}")
         if self.max_length < 8:
             raise ConfigError(f"max_length must be >= 8, got {self.max_length}")
         if not 0 <= self.prompt_max_tokens < self.max_length - 3:
@@ -105,14 +123,30 @@ class RewardConfig:
     def lora_config(self) -> Any:
         from peft import LoraConfig
 
+        layers = {"layers_to_transform": list(self.lora_layers), "layers_pattern": list(LAYER_PATTERNS)} \
+            if self.lora_layers is not None else {}
         return LoraConfig(
             r=self.r, lora_alpha=self.lora_alpha, target_modules=list(self.target_modules), lora_dropout=0.0,
-            bias="none",
+            bias="none", **layers,
         )
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RewardConfig:
-        return cls(**{k: d[k] for k in ("r", "lora_alpha", "target_modules", "max_length", "prompt_max_tokens") if k in d})
+        """From an adapter's ``reward_config`` (older adapters lack the newer keys: defaults)."""
+        return cls(**{k: d[k] for k in (f.name for f in fields(cls)) if k in d})
+
+    def encoder_mismatch(self, other: RewardConfig) -> str | None:
+        """Why an adapter made with ``other`` cannot run on an encoder set up with ``self`` (or None)."""
+        for name in ("r", "lora_alpha", "encoder_layers", "lora_layers", "standardise", "max_length",
+                     "prompt_max_tokens"):
+            if getattr(self, name) != getattr(other, name):
+                return f"{name} is {getattr(other, name)!r} there, {getattr(self, name)!r} here"
+        return None
+
+
+#: Names of the numbered layer lists in HF models (``model.layers.N``, ``encoder.layer.N``, ...),
+#: for peft's ``layers_to_transform``.
+LAYER_PATTERNS = ("layers", "layer", "h", "blocks", "block")
 
 
 #: LoRA targets (the attention query / value projections) by module naming family:
@@ -221,6 +255,9 @@ class RewardModel(nn.Module):
         self.init_meta: dict[str, Any] = {}
         self.head_basis: torch.Tensor | None = None  # [r, hidden] when the loaded init has a head subspace
         self._tok_cache: dict[tuple[str, str], list[int]] = {}
+        if self.config.standardise:  # identity until fitted or loaded with an adapter
+            self.register_buffer("feature_mean", torch.zeros(hidden))
+            self.register_buffer("feature_std", torch.ones(hidden))
         self.eval()
 
     # ---------------------------------------------------------------- parameters
@@ -274,6 +311,45 @@ class RewardModel(nn.Module):
                 return "peft." + ".".join(parts[: i + 1] + ["default"] + parts[i + 1 :])
         return "peft." + key
 
+    def feature_stats(self) -> dict[str, torch.Tensor]:
+        """The standardisation statistics as adapter tensors (empty without ``standardise``)."""
+        if not self.config.standardise:
+            return {}
+        return {STATS_KEYS[0]: self.feature_mean.detach().cpu(), STATS_KEYS[1]: self.feature_std.detach().cpu()}
+
+    def check_feature_stats(self, tensors: dict[str, torch.Tensor], where: str, load: bool = False) -> None:
+        """An adapter's statistics must be there with ``standardise`` (absent without); with
+        ``load`` they are copied into the model, else they must equal the model's."""
+        have = [k for k in STATS_KEYS if k in tensors]
+        if not self.config.standardise:
+            if have:
+                raise AdapterError(f"{where}: has feature statistics but this reward model does not standardise")
+            return
+        if len(have) != 2:
+            raise AdapterError(f"{where}: standardised reward model without {STATS_KEYS[0]!r} / {STATS_KEYS[1]!r}")
+        for key, buf in zip(STATS_KEYS, (self.feature_mean, self.feature_std), strict=True):
+            value = tensors[key]
+            if tuple(value.shape) != (self.hidden_size,):
+                raise AdapterError(f"{where}: {key!r} has shape {tuple(value.shape)}, expected [{self.hidden_size}]")
+            if load:
+                buf.copy_(value)
+            elif not torch.allclose(value.to(buf), buf):
+                raise AdapterError(f"{where}: made with other feature statistics than this reward model's")
+
+    def fit_feature_stats(self, ids: Sequence[list[int]], batch_size: int = 64) -> None:
+        """Per-dimension mean / std of the base encoder's pooled features (no LoRA, no labels)."""
+        if not self.config.standardise:
+            raise ConfigError("fit_feature_stats needs RewardConfig(standardise=True)")
+        if len(ids) < 2:
+            raise DataError(f"feature statistics need >= 2 sequences, got {len(ids)}")
+        chunks = []
+        with torch.no_grad(), self.peft.disable_adapter():
+            for i in range(0, len(ids), batch_size):
+                chunks.append(self.pooled(*self.collate(ids[i : i + batch_size])))
+        x = torch.cat(chunks)  # [n, hidden]
+        self.feature_mean.copy_(x.mean(0))
+        self.feature_std.copy_(x.std(0).clamp_min(1e-6))
+
     def params_from_tensors(self, tensors: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
         """Adapter tensors (peft key names) -> parameter dict; checks names and shapes.
 
@@ -281,7 +357,7 @@ class RewardModel(nn.Module):
         own = self._module_params()
         out: dict[str, torch.Tensor] = {}
         for key, value in tensors.items():
-            if key.startswith(LR_PREFIX):
+            if key.startswith(LR_PREFIX) or key in STATS_KEYS:
                 continue
             if key == BASIS_KEY:
                 if value.dim() != 2 or value.shape[1] != self.hidden_size or value.shape[0] < 1:
@@ -307,7 +383,9 @@ class RewardModel(nn.Module):
         adapter = load_adapter(path, expect_base=self.base_model, expect_rank=self.config.r)
         if adapter.meta.get("kind") not in kinds:
             raise AdapterError(f"{path}: a {adapter.meta.get('kind')!r} adapter, expected one of {list(kinds)}")
+        self.check_config(adapter.meta, str(path))
         params = self.params_from_tensors(adapter.tensors, str(path))
+        self.check_feature_stats(adapter.tensors, str(path), load=True)
         self.set_params(params)
         self.inner_log_lrs = {
             self.from_peft_key(k[len(LR_PREFIX) :]): v.to(self.device)
@@ -317,10 +395,17 @@ class RewardModel(nn.Module):
         self.init_meta = dict(adapter.meta)
         return adapter
 
+    def check_config(self, meta: dict[str, Any], where: str) -> None:
+        """An adapter's ``reward_config`` must fit how this model's encoder is set up."""
+        why = self.config.encoder_mismatch(RewardConfig.from_dict(meta.get("reward_config", {})))
+        if why is not None:
+            raise AdapterError(f"{where}: made for another reward encoder set-up ({why})")
+
     def make_adapter(self, params: dict[str, torch.Tensor], meta: dict[str, Any],
                      log_lrs: dict[str, torch.Tensor] | None = None) -> Adapter:
-        """An :class:`Adapter` in peft format (+ head, + optional Meta-SGD log-lrs)."""
+        """An :class:`Adapter` in peft format (+ head, + optional Meta-SGD log-lrs, + feature statistics)."""
         tensors = {self.to_peft_key(n): v.detach().float().cpu() for n, v in params.items()}
+        tensors |= self.feature_stats()
         for n, v in (log_lrs or {}).items():
             tensors[LR_PREFIX + self.to_peft_key(n)] = v.detach().float().cpu()
         lc = self.config.lora_config()
@@ -398,13 +483,19 @@ class RewardModel(nn.Module):
 
     # ---------------------------------------------------------------- forward
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Pooled, L2-normalised embeddings. [n, L] -> [n, hidden]."""
+    def pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Mean-pooled last hidden states over the real tokens. [n, L] -> [n, hidden]."""
         out = self.peft(input_ids=input_ids, attention_mask=attention_mask)
         h = out.last_hidden_state  # [n, L, hidden]
         m = attention_mask.unsqueeze(-1).to(h.dtype)  # [n, L, 1]
-        pooled = (h * m).sum(1) / m.sum(1).clamp_min(1.0)  # [n, hidden]
-        return F.normalize(pooled, dim=-1)
+        return (h * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Pooled (standardised with ``standardise``), L2-normalised embeddings. [n, L] -> [n, hidden]."""
+        x = self.pooled(input_ids, attention_mask)
+        if self.config.standardise:
+            x = (x - self.feature_mean) / self.feature_std
+        return F.normalize(x, dim=-1)
 
     def embed_ids(self, ids: Sequence[list[int]], params: dict[str, torch.Tensor] | None = None,
                   batch_size: int = 32) -> torch.Tensor:
@@ -463,11 +554,11 @@ def load_reward_model(
     """
     from metarlhf.models import DEFAULT_ENCODER_NAME, load_encoder, model_name
 
-    enc, tok = load_encoder(encoder_dir, device=device)
-    base = model_name(encoder_dir, DEFAULT_ENCODER_NAME)
     if config is None:
         src = Path(adapter_dir) if adapter_dir is not None else SHIPPED_INIT_DIR
         config = _config_from_adapter(src) if (src / "metarlhf.json").is_file() else RewardConfig()
+    enc, tok = load_encoder(encoder_dir, device=device, num_layers=config.encoder_layers)
+    base = model_name(encoder_dir, DEFAULT_ENCODER_NAME)
     model = RewardModel(enc, tok, base, config).to(device)
     if adapter_dir is not None:
         model.load_adapter_dir(adapter_dir)
@@ -652,6 +743,8 @@ def adapt_reward(
             adapter = load_adapter(init_dir, expect_base=model.base_model, expect_rank=model.config.r)
             if adapter.meta.get("kind") not in (INIT_KIND, USER_KIND):
                 raise AdapterError(f"{init_dir}: a {adapter.meta.get('kind')!r} adapter, not a reward init")
+            model.check_config(adapter.meta, str(init_dir))
+            model.check_feature_stats(adapter.tensors, str(init_dir))  # must equal the shared model's
             params = model.params_from_tensors(adapter.tensors, str(init_dir))
             log_lrs = {model.from_peft_key(k[len(LR_PREFIX):]): v.to(model.device) for k, v in adapter.tensors.items()
                        if k.startswith(LR_PREFIX)}

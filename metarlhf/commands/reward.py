@@ -19,6 +19,12 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
     p.add_argument("--algo", choices=ALGOS, default="metasgd")
     p.add_argument("--out", required=True, help="output init directory (written atomically at the end)")
     p.add_argument("--encoder", default=None, help="local HF encoder dir (default: embedded MiniLM)")
+    p.add_argument("--encoder-layers", type=int, default=None, help="use only the encoder's first N layers")
+    p.add_argument("--lora-layers", type=int, nargs="+", default=None,
+                   help="put the LoRA only on these layer indices (default: every layer)")
+    p.add_argument("--standardise", action="store_true",
+                   help="standardise pooled features per dimension (label-free statistics of the train users, "
+                        "stored in the init); for decoder encoders, whose hidden states have huge dimensions")
     p.add_argument("--first-order", action="store_true", help="metasgd: detach inner gradients")
     p.add_argument("--inner", choices=["head", "all", "subspace"], default="head",
                    help="what the inner loop adapts: the head (ANIL), LoRA + head, or r coordinates of the head "
@@ -96,7 +102,8 @@ def _meta_train(args: argparse.Namespace) -> int:
         steps=args.steps, meta_batch=args.meta_batch, meta_lr=args.meta_lr, k_choices=list(args.k),
         n_query=args.query, val_every=args.val_every, ckpt_every=args.ckpt_every, seed=args.seed,
         holdout_test=args.holdout_test, holdout_val=args.holdout_val, split_seed=args.split_seed,
-        max_seconds=args.max_seconds, init_from=args.init_from,
+        max_seconds=args.max_seconds, init_from=args.init_from, encoder_layers=args.encoder_layers,
+        lora_layers=args.lora_layers, standardise=args.standardise,
     )
     result = meta_train_reward(args.data, args.out, cfg, encoder_dir=args.encoder, resume=args.resume,
                                ckpt_dir=args.checkpoint_dir, progress=not args.no_progress, device=device)
