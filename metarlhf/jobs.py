@@ -98,13 +98,20 @@ class DefaultPersonalizer:
     """
 
     def __init__(self, policy_dir: str | None = None, encoder_dir: str | None = None,
-                 reward_steps: int | None = None, policy_steps: int | None = None, device: str = "cpu") -> None:
+                 reward_steps: int | None = None, policy_steps: int | None = None, device: str = "cpu",
+                 reward_init: str | None = None) -> None:
         from metarlhf.models import DEFAULT_POLICY_NAME, load_policy, model_name
         from metarlhf.policy import DEFAULT_INIT_DIR
-        from metarlhf.reward import SHIPPED_INIT_DIR, load_reward_model
+        from metarlhf.reward import RewardConfig, load_reward_model
 
-        self.reward_model = load_reward_model(encoder_dir)
-        self.reward_init: str | None = None if (SHIPPED_INIT_DIR / "metarlhf.json").is_file() else "scratch"
+        # reward_init: an init dir (its set-up, e.g. standardised features, shapes the model),
+        # "scratch", or None: the shipped init when it was made for this encoder, else scratch
+        if reward_init == "scratch":
+            self.reward_model = load_reward_model(encoder_dir, adapter_dir=None, config=RewardConfig())
+        else:
+            self.reward_model = load_reward_model(encoder_dir, adapter_dir=reward_init)
+        self.reward_init: str | None = reward_init if reward_init is not None else (
+            None if self.reward_model.init_meta else "scratch")
         self.policy = load_policy(policy_dir, device=device)  # adapted on this device; the reward model on the CPU
         self.policy_base = model_name(policy_dir, DEFAULT_POLICY_NAME)
         self.policy_init = "meta" if (DEFAULT_INIT_DIR / "metarlhf.json").is_file() else "scratch"

@@ -137,7 +137,8 @@ def create_app(settings: Settings | None = None, *, engine: Any = None, personal
             log.info("loading the adaptation models (reward encoder, policy copy) ...")
             pers = DefaultPersonalizer(settings.policy_dir, settings.encoder_dir,
                                        reward_steps=settings.adapt_reward_steps,
-                                       policy_steps=settings.adapt_policy_steps, device=device)
+                                       policy_steps=settings.adapt_policy_steps, device=device,
+                                       reward_init=settings.reward_init)
         rt = Runtime(settings, eng, pers)
         rt.start()
         app.state.runtime = rt

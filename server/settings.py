@@ -27,6 +27,8 @@ class Settings(BaseSettings):
     api_keys: dict[str, str] = Field(default_factory=dict, description="API key -> tenant; empty: serve makes one")
     policy_dir: str | None = Field(None, description="local HF policy dir; None = embedded SmolLM2-135M-Instruct")
     encoder_dir: str | None = Field(None, description="local HF encoder dir; None = embedded all-MiniLM-L6-v2")
+    reward_init: str | None = Field(None, description="reward init dir for the encoder, or 'scratch'; None = the "
+                                    "shipped init (adapters/meta/reward) if made for the encoder, else scratch")
     device: str = Field("auto", description="where the policy runs (serving engine and adaptation copy): auto "
                         "(CUDA if available), cpu, cuda or cuda:N; the reward model stays on the CPU")
     model_name: str = Field("metarlhf", description="`model` reported in responses")

@@ -17,6 +17,8 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
     p.add_argument("--adapter-root", default=None, help="adapter store root (default adapters/)")
     p.add_argument("--policy-dir", default=None, help="local HF policy directory (default: embedded SmolLM2)")
     p.add_argument("--encoder-dir", default=None, help="local HF encoder directory (default: embedded MiniLM)")
+    p.add_argument("--reward-init", default=None,
+                   help="reward init dir for --encoder-dir, or 'scratch' (default: the shipped init if it fits)")
     p.add_argument("--adapt-threshold", type=int, default=None, help="new feedback records that trigger adaptation")
     p.add_argument("--device", default=None, help="policy device: auto (default: CUDA if available), cpu, cuda, cuda:N")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -36,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
 
     overrides = {k: v for k, v in {
         "host": args.host, "port": args.port, "adapter_root": args.adapter_root, "policy_dir": args.policy_dir,
-        "encoder_dir": args.encoder_dir, "adapt_threshold": args.adapt_threshold, "device": args.device}.items()
+        "encoder_dir": args.encoder_dir, "reward_init": args.reward_init, "adapt_threshold": args.adapt_threshold, "device": args.device}.items()
         if v is not None}
     try:
         settings = Settings(**overrides)
