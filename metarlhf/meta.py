@@ -501,7 +501,8 @@ def meta_train_reward(data: str | Path, out: str | Path, cfg: MetaTrainConfig, e
             raise DataError(f"--resume: no checkpoint at {state_file}")
         state = json.loads(state_file.read_text())
         volatile = ("steps", "max_seconds", "val_every", "ckpt_every")
-        if {k: v for k, v in state["config"].items() if k not in volatile} != {
+        saved = asdict(MetaTrainConfig()) | state["config"]  # options added since the checkpoint: defaults
+        if {k: v for k, v in saved.items() if k not in volatile} != {
             k: v for k, v in asdict(cfg).items() if k not in volatile
         }:
             raise ConfigError(f"--resume: checkpoint {ckpt} was made with a different configuration")

@@ -238,6 +238,12 @@ class RewardModel(nn.Module):
         from peft import get_peft_model
 
         self.config = resolve_targets(config or RewardConfig(), encoder)
+        depth = getattr(encoder.config, "num_hidden_layers", None)
+        if self.config.encoder_layers is not None and depth != self.config.encoder_layers:
+            raise ModelError(f"the encoder has {depth} layers but the reward set-up says encoder_layers="
+                             f"{self.config.encoder_layers} (load it with load_encoder(..., num_layers=N))")
+        if self.config.lora_layers is not None and (depth is None or self.config.lora_layers[-1] >= depth):
+            raise ModelError(f"lora_layers {self.config.lora_layers} outside the encoder's {depth} layers")
         for p in encoder.parameters():
             p.requires_grad_(False)
         try:
@@ -327,13 +333,16 @@ class RewardModel(nn.Module):
             return
         if len(have) != 2:
             raise AdapterError(f"{where}: standardised reward model without {STATS_KEYS[0]!r} / {STATS_KEYS[1]!r}")
+        for key in STATS_KEYS:  # both checked before either is copied
+            if tuple(tensors[key].shape) != (self.hidden_size,):
+                raise AdapterError(f"{where}: {key!r} has shape {tuple(tensors[key].shape)}, "
+                                   f"expected [{self.hidden_size}]")
+        if not bool((tensors[STATS_KEYS[1]] > 0).all()):
+            raise AdapterError(f"{where}: {STATS_KEYS[1]!r} has entries <= 0")
         for key, buf in zip(STATS_KEYS, (self.feature_mean, self.feature_std), strict=True):
-            value = tensors[key]
-            if tuple(value.shape) != (self.hidden_size,):
-                raise AdapterError(f"{where}: {key!r} has shape {tuple(value.shape)}, expected [{self.hidden_size}]")
             if load:
-                buf.copy_(value)
-            elif not torch.allclose(value.to(buf), buf):
+                buf.copy_(tensors[key])
+            elif not torch.allclose(tensors[key].to(buf), buf):
                 raise AdapterError(f"{where}: made with other feature statistics than this reward model's")
 
     def fit_feature_stats(self, ids: Sequence[list[int]], batch_size: int = 64) -> None:
@@ -562,12 +571,15 @@ def load_reward_model(
     model = RewardModel(enc, tok, base, config).to(device)
     if adapter_dir is not None:
         model.load_adapter_dir(adapter_dir)
-    elif (SHIPPED_INIT_DIR / "metarlhf.json").is_file():
-        try:
-            model.load_adapter_dir(SHIPPED_INIT_DIR)
-        except AdapterError:  # made for another encoder: keep the fresh head
-            pass
+    elif (SHIPPED_INIT_DIR / "metarlhf.json").is_file() and _init_base(SHIPPED_INIT_DIR) == base:
+        model.load_adapter_dir(SHIPPED_INIT_DIR)  # made for this encoder (else: the fresh head)
     return model
+
+
+def _init_base(path: Path) -> str | None:
+    from metarlhf.adapters import read_meta
+
+    return read_meta(path).get("base_model")
 
 
 def _config_from_adapter(path: Path) -> RewardConfig:

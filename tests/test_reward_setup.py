@@ -47,6 +47,10 @@ def test_encoder_layers_and_lora_layers(tmp_path, kind):
     assert len(lora) == 4 and all((".layer.1." if kind == "bert" else ".layers.1.") in n for n in lora)
     with pytest.raises(ModelError, match="has 3 layers; cannot keep 4"):
         load_reward_model(enc_dir, adapter_dir=None, config=RewardConfig(encoder_layers=4))
+    with pytest.raises(ModelError, match="outside the encoder's 3 layers"):
+        load_reward_model(enc_dir, adapter_dir=None, config=RewardConfig(lora_layers=[1, 5]))
+    with pytest.raises(ModelError, match="encoder_layers=2"):  # a prebuilt encoder of another depth
+        RewardModel(model if kind == "bert" else model.model, tok, "x", RewardConfig(encoder_layers=2))
 
 
 def test_standardised_features_round_trip_through_an_adapter(tmp_path):
@@ -107,9 +111,14 @@ def test_meta_train_standardised_decoder_end_to_end(tmp_path, capsys):
               "--inner", "subspace", "--basis-rank", "3"]
     out = tmp_path / "init"
     assert main(["meta-train", "reward", "--out", str(out), "--max-seconds", "0", *common]) == 0
+    first = load_adapter(out).tensors
+    assert not torch.equal(first[STATS_KEYS[0]], torch.zeros_like(first[STATS_KEYS[0]]))
+    assert not torch.equal(first[STATS_KEYS[1]], torch.ones_like(first[STATS_KEYS[1]]))
     assert main(["meta-train", "reward", "--out", str(out), "--resume", *common]) == 0  # stats from the checkpoint
     meta = json.loads((out / "metarlhf.json").read_text())
     assert meta["steps"] == 4
+    for key in STATS_KEYS:
+        assert torch.equal(load_adapter(out).tensors[key], first[key])
     assert meta["reward_config"] | {"target_modules": None} == RewardConfig(
         encoder_layers=2, lora_layers=[1], standardise=True, target_modules=None).__dict__
     t = load_adapter(out).tensors
@@ -127,3 +136,22 @@ def test_meta_train_standardised_decoder_end_to_end(tmp_path, capsys):
     # LoRA layers outside the kept layers: exit 2 before anything is trained
     assert main(["meta-train", "reward", "--out", str(tmp_path / "bad"), *common, "--lora-layers", "2"]) == 2
     assert "lora_layers" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def test_resume_a_checkpoint_from_before_the_setup_options(tmp_path, capsys):
+    """A checkpoint whose config lacks encoder_layers / lora_layers / standardise resumes with their defaults."""
+    enc = save_tiny(*tiny_encoder(), tmp_path / "enc")
+    data = _write_personas(tmp_path / "personas")
+    common = ["--data", str(data), "--encoder", str(enc), "--steps", "2", "--val-every", "1", "--holdout-test", "2",
+              "--holdout-val", "2", "--k", "4", "--query", "8", "--meta-batch", "2", "--no-progress", "--device", "cpu",
+              "--out", str(tmp_path / "init")]
+    assert main(["meta-train", "reward", "--max-seconds", "0", *common]) == 0
+    state = tmp_path / "init.ckpt" / "state.json"
+    saved = json.loads(state.read_text())
+    for key in ("encoder_layers", "lora_layers", "standardise"):
+        del saved["config"][key]
+    state.write_text(json.dumps(saved))
+    assert main(["meta-train", "reward", "--resume", "--standardise", *common]) == 2  # not what it was made with
+    assert "different configuration" in capsys.readouterr().err
+    assert main(["meta-train", "reward", "--resume", *common]) == 0
+    assert json.loads((tmp_path / "init" / "metarlhf.json").read_text())["steps"] == 2

@@ -517,6 +517,25 @@ def test_serve_device_setting(monkeypatch, capsys, tmp_path):
     assert Settings(device="cuda:1").device == "cuda:1" and Settings().device == "auto"
 
 
+def test_serve_refuses_a_reward_init_that_is_not_one(monkeypatch, capsys, tmp_path):
+    import uvicorn
+
+    from metarlhf.cli import main
+
+    seen = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, host, port, log_level: seen.update(app=app))
+    monkeypatch.setenv("METARLHF_API_KEYS", '{"sk-test-key-1": "acme"}')
+    root = ["--adapter-root", str(tmp_path)]
+    assert main(["serve", "--reward-init", str(tmp_path / "missing"), *root]) == 2
+    assert "no reward init there" in capsys.readouterr().err and not seen
+    (tmp_path / "user").mkdir()
+    (tmp_path / "user" / "metarlhf.json").write_text('{"kind": "reward"}')
+    assert main(["serve", "--reward-init", str(tmp_path / "user"), *root]) == 2
+    assert "not a reward init" in capsys.readouterr().err and not seen
+    assert main(["serve", "--reward-init", "scratch", *root]) == 0
+    assert seen["app"].state.settings.reward_init == "scratch"
+
+
 def test_lifespan_loads_the_policy_on_the_configured_device(monkeypatch, tmp_path):
     import metarlhf.engine
     import metarlhf.jobs
@@ -529,8 +548,9 @@ def test_lifespan_loads_the_policy_on_the_configured_device(monkeypatch, tmp_pat
 
     class FakePersonalizer(TinyPersonalizer):
         def __init__(self, policy_dir=None, encoder_dir=None, reward_steps=None, policy_steps=None,
-                     device="not passed"):
+                     device="not passed", reward_init="not passed"):
             seen["personalizer"] = device
+            seen["reward_init"] = reward_init
             super().__init__()
 
     import torch
@@ -545,4 +565,4 @@ def test_lifespan_loads_the_policy_on_the_configured_device(monkeypatch, tmp_pat
     s = Settings(api_keys={KEY_A: "acme"}, adapter_root=str(tmp_path / "adapters"), device="cuda:3")
     with TestClient(create_app(s)) as c:
         assert c.get("/readyz").status_code == 200
-    assert resolved == ["cuda:3"] and seen == {"engine": "cuda:3", "personalizer": "cuda:3"}
+    assert resolved == ["cuda:3"] and seen == {"engine": "cuda:3", "personalizer": "cuda:3", "reward_init": None}

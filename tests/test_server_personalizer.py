@@ -1,5 +1,7 @@
 """DefaultPersonalizer (what `metarlhf serve` uses) on tiny model directories."""
 
+import pytest
+
 from metarlhf.data import Thumbs
 from metarlhf.jobs import DefaultPersonalizer, user_preference
 from metarlhf.testing import save_tiny, tiny_encoder, tiny_policy
@@ -26,17 +28,24 @@ def test_default_personalizer_with_an_init_for_its_encoder(tmp_path):
     import torch
 
     from metarlhf.adapters import save_adapter
-    from metarlhf.reward import STATS_KEYS, RewardConfig, RewardModel
+    from metarlhf.errors import ConfigError
+    from metarlhf.reward import STATS_KEYS, RewardConfig, load_reward_model
 
     pol, tok = tiny_policy(layers=3)
     pdir = save_tiny(pol, tok, tmp_path / "policy")
-    setup = RewardModel(pol.model, tok, "encoder", RewardConfig(encoder_layers=2, lora_layers=[1], standardise=True))
+    edir = save_tiny(pol.model, tok, tmp_path / "encoder")  # saved before any LoRA goes on it
+    cfg = RewardConfig(encoder_layers=2, lora_layers=[1], standardise=True)
+    setup = load_reward_model(edir, adapter_dir=None, config=cfg)
     setup.fit_feature_stats(setup.encode_records([Thumbs("u", "q", w, 1) for w in ("a b", "c d e", "f")]).ids)
-    save_tiny(pol.model, tok, tmp_path / "encoder")
     init = setup.make_adapter(setup.fresh_params(0), {"kind": "reward_init", "inner": "head", "inner_steps": 2},
                               log_lrs={"head.weight": torch.zeros(1, 32), "head.bias": torch.zeros(1)})
     save_adapter(tmp_path / "init", init)
-    p = DefaultPersonalizer(str(pdir), str(tmp_path / "encoder"), policy_steps=1, reward_init=str(tmp_path / "init"))
-    assert p.reward_model.config.standardise and torch.equal(p.reward_model.feature_mean, setup.feature_mean)
+    p = DefaultPersonalizer(str(pdir), str(edir), policy_steps=1, reward_init=str(tmp_path / "init"))
+    assert p.reward_model.config.standardise and len(p.reward_model.peft.base_model.model.layers) == 2
+    assert torch.equal(p.reward_model.feature_mean, setup.feature_mean)
     reward = p.adapt_reward([Thumbs("u", "q", "good", 1), Thumbs("u", "q", "bad", 0)])
     assert reward.meta["steps"] == 2 and torch.equal(reward.tensors[STATS_KEYS[1]], setup.feature_std)
+    user = setup.make_adapter(setup.fresh_params(0), {"kind": "reward"})
+    save_adapter(tmp_path / "user", user)
+    with pytest.raises(ConfigError, match="not a reward init"):
+        DefaultPersonalizer(str(pdir), str(edir), policy_steps=1, reward_init=str(tmp_path / "user"))
