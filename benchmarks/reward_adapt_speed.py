@@ -22,6 +22,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", default="../shared/data/personas")
     ap.add_argument("--init", default="adapters/meta/reward")
+    ap.add_argument("--encoder", default=None, help="the init's encoder dir (default: embedded MiniLM)")
     ap.add_argument("--k", type=int, default=8)
     ap.add_argument("--users", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
@@ -36,7 +37,7 @@ def main() -> None:
     records, _ = load_records(args.data)
     by_user = group_by_user(records)
     t0 = time.perf_counter()
-    model = load_reward_model(None, adapter_dir=args.init)
+    model = load_reward_model(args.encoder, adapter_dir=args.init)
     load_s = time.perf_counter() - t0
     cold, warm = [], []
     for u in split["test"][: args.users]:
@@ -49,6 +50,7 @@ def main() -> None:
         warm.append(time.perf_counter() - t0)
     res = {
         "k": args.k, "users": len(cold), "threads": args.threads, "steps": adapter.meta["steps"],
+        "encoder": model.base_model, "init": args.init,
         "model_load_seconds": round(load_s, 3),
         "adapt_seconds_first_call": {"median": round(statistics.median(cold), 4), "max": round(max(cold), 4)},
         "adapt_seconds_repeat": {"median": round(statistics.median(warm), 4), "max": round(max(warm), 4)},
