@@ -107,7 +107,16 @@ def resolve_policy_dir(model_dir: str | os.PathLike | None = None) -> Path:
     return cached
 
 
+#: ``--encoder`` value naming the embedded policy model (SmolLM2) as the reward encoder
+#: (unless a directory of that name exists).
+EMBEDDED_POLICY_ENCODER = "embedded-policy"
+
+
 def resolve_encoder_dir(model_dir: str | os.PathLike | None = None) -> Path:
+    """A local HF directory for the reward encoder: ``None`` is the embedded MiniLM,
+    ``"embedded-policy"`` the embedded SmolLM2 (converted on first use)."""
+    if model_dir is not None and str(model_dir) == EMBEDDED_POLICY_ENCODER and not Path(model_dir).exists():
+        return resolve_policy_dir(None)
     path = Path(model_dir) if model_dir is not None else default_encoder_dir()
     _check_model_dir(path, "reward encoder")
     return path

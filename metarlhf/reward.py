@@ -561,13 +561,13 @@ def load_reward_model(
     shipped init (``adapters/meta/reward``) is loaded if it exists *and* was made for
     this encoder; otherwise the model has a fresh LoRA and a zero head (scores 0).
     """
-    from metarlhf.models import DEFAULT_ENCODER_NAME, load_encoder, model_name
+    from metarlhf.models import DEFAULT_ENCODER_NAME, load_encoder, model_name, resolve_encoder_dir
 
     if config is None:
         src = Path(adapter_dir) if adapter_dir is not None else SHIPPED_INIT_DIR
         config = _config_from_adapter(src) if (src / "metarlhf.json").is_file() else RewardConfig()
     enc, tok = load_encoder(encoder_dir, device=device, num_layers=config.encoder_layers)
-    base = model_name(encoder_dir, DEFAULT_ENCODER_NAME)
+    base = model_name(resolve_encoder_dir(encoder_dir) if encoder_dir is not None else None, DEFAULT_ENCODER_NAME)
     model = RewardModel(enc, tok, base, config).to(device)
     if adapter_dir is not None:
         model.load_adapter_dir(adapter_dir)

@@ -26,7 +26,8 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     api_keys: dict[str, str] = Field(default_factory=dict, description="API key -> tenant; empty: serve makes one")
     policy_dir: str | None = Field(None, description="local HF policy dir; None = embedded SmolLM2-135M-Instruct")
-    encoder_dir: str | None = Field(None, description="local HF encoder dir; None = embedded all-MiniLM-L6-v2")
+    encoder_dir: str | None = Field(None, description="local HF encoder dir, or 'embedded-policy' (SmolLM2); "
+                                    "None = embedded all-MiniLM-L6-v2")
     reward_init: str | None = Field(None, description="reward init dir for the encoder, or 'scratch'; None = the "
                                     "shipped init (adapters/meta/reward) if made for the encoder, else scratch")
     device: str = Field("auto", description="where the policy runs (serving engine and adaptation copy): auto "

@@ -155,3 +155,19 @@ def test_resume_a_checkpoint_from_before_the_setup_options(tmp_path, capsys):
     assert "different configuration" in capsys.readouterr().err
     assert main(["meta-train", "reward", "--resume", *common]) == 0
     assert json.loads((tmp_path / "init" / "metarlhf.json").read_text())["steps"] == 2
+
+
+def test_embedded_policy_as_the_encoder(tmp_path, monkeypatch):
+    """``--encoder embedded-policy`` is the embedded SmolLM2's directory, named as that directory;
+    a real directory of that name wins."""
+    import metarlhf.models as models
+
+    pol, tok = tiny_policy()
+    pdir = save_tiny(pol, tok, tmp_path / "smollm2-135m-instruct")
+    monkeypatch.setattr(models, "resolve_policy_dir", lambda model_dir=None: pdir)
+    monkeypatch.chdir(tmp_path)
+    m = load_reward_model("embedded-policy", adapter_dir=None)
+    assert m.base_model == models.model_name(pdir, "x") and m.hidden_size == 32
+    assert models.resolve_encoder_dir("embedded-policy") == pdir
+    save_tiny(*tiny_encoder(hidden=64), tmp_path / "embedded-policy")
+    assert load_reward_model("embedded-policy", adapter_dir=None).hidden_size == 64

@@ -18,7 +18,8 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
     p.add_argument("--data", required=True, help="persona directory or JSONL of records with user ids")
     p.add_argument("--algo", choices=ALGOS, default="metasgd")
     p.add_argument("--out", required=True, help="output init directory (written atomically at the end)")
-    p.add_argument("--encoder", default=None, help="local HF encoder dir (default: embedded MiniLM)")
+    p.add_argument("--encoder", default=None,
+                   help="local HF encoder dir, or 'embedded-policy' (SmolLM2; default: embedded MiniLM)")
     p.add_argument("--encoder-layers", type=int, default=None, help="use only the encoder's first N layers")
     p.add_argument("--lora-layers", type=int, nargs="+", default=None,
                    help="put the LoRA only on these layer indices (default: every layer)")
@@ -67,7 +68,8 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
     p.add_argument("--k", type=int, required=True, help="number of the user's records to adapt on")
     p.add_argument("--out", required=True)
     p.add_argument("--init", default=None, help="init dir, or 'scratch' (default: shipped meta-init)")
-    p.add_argument("--encoder", default=None)
+    p.add_argument("--encoder", default=None,
+                   help="local HF encoder dir, or 'embedded-policy' (SmolLM2; default: embedded MiniLM)")
     p.add_argument("--steps", type=int, default=None, help="default: the init's inner steps")
     p.add_argument("--seed", type=int, default=0)
     add_device_arg(p)
@@ -81,7 +83,8 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
     p.add_argument("--k", type=int, nargs="+", default=[4, 8, 16, 32])
     p.add_argument("--out", required=True, help="results JSON (a PNG and a .detail.json go next to it)")
     p.add_argument("--init", default=None, help="meta-init dir (default: shipped)")
-    p.add_argument("--encoder", default=None)
+    p.add_argument("--encoder", default=None,
+                   help="local HF encoder dir, or 'embedded-policy' (SmolLM2; default: embedded MiniLM)")
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--query", type=int, default=200)
     p.add_argument("--steps", type=int, default=None, help="step budget for every method (default: init's)")
