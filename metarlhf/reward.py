@@ -566,8 +566,11 @@ def load_reward_model(
     if config is None:
         src = Path(adapter_dir) if adapter_dir is not None else SHIPPED_INIT_DIR
         config = _config_from_adapter(src) if (src / "metarlhf.json").is_file() else RewardConfig()
-    enc, tok = load_encoder(encoder_dir, device=device, num_layers=config.encoder_layers)
     base = model_name(resolve_encoder_dir(encoder_dir) if encoder_dir is not None else None, DEFAULT_ENCODER_NAME)
+    if adapter_dir is not None and (made_for := _init_base(Path(adapter_dir))) not in (None, base):
+        raise AdapterError(f"{adapter_dir}: made for the reward encoder {made_for!r}, not {base!r} "
+                           "(pass the encoder it was made for)")
+    enc, tok = load_encoder(encoder_dir, device=device, num_layers=config.encoder_layers)
     model = RewardModel(enc, tok, base, config).to(device)
     if adapter_dir is not None:
         model.load_adapter_dir(adapter_dir)
@@ -577,9 +580,10 @@ def load_reward_model(
 
 
 def _init_base(path: Path) -> str | None:
+    """The ``base_model`` an adapter directory records (None without metadata)."""
     from metarlhf.adapters import read_meta
 
-    return read_meta(path).get("base_model")
+    return read_meta(path).get("base_model") if (path / "metarlhf.json").is_file() else None
 
 
 def _config_from_adapter(path: Path) -> RewardConfig:

@@ -171,3 +171,12 @@ def test_embedded_policy_as_the_encoder(tmp_path, monkeypatch):
     assert models.resolve_encoder_dir("embedded-policy") == pdir
     save_tiny(*tiny_encoder(hidden=64), tmp_path / "embedded-policy")
     assert load_reward_model("embedded-policy", adapter_dir=None).hidden_size == 64
+
+
+def test_an_init_for_another_encoder_is_refused_before_loading(tmp_path):
+    """The init's encoder is named in the error, before the (wrong) encoder is loaded."""
+    pol, tok = tiny_policy()
+    m = RewardModel(pol.model, tok, "tiny-dec")
+    save_adapter(tmp_path / "init", m.make_adapter(m.fresh_params(0), {"kind": "reward_init"}))
+    with pytest.raises(AdapterError, match="made for the reward encoder 'tiny-dec', not 'all-MiniLM-L6-v2'"):
+        load_reward_model(None, adapter_dir=tmp_path / "init")

@@ -16,7 +16,7 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
     p.add_argument("--port", type=int, default=None, help="port (default 8000 or METARLHF_PORT)")
     p.add_argument("--adapter-root", default=None, help="adapter store root (default adapters/)")
     p.add_argument("--policy-dir", default=None, help="local HF policy directory (default: embedded SmolLM2)")
-    p.add_argument("--encoder-dir", default=None, help="local HF encoder directory (default: embedded MiniLM)")
+    p.add_argument("--encoder-dir", default=None, help="local HF encoder directory, or 'embedded-policy' (default: embedded MiniLM)")
     p.add_argument("--reward-init", default=None,
                    help="reward init dir for --encoder-dir, or 'scratch' (default: the shipped init if it fits)")
     p.add_argument("--adapt-threshold", type=int, default=None, help="new feedback records that trigger adaptation")
