@@ -504,8 +504,8 @@ def evaluate_policy(
                 comps = generate(pm, tok, eval_prompts, cfg.max_new_tokens, cfg.eval_temperature, seed=cfg.seed + 1)
         pers_r = [user.reward(p, c) for p, c in zip(eval_prompts, comps, strict=True)]
         nll_personal_rows, nll_personal = base_nll_rows(model, tok, eval_prompts, comps)
-        fluent_win, drops = fluent_win_rate(pers_r, base_r, nll_personal_rows, nll_base_rows)
         dropped = fluency_drops(nll_personal_rows, nll_base_rows)
+        fluent_win, drops = win_rate_without(pers_r, base_r, dropped), statistics.mean(dropped)
         loops = repetition_loops(comps)
         broken = [d or lp for d, lp in zip(dropped, loops, strict=True)]
         relevance = (statistics.mean(prompt_relevance(model, tok, eval_prompts, comps, nll_personal_rows))

@@ -102,17 +102,16 @@ class DefaultPersonalizer:
                  reward_init: str | None = None) -> None:
         from metarlhf.models import DEFAULT_POLICY_NAME, load_policy, model_name
         from metarlhf.policy import DEFAULT_INIT_DIR
-        from metarlhf.reward import INIT_KIND, RewardConfig, load_reward_model
+        from metarlhf.reward import RewardConfig, load_reward_model, require_init_dir
 
         # reward_init: an init dir (its set-up, e.g. standardised features, shapes the model),
         # "scratch", or None: the shipped init when it was made for this encoder, else scratch
         if reward_init == "scratch":
             self.reward_model = load_reward_model(encoder_dir, adapter_dir=None, config=RewardConfig())
         else:
+            if reward_init is not None:
+                require_init_dir(reward_init)
             self.reward_model = load_reward_model(encoder_dir, adapter_dir=reward_init)
-        kind = self.reward_model.init_meta.get("kind")
-        if reward_init not in (None, "scratch") and kind != INIT_KIND:
-            raise ConfigError(f"reward_init {reward_init}: a {kind!r} adapter, not a reward init")
         self.reward_init: str | None = reward_init if reward_init is not None else (
             None if self.reward_model.init_meta else "scratch")
         self.policy = load_policy(policy_dir, device=device)  # adapted on this device; the reward model on the CPU

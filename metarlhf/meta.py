@@ -410,7 +410,6 @@ def meta_train_reward(data: str | Path, out: str | Path, cfg: MetaTrainConfig, e
         BASIS_KEY,
         HEAD_KEYS,
         INIT_KIND,
-        LR_PREFIX,
         R_KEY,
         STATS_KEYS,
         SUBSPACE_INNER_KEYS,
@@ -439,19 +438,11 @@ def meta_train_reward(data: str | Path, out: str | Path, cfg: MetaTrainConfig, e
     torch.manual_seed(cfg.seed)
     init = model.fresh_params(cfg.seed)
     if cfg.init_from is not None:  # warm start: LoRA + head of an earlier init (its basis is not reused)
-        from metarlhf.adapters import load_adapter
-
-        prev = load_adapter(cfg.init_from, expect_base=model.base_model, expect_rank=model.config.r)
-        if prev.meta.get("kind") != INIT_KIND:
-            raise ConfigError(f"--init-from {cfg.init_from}: a {prev.meta.get('kind')!r} adapter, not a reward init")
+        # standardise: the warm init's feature statistics are taken too
+        prev, warm, warm_lrs = model.read_adapter(cfg.init_from, kinds=(INIT_KIND,), load_stats=True)
         if prev.meta.get("split") not in (None, split):  # its train users must not include our val/test users
             raise ConfigError(f"--init-from {cfg.init_from} was meta-trained on another user split")
-        model.check_config(prev.meta, cfg.init_from)
-        warm = model.params_from_tensors(prev.tensors, cfg.init_from)
-        model.check_feature_stats(prev.tensors, cfg.init_from, load=True)  # standardise: the warm init's
         init = {k: v for k, v in warm.items() if k != BASIS_KEY}
-        warm_lrs = {model.from_peft_key(k[len(LR_PREFIX):]): v.to(dev) for k, v in prev.tensors.items()
-                    if k.startswith(LR_PREFIX)}
         if cfg.keep_basis and (BASIS_KEY not in warm or warm[BASIS_KEY].shape[0] != cfg.basis_rank):
             raise ConfigError(f"--keep-basis: {cfg.init_from} has no head basis of rank {cfg.basis_rank}")
     elif cfg.standardise and not resume:  # label-free statistics of the train users' records

@@ -387,20 +387,25 @@ class RewardModel(nn.Module):
             raise AdapterError(f"{where}: missing tensors, e.g. {self.to_peft_key(missing[0])!r}")
         return out
 
-    def load_adapter_dir(self, path: str | os.PathLike, kinds: Sequence[str] = (INIT_KIND, USER_KIND)) -> Adapter:
-        """Load an init or user adapter into this model (weights + inner learning rates)."""
+    def read_adapter(self, path: str | os.PathLike, kinds: Sequence[str] = (INIT_KIND, USER_KIND),
+                     load_stats: bool = False) -> tuple[Adapter, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Read and check an init or user adapter for this model without setting its weights:
+        ``(adapter, params, inner log-lrs on this device)``. Its feature statistics are copied
+        into the model with ``load_stats``; otherwise they must equal the model's."""
         adapter = load_adapter(path, expect_base=self.base_model, expect_rank=self.config.r)
         if adapter.meta.get("kind") not in kinds:
             raise AdapterError(f"{path}: a {adapter.meta.get('kind')!r} adapter, expected one of {list(kinds)}")
         self.check_config(adapter.meta, str(path))
         params = self.params_from_tensors(adapter.tensors, str(path))
-        self.check_feature_stats(adapter.tensors, str(path), load=True)
+        self.check_feature_stats(adapter.tensors, str(path), load=load_stats)
+        log_lrs = {self.from_peft_key(k[len(LR_PREFIX):]): v.to(self.device) for k, v in adapter.tensors.items()
+                   if k.startswith(LR_PREFIX)}
+        return adapter, params, log_lrs
+
+    def load_adapter_dir(self, path: str | os.PathLike, kinds: Sequence[str] = (INIT_KIND, USER_KIND)) -> Adapter:
+        """Load an init or user adapter into this model (weights, inner learning rates, statistics)."""
+        adapter, params, self.inner_log_lrs = self.read_adapter(path, kinds, load_stats=True)
         self.set_params(params)
-        self.inner_log_lrs = {
-            self.from_peft_key(k[len(LR_PREFIX) :]): v.to(self.device)
-            for k, v in adapter.tensors.items()
-            if k.startswith(LR_PREFIX)
-        }
         self.init_meta = dict(adapter.meta)
         return adapter
 
@@ -561,35 +566,37 @@ def load_reward_model(
     shipped init (``adapters/meta/reward``) is loaded if it exists *and* was made for
     this encoder; otherwise the model has a fresh LoRA and a zero head (scores 0).
     """
+    from metarlhf.adapters import read_meta
     from metarlhf.models import DEFAULT_ENCODER_NAME, load_encoder, model_name, resolve_encoder_dir
 
+    src = Path(adapter_dir) if adapter_dir is not None else SHIPPED_INIT_DIR
+    src_meta = read_meta(src) if (src / "metarlhf.json").is_file() else {}
     if config is None:
-        src = Path(adapter_dir) if adapter_dir is not None else SHIPPED_INIT_DIR
-        config = _config_from_adapter(src) if (src / "metarlhf.json").is_file() else RewardConfig()
+        config = RewardConfig.from_dict(src_meta.get("reward_config", {}))
     base = model_name(resolve_encoder_dir(encoder_dir) if encoder_dir is not None else None, DEFAULT_ENCODER_NAME)
-    if adapter_dir is not None and (made_for := _init_base(Path(adapter_dir))) not in (None, base):
+    made_for = src_meta.get("base_model")
+    if adapter_dir is not None and made_for not in (None, base):
         raise AdapterError(f"{adapter_dir}: made for the reward encoder {made_for!r}, not {base!r} "
                            "(pass the encoder it was made for)")
     enc, tok = load_encoder(encoder_dir, device=device, num_layers=config.encoder_layers)
     model = RewardModel(enc, tok, base, config).to(device)
     if adapter_dir is not None:
         model.load_adapter_dir(adapter_dir)
-    elif (SHIPPED_INIT_DIR / "metarlhf.json").is_file() and _init_base(SHIPPED_INIT_DIR) == base:
-        model.load_adapter_dir(SHIPPED_INIT_DIR)  # made for this encoder (else: the fresh head)
+    elif src_meta and made_for == base:  # the shipped init, made for this encoder (else: the fresh head)
+        model.load_adapter_dir(SHIPPED_INIT_DIR)
     return model
 
 
-def _init_base(path: Path) -> str | None:
-    """The ``base_model`` an adapter directory records (None without metadata)."""
+def require_init_dir(path: str | os.PathLike) -> None:
+    """``path`` must be a reward init directory (a ConfigError otherwise)."""
     from metarlhf.adapters import read_meta
 
-    return read_meta(path).get("base_model") if (path / "metarlhf.json").is_file() else None
-
-
-def _config_from_adapter(path: Path) -> RewardConfig:
-    from metarlhf.adapters import read_meta
-
-    return RewardConfig.from_dict(read_meta(path).get("reward_config", {}))
+    if not (Path(path) / "metarlhf.json").is_file():
+        raise ConfigError(f"reward_init {str(path)!r}: no reward init there (metarlhf.json missing); "
+                          "pass an init directory or 'scratch'")
+    kind = read_meta(path).get("kind")
+    if kind != INIT_KIND:
+        raise ConfigError(f"reward_init {str(path)!r}: a {kind!r} adapter, not a reward init")
 
 
 # --------------------------------------------------------------------------- adaptation
@@ -756,14 +763,7 @@ def adapt_reward(
         config=None if init_dir is not None else RewardConfig(), device=device)
     if init_dir is not None:
         if isinstance(encoder, RewardModel):  # shared model: read the init without touching the model
-            adapter = load_adapter(init_dir, expect_base=model.base_model, expect_rank=model.config.r)
-            if adapter.meta.get("kind") not in (INIT_KIND, USER_KIND):
-                raise AdapterError(f"{init_dir}: a {adapter.meta.get('kind')!r} adapter, not a reward init")
-            model.check_config(adapter.meta, str(init_dir))
-            model.check_feature_stats(adapter.tensors, str(init_dir))  # must equal the shared model's
-            params = model.params_from_tensors(adapter.tensors, str(init_dir))
-            log_lrs = {model.from_peft_key(k[len(LR_PREFIX):]): v.to(model.device) for k, v in adapter.tensors.items()
-                       if k.startswith(LR_PREFIX)}
+            adapter, params, log_lrs = model.read_adapter(init_dir)  # statistics must equal the model's
             meta = adapter.meta
         else:
             params, log_lrs, meta = model.adapter_params(), model.inner_log_lrs, model.init_meta

@@ -45,7 +45,10 @@ def run(args: argparse.Namespace) -> int:
     except ValidationError as e:
         raise ConfigError(f"invalid server settings: {e}") from e
     resolve_device(settings.device)  # an absent CUDA device: exit 2 before anything loads
-    _check_reward_init(settings.reward_init)
+    if settings.reward_init not in (None, "scratch"):
+        from metarlhf.reward import require_init_dir
+
+        require_init_dir(settings.reward_init)  # exit 2 before anything loads
     if not settings.api_keys:
         key = "sk-" + secrets.token_urlsafe(24)
         settings.api_keys = {key: "default"}
@@ -55,20 +58,3 @@ def run(args: argparse.Namespace) -> int:
           flush=True)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level)
     return 0
-
-
-def _check_reward_init(reward_init: str | None) -> None:
-    """``--reward-init`` / ``METARLHF_REWARD_INIT``: None, ``scratch`` or a reward init directory."""
-    from pathlib import Path
-
-    from metarlhf.adapters import read_meta
-    from metarlhf.errors import ConfigError
-
-    if reward_init in (None, "scratch"):
-        return
-    if not (Path(reward_init) / "metarlhf.json").is_file():
-        raise ConfigError(f"reward_init {reward_init!r}: no reward init there (metarlhf.json missing); "
-                          "pass an init directory or 'scratch'")
-    kind = read_meta(reward_init).get("kind")
-    if kind != "reward_init":
-        raise ConfigError(f"reward_init {reward_init!r}: a {kind!r} adapter, not a reward init")
