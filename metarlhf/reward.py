@@ -428,6 +428,8 @@ class RewardModel(nn.Module):
             "lora_dropout": 0.0, "bias": "none", "base_model_name_or_path": self.base_model, "task_type": None,
             "fan_in_fan_out": False, "inference_mode": True, "modules_to_save": None,
         }
+        if lc.layers_to_transform is not None:  # LoRA on some layers only: peft must know which
+            config |= {"layers_to_transform": list(lc.layers_to_transform), "layers_pattern": list(lc.layers_pattern)}
         m = {"base_model": self.base_model, "reward_config": asdict(self.config), "head_keys": list(HEAD_KEYS)}
         m.update(meta)
         return Adapter(tensors=tensors, config=config, meta=m)

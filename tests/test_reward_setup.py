@@ -45,6 +45,17 @@ def test_encoder_layers_and_lora_layers(tmp_path, kind):
     assert len(layers) == 2
     lora = [n for n in m.adapter_params() if "lora_" in n]
     assert len(lora) == 4 and all((".layer.1." if kind == "bert" else ".layers.1.") in n for n in lora)
+    # the written adapter_config.json tells peft the same: LoRA on layer 1 only
+    from peft import LoraConfig, get_peft_model
+
+    cfg = m.make_adapter(m.fresh_params(0), {}).config
+    assert cfg["layers_to_transform"] == [1]
+    fresh, _ = tiny_encoder(layers=3) if kind == "bert" else tiny_policy(layers=3)
+    peft_model = get_peft_model(fresh if kind == "bert" else fresh.model,
+                                LoraConfig(**{k: v for k, v in cfg.items() if k != "peft_type"}))
+    targets = [n for n, _ in peft_model.named_modules() if n.endswith("lora_A")]
+    assert len(targets) == 2 and all((".layer.1." if kind == "bert" else ".layers.1.") in n for n in targets)
+    assert "layers_to_transform" not in load_reward_model(enc_dir, adapter_dir=None).make_adapter({}, {}).config
     with pytest.raises(ModelError, match="has 3 layers; cannot keep 4"):
         load_reward_model(enc_dir, adapter_dir=None, config=RewardConfig(encoder_layers=4))
     with pytest.raises(ModelError, match="outside the encoder's 3 layers"):
