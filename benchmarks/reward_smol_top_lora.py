@@ -27,6 +27,9 @@ Nothing here touches the test personas unless ``--test`` is given. Writes a JSON
 validation accuracies next to the shipped MiniLM init's (0.837 / 0.872 / 0.895 / 0.907).
 
     flock /tmp/metarlhf-cpu.lock .venv/bin/python benchmarks/reward_smol_top_lora.py
+
+``--eval-init DIR`` skips meta-training and scores an existing init (with the inner steps
+its metadata names) on ``--groups``, e.g. the shipped one after session 10 set 20 steps.
 """
 
 from __future__ import annotations
@@ -173,6 +176,11 @@ def main() -> None:
     ap.add_argument("--check-only", action="store_true", help="only compare the cached and the plain model")
     ap.add_argument("--init-out", default=None, help="where the init goes (default: <work>/init)")
     ap.add_argument("--test", action="store_true", help="also score the 20 test personas (after choosing)")
+    ap.add_argument("--eval-init", default=None,
+                    help="no meta-training: score this init (e.g. adapters/meta/reward-smollm2) with its own inner steps")
+    ap.add_argument("--groups", nargs="+", choices=["val", "test"], default=None,
+                    help="persona groups to score (default: val, plus test with --test)")
+    ap.add_argument("--methods", nargs="+", default=None, help="eval reward's methods (default: all four)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/reward_smol_top_lora.json"))
     args = ap.parse_args()
     torch.set_num_threads(2)
@@ -216,22 +224,26 @@ def main() -> None:
                           max_seconds=args.max_seconds, val_every=20, ckpt_every=20, seed=0,
                           encoder_layers=args.split + args.top, lora_layers=list(range(args.split, args.split + args.top)),
                           standardise=True)
-    init = Path(args.init_out) if args.init_out else work / "init"
-    with tempfile.TemporaryDirectory() as tmp:
-        mt = meta_train_reward(data, init, cfg, ckpt_dir=Path(tmp) / "ckpt", progress=False, model=model)
-    print("meta-train:", mt, flush=True)
+    if args.eval_init:
+        init, mt = Path(args.eval_init), None
+    else:
+        init = Path(args.init_out) if args.init_out else work / "init"
+        with tempfile.TemporaryDirectory() as tmp:
+            mt = meta_train_reward(data, init, cfg, ckpt_dir=Path(tmp) / "ckpt", progress=False, model=model)
+        print("meta-train:", mt, flush=True)
 
     result: dict[str, Any] = {
         "command": cmd, "what": __doc__.split("\n")[0], "encoder": model.base_model, "split_layers": args.split,
         "top_layers": args.top, "train_records": args.train_records, "meta_train": mt, "init": str(init),
         "cached_vs_plain": check, "shipped_minilm_val": SHIPPED_VAL,
     }
-    groups = ["val", "test"] if args.test else ["val"]
+    groups = args.groups or (["val", "test"] if args.test else ["val"])
     for group in groups:
         t0 = time.perf_counter()
         res = evaluate_reward(data, work / f"eval_{group}.json", users=split[group], ks=[4, 8, 16, 32], init=init,
-                              seeds=2, max_query=200, progress=False, model=model)
-        result[group] = res["methods"] | {"seconds": round(time.perf_counter() - t0, 1)}
+                              seeds=2, max_query=200, progress=False, model=model, methods=args.methods)
+        detail = json.loads((work / f"eval_{group}.detail.json").read_text())
+        result[group] = res["methods"] | {"seconds": round(time.perf_counter() - t0, 1), "inner_steps": detail["steps"]}
         print(group, json.dumps(result[group]), flush=True)
     result["wall_s"] = round(time.perf_counter() - t_start, 1)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
