@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from metarlhf.cli import main
-from metarlhf.errors import ConfigError, DataError, NotFoundError
+from metarlhf.errors import AdapterError, ConfigError, DataError, NotFoundError
 from metarlhf.ppo import PPOConfig, PPOTrainer, resolve_device, resolve_reward, score_completions, train
 from metarlhf.testing import save_tiny, tiny_policy
 
@@ -148,6 +148,25 @@ def test_user_and_base_rewards_from_adapter_store(tmp_path, tiny_encoder):
         assert torch.allclose(scores, expected, atol=1e-5)
     base = resolve_reward("base", adapters_root=tmp_path / "adapters", encoder_dir=str(enc_dir))
     assert score_completions(base, ["q"], ["hi"]).shape == (1,)
+    # --reward base with an init of one's own (e.g. one made for another encoder) scores with that init
+    rm = reward.load_reward_model(str(enc_dir))
+    params = {k: (torch.randn_like(v) if k == "head.weight" else v) for k, v in rm.fresh_params(0).items()}
+    init = rm.make_adapter(params, {"kind": "reward_init", "inner": "head", "inner_steps": 2},
+                           log_lrs={"head.weight": torch.zeros(1, rm.hidden_size), "head.bias": torch.zeros(1)})
+    from metarlhf.adapters import save_adapter
+
+    save_adapter(tmp_path / "init", init)
+    own = resolve_reward("base", adapters_root=tmp_path / "adapters", encoder_dir=str(enc_dir),
+                         reward_init=tmp_path / "init")
+    expected = reward.load_reward_model(str(enc_dir), adapter_dir=tmp_path / "init").score(["q", "q"], ["yes", "no"])
+    assert expected.abs().max() > 0 and torch.allclose(score_completions(own, ["q", "q"], ["yes", "no"]), expected)
+    with pytest.raises(ConfigError, match="not a reward init"):
+        resolve_reward("base", encoder_dir=str(enc_dir), reward_init=version.path)  # a user adapter
+    # the store's init was made for another encoder: refused, with the way out named
+    save_adapter(tmp_path / "adapters" / "meta" / "reward", init)
+    other = save_tiny(*tiny_policy(), tmp_path / "other-encoder")
+    with pytest.raises(AdapterError, match="pass --reward-init"):
+        resolve_reward("base", adapters_root=tmp_path / "adapters", encoder_dir=str(other))
 
 
 def test_device_not_available():
@@ -236,11 +255,13 @@ def test_cli_full_run_writes_hf_model(cli_setup):
         (["--reward", "python:REW:nan_on_second"], "returned nan for batch item 1 \\(prompt"),
         (["--reward", "python:REW:too_few"], "returned \\(1,\\) values for 4 prompts"),
         (["--reward", "user:nobody"], "no usable reward adapter for user 'nobody'"),
+        (["--reward", "base", "--reward-init", "NOPE"], "no reward init there"),
+        (["--reward", "python:REW:share", "--reward-init", "NOPE"], "only applies to the 'base' reward"),
     ],
 )
 def test_cli_bad_input_exits_2(cli_setup, capsys, extra, message):
     tmp_path, common, rew = cli_setup
-    extra = [e.replace("REW", str(rew)) for e in extra]
+    extra = [e.replace("REW", str(rew)).replace("NOPE", str(tmp_path / "nope")) for e in extra]
     assert main(common + extra + ["--out", str(tmp_path / "o"), "--adapters-root", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "metarlhf: error:" in err

@@ -1,6 +1,6 @@
 """``metarlhf ppo``: offline batch PPO of the base policy against a reward.
 
-    metarlhf ppo --prompts PATH --reward {base,user:<id>,python:<file>:<fn>} --out DIR
+    metarlhf ppo --prompts PATH --reward {base,user:<id>,python:<file>:<fn>} --out DIR [--reward-init DIR]
 
 Writes ``DIR/metrics.jsonl``, ``DIR/curves.png``, ``DIR/checkpoint/`` (``--resume``
 continues from it) and the trained policy: ``DIR/adapter/`` (LoRA, the project adapter
@@ -54,7 +54,10 @@ def register(groups: dict[str, Any]) -> None:
     p.add_argument("--adapters-root", default="adapters", help="adapter store root (default: adapters)")
     p.add_argument("--tenant", default="default", help="tenant of user:<id> rewards (default: default)")
     p.add_argument("--policy", default=None, help="policy model dir (default: embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--encoder", default=None, help="reward encoder dir (default: embedded all-MiniLM-L6-v2)")
+    p.add_argument("--encoder", default=None,
+                   help="reward encoder dir, or 'embedded-policy' (SmolLM2; default: embedded all-MiniLM-L6-v2)")
+    p.add_argument("--reward-init", default=None,
+                   help="reward init for --reward base, made for --encoder (default: ADAPTERS_ROOT/meta/reward)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--full", action="store_true", help="train the full model instead of a LoRA adapter")
     p.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
@@ -74,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     from metarlhf.data import read_prompts
     from metarlhf.errors import ConfigError
     from metarlhf.models import DEFAULT_POLICY_NAME, load_policy, model_name
-    from metarlhf.ppo import PPOConfig, PPOTrainer, resolve_device, resolve_reward, train
+    from metarlhf.ppo import PPOConfig, PPOTrainer, check_reward_init, resolve_device, resolve_reward, train
 
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(PPOConfig)
                  if getattr(args, f.name, None) is not None}
@@ -83,9 +86,10 @@ def run(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         raise ConfigError(f"--limit must be >= 1, got {args.limit}")
     device = resolve_device(args.device)  # fails fast (exit 2) before any model is loaded
+    check_reward_init(args.reward, args.reward_init)  # before the prompts are read
     prompts = read_prompts(args.prompts, limit=args.limit)
     eval_prompts = read_prompts(args.eval_prompts, limit=args.eval_limit) if args.eval_prompts else None
-    reward_fn = resolve_reward(args.reward, args.adapters_root, args.tenant, args.encoder, device)
+    reward_fn = resolve_reward(args.reward, args.adapters_root, args.tenant, args.encoder, device, args.reward_init)
     model, tok = load_policy(args.policy, dtype=torch.float32, device=str(device))
     trainer = PPOTrainer(model, tok, reward_fn, config, device=device)
     result = train(

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metarlhf.errors import ConfigError, DataError, ModelError, NotFoundError
+from metarlhf.errors import AdapterError, ConfigError, DataError, ModelError, NotFoundError
 from metarlhf.ppo.config import PPOConfig
 from metarlhf.ppo.functional import (
     adaptive_kl_update,
@@ -98,19 +98,41 @@ def _reward_model_fn(adapter_dir: Path | None, encoder_dir: str | None, device: 
     return score
 
 
+def check_reward_init(spec: str, reward_init: str | os.PathLike | None) -> None:
+    """``reward_init`` (if given) must be a reward init directory, and ``spec`` must be ``base``."""
+    if reward_init is None:
+        return
+    if spec != "base":
+        raise ConfigError(f"a reward init only applies to the 'base' reward, not {spec!r}")
+    from metarlhf.reward import require_init_dir
+
+    require_init_dir(reward_init)
+
+
 def resolve_reward(
     spec: str,
     adapters_root: str | os.PathLike = "adapters",
     tenant: str = "default",
     encoder_dir: str | None = None,
     device: torch.device | str = "cpu",
+    reward_init: str | os.PathLike | None = None,
 ) -> RewardFn:
-    """``base`` | ``user:<id or adapter dir>`` | ``python:<file>:<fn>`` -> reward callable."""
+    """``base`` | ``user:<id or adapter dir>`` | ``python:<file>:<fn>`` -> reward callable.
+
+    ``base`` is the reward init ``reward_init`` (an init made for ``encoder_dir``, e.g.
+    ``adapters/meta/reward-smollm2`` with the SmolLM2 encoder), by default the shipped
+    ``<adapters_root>/meta/reward`` if there is one."""
     device = torch.device(device)
+    check_reward_init(spec, reward_init)
     if spec == "base":
+        if reward_init is not None:
+            return _reward_model_fn(Path(reward_init), encoder_dir, device)
         meta_init = Path(adapters_root) / "meta" / "reward"
         has_init = (meta_init / "metarlhf.json").is_file()
-        return _reward_model_fn(meta_init if has_init else None, encoder_dir, device)
+        try:
+            return _reward_model_fn(meta_init if has_init else None, encoder_dir, device)
+        except AdapterError as e:  # the shipped init is MiniLM's: another encoder needs its own
+            raise AdapterError(f"{e}; pass --reward-init with an init made for this encoder") from e
     kind, sep, rest = spec.partition(":")
     if sep and kind == "user" and rest:
         return _reward_model_fn(user_reward_adapter_dir(rest, adapters_root, tenant), encoder_dir, device)
