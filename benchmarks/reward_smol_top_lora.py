@@ -23,7 +23,7 @@ scores it with the project's own ``evaluate_reward`` on the 10 *validation* pers
   training persona (the cache's size and cost; tasks are drawn from those). The user
   split is the shipped init's (``split.json``), checked.
 
-Nothing here touches the test personas unless ``--test`` is given. Writes a JSON with the
+Nothing here touches the test personas unless ``--test`` or ``--groups test`` is given. Writes a JSON with the
 validation accuracies next to the shipped MiniLM init's (0.837 / 0.872 / 0.895 / 0.907).
 
     flock /tmp/metarlhf-cpu.lock .venv/bin/python benchmarks/reward_smol_top_lora.py
