@@ -99,6 +99,10 @@ def main() -> None:
     ap.add_argument("--test", action="store_true", help="score the 20 test personas instead (after choosing)")
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--ceiling", type=int, default=None, help="supervised: fit on up to N non-query records")
+    ap.add_argument("--then-lora", type=float, nargs="*", default=None, metavar="LR",
+                    help="after the init's own head fit, Adam on LoRA + head at each LR (the encoder adapted per user)")
+    ap.add_argument("--lora-steps", type=int, default=10)
+    ap.add_argument("--ks", type=int, nargs="+", default=[4, 8, 16, 32])
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_num_threads(2)
@@ -126,7 +130,38 @@ def main() -> None:
     params, log_lrs = model.adapter_params(), model.inner_log_lrs
     resid_l2 = float(model.init_meta.get("inner_resid_l2", 0.0))
     emb = EmbeddingCache(model, params)
-    ks = [4, 8, 16, 32]
+    ks = sorted(args.ks)
+    if args.then_lora is not None:
+        from metarlhf.reward import adapt_params
+
+        steps = int(model.init_meta.get("inner_steps", 5))
+        rows = {"head": {k: [] for k in ks}, **{f"lora_lr={lr:g}": {k: [] for k in ks} for lr in args.then_lora}}
+        for u in users:
+            for seed in range(args.seeds):
+                query, supports = user_splits(u, by_user[u], ks, seed, 200)
+                q = model.encode_records(query)
+                eq = emb(q.ids)
+                for k in ks:
+                    s = model.encode_records(supports[k])
+                    head, _ = adapt_head(emb(s.ids), s, params, log_lrs, steps, resid_l2)  # eval reward's meta
+                    rows["head"][k].append(records_accuracy(RewardModel.head_scores(head, eq), q))
+                    for lr in args.then_lora:
+                        tuned, _ = adapt_params(model, s, head, {}, args.lora_steps, seed=seed, adam_lr=lr)
+                        with torch.no_grad():
+                            sc = RewardModel.head_scores(tuned, model.embed_ids(q.ids, tuned, 64))
+                        rows[f"lora_lr={lr:g}"][k].append(records_accuracy(sc, q))
+            print(u, {v: round(r[ks[-1]][-1], 3) for v, r in rows.items()}, f"{time.perf_counter() - t_start:.0f} s",
+                  flush=True)
+        result = {"command": cmd, "what": "the init's head fit, then Adam on LoRA + head (encoder adapted per user)",
+                  "encoder": model.base_model, "init": str(init.relative_to(ROOT)), "group": "test" if args.test else "val",
+                  "users": users, "seeds": args.seeds, "head_steps": steps, "lora_steps": args.lora_steps,
+                  "acc": {v: {str(k): round(sum(a) / len(a), 4) for k, a in r.items()} for v, r in rows.items()},
+                  "wall_s": round(time.perf_counter() - t_start, 1)}
+        print(json.dumps(result["acc"]), flush=True)
+        group = "_test" if args.test else ""
+        out = Path(args.out or ROOT / f"benchmarks/results/reward_then_lora_{args.encoder}{group}.json")
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        return
     if args.ceiling:
         from metarlhf.evaluate_reward import fit_logistic_regression, pair_features
 
