@@ -28,6 +28,10 @@ a supervised ceiling for a head on these frozen features, like ``logreg_meta`` i
 logistic regression (C=1) and the ``map`` fits (the best prior scale is picked on the same
 query records, so it is an optimistic figure).
 
+``--then-lora LR ...`` instead follows the init's own head fit with ``--lora-steps`` Adam
+steps on LoRA + head at each LR (``adapt_params``, as ``eval reward``'s scratch but from
+the fitted meta-init), on the ``--ks`` support sets: does adapting the encoder per user help?
+
     flock /tmp/metarlhf-cpu.lock .venv/bin/python benchmarks/reward_inner_schedule.py --encoder smollm2
 """
 
