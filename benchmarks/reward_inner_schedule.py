@@ -41,6 +41,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +94,20 @@ def map_head(emb: torch.Tensor, enc: Any, params: dict[str, torch.Tensor], log_l
     return materialise_head({**fixed, **{k: v.detach() for k, v in theta.items()}})
 
 
+def user_draws(model: RewardModel, emb: Any, recs: list, user: str, ks: list[int], seeds: int) -> Iterator[tuple]:
+    """``eval reward``'s draws for one user: ``(seed, K, query, query embeddings, support,
+    support embeddings)`` for every seed and K (embeddings under the init's parameters)."""
+    from metarlhf.evaluate_reward import user_splits
+
+    for seed in range(seeds):
+        query, supports = user_splits(user, recs, ks, seed, 200)
+        q = model.encode_records(query)
+        eq = emb(q.ids)
+        for k in ks:
+            s = model.encode_records(supports[k])
+            yield seed, k, q, eq, s, emb(s.ids)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", default=str(ROOT.parent / "shared/data/personas"))
@@ -141,19 +156,14 @@ def main() -> None:
         steps = int(model.init_meta.get("inner_steps", 5))
         rows = {"head": {k: [] for k in ks}, **{f"lora_lr={lr:g}": {k: [] for k in ks} for lr in args.then_lora}}
         for u in users:
-            for seed in range(args.seeds):
-                query, supports = user_splits(u, by_user[u], ks, seed, 200)
-                q = model.encode_records(query)
-                eq = emb(q.ids)
-                for k in ks:
-                    s = model.encode_records(supports[k])
-                    head, _ = adapt_head(emb(s.ids), s, params, log_lrs, steps, resid_l2)  # eval reward's meta
-                    rows["head"][k].append(records_accuracy(RewardModel.head_scores(head, eq), q))
-                    for lr in args.then_lora:
-                        tuned, _ = adapt_params(model, s, head, {}, args.lora_steps, seed=seed, adam_lr=lr)
-                        with torch.no_grad():
-                            sc = RewardModel.head_scores(tuned, model.embed_ids(q.ids, tuned, 64))
-                        rows[f"lora_lr={lr:g}"][k].append(records_accuracy(sc, q))
+            for seed, k, q, eq, s, es in user_draws(model, emb, by_user[u], u, ks, args.seeds):
+                head, _ = adapt_head(es, s, params, log_lrs, steps, resid_l2)  # eval reward's meta
+                rows["head"][k].append(records_accuracy(RewardModel.head_scores(head, eq), q))
+                for lr in args.then_lora:
+                    tuned, _ = adapt_params(model, s, head, {}, args.lora_steps, seed=seed, adam_lr=lr)
+                    with torch.no_grad():
+                        sc = RewardModel.head_scores(tuned, model.embed_ids(q.ids, tuned, 64))
+                    rows[f"lora_lr={lr:g}"][k].append(records_accuracy(sc, q))
             print(u, {v: round(r[ks[-1]][-1], 3) for v, r in rows.items()}, f"{time.perf_counter() - t_start:.0f} s",
                   flush=True)
         result = {"command": cmd, "what": "the init's head fit, then Adam on LoRA + head (encoder adapted per user)",
@@ -200,23 +210,16 @@ def main() -> None:
                 + [f"map={s:g}" for s in args.map])
     acc: dict[str, dict[int, list[float]]] = {v: {k: [] for k in ks} for v in variants}
     for u in users:
-        for seed in range(args.seeds):
-            query, supports = user_splits(u, by_user[u], ks, seed, 200)
-            q = model.encode_records(query)
-            eq = emb(q.ids)
-            for k in ks:
-                s = model.encode_records(supports[k])
-                es = emb(s.ids)
-                for v in variants:
-                    kind, val = v.split("=")
-                    if kind == "map":
-                        head = map_head(es, s, params, log_lrs, float(val), resid_l2)
-                    else:
-                        t = int(val) if kind == "steps" else max(1, round(float(val) * k))
-                        head, _ = adapt_head(es, s, params, log_lrs, t, resid_l2)
-                    head = {kk: vv.float() for kk, vv in head.items()}
-                    a = records_accuracy(RewardModel.head_scores(head, eq), q)
-                    acc[v][k].append(a)
+        for _, k, q, eq, s, es in user_draws(model, emb, by_user[u], u, ks, args.seeds):
+            for v in variants:
+                kind, val = v.split("=")
+                if kind == "map":
+                    head = map_head(es, s, params, log_lrs, float(val), resid_l2)
+                else:
+                    t = int(val) if kind == "steps" else max(1, round(float(val) * k))
+                    head, _ = adapt_head(es, s, params, log_lrs, t, resid_l2)
+                head = {kk: vv.float() for kk, vv in head.items()}
+                acc[v][k].append(records_accuracy(RewardModel.head_scores(head, eq), q))
         print(u, f"{time.perf_counter() - t_start:.0f} s", flush=True)
     result = {
         "command": cmd, "what": __doc__.split("\n")[0], "encoder": model.base_model, "init": str(init.relative_to(ROOT)),
