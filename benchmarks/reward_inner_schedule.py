@@ -51,9 +51,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from metarlhf.reward import (  # noqa: E402
-    BASIS_KEY,
-    R_KEY,
-    Z_KEY,
     RewardModel,
     adapt_head,
     inner_keys,
@@ -61,19 +58,17 @@ from metarlhf.reward import (  # noqa: E402
     records_accuracy,
     records_loss,
     residual_penalty,
+    with_inner_start,
 )
 
 
 def map_head(emb: torch.Tensor, enc: Any, params: dict[str, torch.Tensor], log_lrs: dict[str, torch.Tensor],
              scale: float, resid_l2: float = 0.0) -> dict[str, torch.Tensor]:
     """MAP fit of the inner parameters (from 0 for z and r, from the init for the bias) under
-    the prior N(init, scale * lr_k) per parameter, summed record loss, L-BFGS to convergence."""
+    the prior N(init, scale * lr_k) per parameter, summed record loss; one L-BFGS call of up
+    to 200 iterations (convergence not checked)."""
     keys = inner_keys(params, log_lrs)
-    params = dict(params)
-    if BASIS_KEY in params and Z_KEY not in params:
-        params[Z_KEY] = params[BASIS_KEY].new_zeros(params[BASIS_KEY].shape[0])
-    if R_KEY in keys and R_KEY not in params:
-        params[R_KEY] = torch.zeros_like(params["head.weight"][0])
+    params = with_inner_start(params, keys)
     start = {k: params[k].detach().double() for k in keys}
     var = {k: (torch.exp(log_lrs[k].detach().double()) * scale).expand_as(start[k]) for k in keys}
     theta = {k: v.clone().requires_grad_(True) for k, v in start.items()}

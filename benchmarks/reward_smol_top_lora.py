@@ -219,14 +219,14 @@ def main() -> None:
     if args.check_only:
         return
 
-    cfg = MetaTrainConfig(algo="metasgd", inner="subspace", basis_rank=32, basis_records=args.train_records,
-                          inner_steps=5, k_choices=[4, 8, 16, 32], inner_lr_r=args.inner_lr_r, steps=4000,
-                          max_seconds=args.max_seconds, val_every=20, ckpt_every=20, seed=0,
-                          encoder_layers=args.split + args.top, lora_layers=list(range(args.split, args.split + args.top)),
-                          standardise=True)
     if args.eval_init:
         init, mt = Path(args.eval_init), None
     else:
+        cfg = MetaTrainConfig(algo="metasgd", inner="subspace", basis_rank=32, basis_records=args.train_records,
+                              inner_steps=5, k_choices=[4, 8, 16, 32], inner_lr_r=args.inner_lr_r, steps=4000,
+                              max_seconds=args.max_seconds, val_every=20, ckpt_every=20, seed=0,
+                              encoder_layers=args.split + args.top,
+                              lora_layers=list(range(args.split, args.split + args.top)), standardise=True)
         init = Path(args.init_out) if args.init_out else work / "init"
         with tempfile.TemporaryDirectory() as tmp:
             mt = meta_train_reward(data, init, cfg, ckpt_dir=Path(tmp) / "ckpt", progress=False, model=model)

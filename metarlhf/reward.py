@@ -654,6 +654,17 @@ def sgd_inner_step(params: dict[str, torch.Tensor], grads: dict[str, torch.Tenso
     return out
 
 
+def with_inner_start(params: dict[str, torch.Tensor], keys: Sequence[str]) -> dict[str, torch.Tensor]:
+    """``params`` plus the head loop's starting points it lacks: ``head.z`` = 0 (with a basis)
+    and ``head.r`` = 0 (when ``keys`` adapt it). Pure."""
+    out = dict(params)
+    if BASIS_KEY in out and Z_KEY not in out:
+        out[Z_KEY] = out[BASIS_KEY].new_zeros(out[BASIS_KEY].shape[0])
+    if R_KEY in keys and R_KEY not in out:
+        out[R_KEY] = torch.zeros_like(out["head.weight"][0])  # [hidden]
+    return out
+
+
 def adapt_head(emb: torch.Tensor, enc: EncodedRecords, params: dict[str, torch.Tensor],
                log_lrs: dict[str, torch.Tensor], steps: int,
                resid_l2: float = 0.0) -> tuple[dict[str, torch.Tensor], list[float]]:
@@ -670,10 +681,7 @@ def adapt_head(emb: torch.Tensor, enc: EncodedRecords, params: dict[str, torch.T
     missing = [k for k in keys if k not in log_lrs]
     if missing:
         raise AdapterError(f"the init has no inner learning rate for {missing[0]!r}")
-    if BASIS_KEY in params and Z_KEY not in params:
-        params = {**params, Z_KEY: params[BASIS_KEY].new_zeros(params[BASIS_KEY].shape[0])}
-    if R_KEY in keys and R_KEY not in params:
-        params = {**params, R_KEY: torch.zeros_like(params["head.weight"][0])}  # [hidden]
+    params = with_inner_start(params, keys)
     head = {k: params[k].detach() for k in keys}
     fixed = {k: params[k].detach() for k in (*HEAD_KEYS, Z_KEY, R_KEY, BASIS_KEY) if k in params and k not in keys}
 
