@@ -30,6 +30,8 @@ validation accuracies next to the shipped MiniLM init's (0.837 / 0.872 / 0.895 /
 
 ``--eval-init DIR`` skips meta-training and scores an existing init (with the inner steps
 its metadata names) on ``--groups``, e.g. the shipped one after session 10 set 20 steps.
+``--init-from DIR`` continues meta-training from an init (``keep_basis``: its LoRA, head,
+basis, learned rates and feature statistics; a fresh Adam state), with ``--inner-steps``.
 """
 
 from __future__ import annotations
@@ -172,6 +174,9 @@ def main() -> None:
     ap.add_argument("--train-records", type=int, default=128, help="records per training persona")
     ap.add_argument("--max-seconds", type=float, default=1800.0, help="meta-training wall budget")
     ap.add_argument("--inner-lr-r", type=float, default=10.0)
+    ap.add_argument("--inner-steps", type=int, default=5, help="meta-training's inner steps (the init records them)")
+    ap.add_argument("--init-from", default=None,
+                    help="continue meta-training from this init (its LoRA, head, basis, rates and feature statistics)")
     ap.add_argument("--work", default="/tmp/metarlhf-smol-reward", help="data subset and eval files")
     ap.add_argument("--check-only", action="store_true", help="only compare the cached and the plain model")
     ap.add_argument("--init-out", default=None, help="where the init goes (default: <work>/init)")
@@ -223,7 +228,8 @@ def main() -> None:
         init, mt = Path(args.eval_init), None
     else:
         cfg = MetaTrainConfig(algo="metasgd", inner="subspace", basis_rank=32, basis_records=args.train_records,
-                              inner_steps=5, k_choices=[4, 8, 16, 32], inner_lr_r=args.inner_lr_r, steps=4000,
+                              inner_steps=args.inner_steps, k_choices=[4, 8, 16, 32], inner_lr_r=args.inner_lr_r,
+                              steps=4000, init_from=args.init_from, keep_basis=args.init_from is not None,
                               max_seconds=args.max_seconds, val_every=20, ckpt_every=20, seed=0,
                               encoder_layers=args.split + args.top,
                               lora_layers=list(range(args.split, args.split + args.top)), standardise=True)
