@@ -13,7 +13,12 @@ Readers:
   the completion, ``answer_matching_behavior == " Yes"`` is thumbs up, ``" No"`` down.
 
 Malformed input raises :class:`~metarlhf.errors.DataError` naming the file and line,
-or, with ``skip_invalid=True``, is skipped and counted (and logged as a warning).
+or, with ``skip_invalid=True``, is skipped and counted (and logged as a warning). A
+malformed line is one that is not UTF-8, not JSON (or nested too deeply), not a record,
+or holds text that cannot be encoded (a lone surrogate escape such as ``"\\ud800"``).
+In a directory, an empty per-user file counts as malformed too, and a user with both
+``u.jsonl`` and ``u.jsonl.gz`` is refused (``gzip -k`` leaves both behind).
+A file that cannot be read at all (I/O error, corrupted gzip) is always a DataError.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import gzip
 import json
 import logging
 import random
+import zlib
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -68,11 +74,21 @@ def _label(value: object) -> int:
     raise ValueError(f"label must be 1/0 or 'up'/'down', got {value!r}")
 
 
+def _check_text(value: str, what: str) -> str:
+    """``value`` if it is valid Unicode text (JSON allows lone surrogates, tokenizers do not)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{what} holds text that is not valid Unicode (a lone surrogate escape such as "
+                         "\\ud800)") from None
+    return value
+
+
 def _str_field(obj: dict, key: str) -> str:
     v = obj.get(key)
     if not isinstance(v, str):
         raise ValueError(f"field {key!r} must be a string, got {type(v).__name__}")
-    return v
+    return _check_text(v, f"field {key!r}")
 
 
 def parse_record(obj: object, default_user: str | None = None) -> Record:
@@ -82,6 +98,7 @@ def parse_record(obj: object, default_user: str | None = None) -> Record:
     user = obj.get("user_id", default_user)
     if not isinstance(user, str) or not user:
         raise ValueError("field 'user_id' must be a non-empty string")
+    _check_text(user, "field 'user_id'")
     if "chosen" in obj or "rejected" in obj:
         return Pair(user, _str_field(obj, "prompt"), _str_field(obj, "chosen"), _str_field(obj, "rejected"))
     if "completion" in obj:
@@ -96,13 +113,35 @@ def parse_record(obj: object, default_user: str | None = None) -> Record:
     raise ValueError("not a thumbs, pair or persona record (need completion+label, chosen+rejected, or statement)")
 
 
-def _open_text(path: Path) -> Iterator[str]:
+def _raw_lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    """``(line number, bytes)`` of a plain or gzipped file; DataError if it cannot be read.
+
+    Lines are decoded by the caller, one at a time, so that bad UTF-8 names its line.
+    """
     opener = gzip.open if path.suffix == ".gz" else open
+    lineno = 0
     try:
-        with opener(path, "rt", encoding="utf-8") as f:
-            yield from f
-    except (OSError, UnicodeDecodeError, EOFError) as e:
-        raise DataError(f"{path}: cannot read: {e}") from e
+        with opener(path, "rb") as f:
+            for lineno, line in enumerate(f, start=1):
+                yield lineno, line
+    except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError
+        where = f" after line {lineno}" if lineno else ""
+        raise DataError(f"{path}: cannot read{where}: {e}") from e
+
+
+def _decode(line: bytes) -> str:
+    try:
+        return line.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"invalid UTF-8 at byte {e.start} of the line") from None
+
+
+def _loads(text: str) -> object:
+    """``json.loads``, with too-deep nesting reported as the ValueError it is."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
 
 
 def read_jsonl(
@@ -112,25 +151,35 @@ def read_jsonl(
     path = Path(path)
     stats = stats if stats is not None else ReadStats()
     out: list[Record] = []
-    for lineno, line in enumerate(_open_text(path), start=1):
-        if not line.strip():
+    for lineno, raw in _raw_lines(path):
+        if not raw.strip():
             continue
         try:
-            out.append(parse_record(json.loads(line), default_user))
-        except (ValueError, json.JSONDecodeError) as e:
-            msg = f"{path}:{lineno}: {e}"
-            if not skip_invalid:
-                raise DataError(msg) from e
-            stats.skipped += 1
-            stats.errors.append(msg)
+            out.append(parse_record(_loads(_decode(raw)), default_user))
+        except ValueError as e:  # json.JSONDecodeError is a ValueError
+            _malformed(f"{path}:{lineno}: {e}", skip_invalid, stats, e)
     stats.records += len(out)
     return out
+
+
+def _malformed(msg: str, skip_invalid: bool, stats: ReadStats, cause: Exception | None = None) -> None:
+    """Raise DataError(msg), or with ``skip_invalid`` count it as skipped."""
+    if not skip_invalid:
+        raise DataError(msg) from cause
+    stats.skipped += 1
+    stats.errors.append(msg)
 
 
 def _user_files(directory: Path) -> list[Path]:
     files = sorted(p for p in directory.iterdir() if p.name.endswith((".jsonl", ".jsonl.gz")))
     if not files:
         raise DataError(f"{directory}: no *.jsonl or *.jsonl.gz files")
+    seen: dict[str, Path] = {}
+    for f in files:
+        user = user_id_from_path(f)
+        if user in seen:  # e.g. left behind by `gzip -k`: reading both would count the user twice
+            raise DataError(f"{seen[user]} and {f} both hold user {user!r}; remove one of them")
+        seen[user] = f
     return files
 
 
@@ -152,7 +201,11 @@ def load_records(path: str | Path, skip_invalid: bool = False) -> tuple[list[Rec
     if path.is_dir():
         records: list[Record] = []
         for f in _user_files(path):
-            records += read_jsonl(f, default_user=user_id_from_path(f), skip_invalid=skip_invalid, stats=stats)
+            before = stats.skipped
+            got = read_jsonl(f, default_user=user_id_from_path(f), skip_invalid=skip_invalid, stats=stats)
+            if not got and stats.skipped == before:
+                _malformed(f"{f}: empty file (no records)", skip_invalid, stats)
+            records += got
     elif path.is_file():
         records = read_jsonl(path, skip_invalid=skip_invalid, stats=stats)
     else:
@@ -250,16 +303,19 @@ def read_prompts(path: str | Path, limit: int | None = None) -> list[str]:
         raise DataError(f"{path}: no such file")
     prompts: list[str] = []
     is_jsonl = path.name.endswith((".jsonl", ".jsonl.gz", ".json"))
-    for lineno, line in enumerate(_open_text(path), start=1):
-        line = line.strip()
+    for lineno, raw in _raw_lines(path):
+        try:
+            line = _decode(raw).strip()
+        except ValueError as e:
+            raise DataError(f"{path}:{lineno}: {e}") from e
         if not line:
             continue
         if not is_jsonl:
-            prompts.append(line)
+            prompts.append(line)  # strictly decoded UTF-8: no lone surrogates
         else:
             try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
+                obj = _loads(line)
+            except ValueError as e:
                 raise DataError(f"{path}:{lineno}: invalid JSON: {e}") from e
             if not isinstance(obj, dict):
                 raise DataError(f"{path}:{lineno}: expected a JSON object")
@@ -268,12 +324,19 @@ def read_prompts(path: str | Path, limit: int | None = None) -> list[str]:
                 text = first_human_turn(obj["chosen"])
             if not isinstance(text, str) or not text.strip():
                 raise DataError(f"{path}:{lineno}: no 'prompt', 'question' or HH-RLHF 'chosen' dialogue")
-            prompts.append(text.strip())
+            prompts.append(_text_at(text.strip(), path, lineno))
         if limit is not None and len(prompts) >= limit:
             break
     if not prompts:
         raise DataError(f"{path}: no prompts")
     return prompts
+
+
+def _text_at(text: str, path: Path, lineno: int) -> str:
+    try:
+        return _check_text(text, "the prompt")
+    except ValueError as e:
+        raise DataError(f"{path}:{lineno}: {e}") from e
 
 
 def first_human_turn(dialogue: str) -> str:

@@ -4,19 +4,52 @@ Every file the project writes goes to a temporary name in the same directory, is
 fsynced, then renamed over the target; the directory is fsynced afterwards so the
 rename itself is durable. Readers therefore see either the old file or the new one.
 Only safetensors and JSON are ever read back: nothing is unpickled.
+
+Output directories (:func:`atomic_dir`) never replace something the project did not
+write: an existing target is replaced only if it looks like an earlier output of the
+same kind, else :class:`~metarlhf.errors.ConfigError`. What is written gets the usual
+permissions (``0o666``/``0o777`` minus the process umask), not the private ones of
+``mkstemp``/``mkdtemp``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from metarlhf.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux /proc)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: the classic set-and-restore
+    os.umask(mask)
+    return mask
+
+
+def _make_parent(path: Path) -> None:
+    """Create ``path``'s parent directories; a ConfigError if a component is a file."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as e:
+        blocker = next((p for p in [path.parent, *path.parent.parents] if p.is_file()), path.parent)
+        raise ConfigError(f"cannot write {str(path)!r}: {str(blocker)!r} is a file, not a directory") from e
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
@@ -31,14 +64,20 @@ def fsync_dir(path: str | os.PathLike) -> None:
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` via temp file + fsync + rename."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        raise ConfigError(f"cannot write the file {str(path)!r}: a directory of that name exists")
+    _make_parent(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes it 0600
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except IsADirectoryError as e:  # a directory appeared there meanwhile
+            raise ConfigError(f"cannot write the file {str(path)!r}: a directory of that name exists") from e
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -71,28 +110,89 @@ def load_tensors(path: str | os.PathLike, device: str = "cpu") -> dict:
     return load_file(str(path), device=device)
 
 
+def _check_replaceable(target: Path, replaceable: Callable[[Path], bool] | None, new: set[str] | None,
+                       what: str) -> None:
+    """Raise ConfigError unless ``target`` is missing or may be replaced (see :func:`atomic_dir`)."""
+    if target.is_symlink() or (os.path.lexists(target) and not target.is_dir()):
+        kind = "a symbolic link" if target.is_symlink() else "a file"
+        raise ConfigError(f"refusing to replace {str(target)!r}: it is {kind}, not {what}")
+    if not target.is_dir() or (replaceable is None and new is None):
+        return  # the default test needs the new names: it runs again just before the swap
+    try:
+        ok = replaceable(target) if replaceable is not None else all(p.name in new for p in target.iterdir())
+    except OSError as e:
+        raise ConfigError(f"refusing to replace {str(target)!r}: cannot list it: {e}") from e
+    if not ok:
+        raise ConfigError(
+            f"refusing to replace {str(target)!r}: it exists and is not {what} written by metarlhf "
+            "(it holds other files); choose another path or remove it first"
+        )
+
+
+def check_output_dir(target: str | os.PathLike, replaceable: Callable[[Path], bool] | None = None,
+                     what: str = "an output directory") -> None:
+    """Raise :class:`ConfigError` now if :func:`atomic_dir` would refuse ``target``.
+
+    Lets a command check its ``--out`` before a long run rather than after it.
+    """
+    target = Path(target)
+    _check_replaceable(target, replaceable, None, what)
+    if not os.path.lexists(target):
+        blocker = next((p for p in target.parents if os.path.lexists(p) and not p.is_dir()), None)
+        if blocker is not None:
+            raise ConfigError(f"cannot write {str(target)!r}: {str(blocker)!r} is a file, not a directory")
+
+
+def _aside(target: Path) -> Path:
+    return target.with_name(f".{target.name}.old")
+
+
+def _recover_aside(target: Path) -> None:
+    """Undo a replace interrupted between its two renames: put the old output back."""
+    old = _aside(target)
+    if old.is_dir() and not old.is_symlink() and not os.path.lexists(target):
+        log.warning("%s is missing but %s is there (an interrupted replace): restoring it", target, old)
+        os.replace(old, target)
+        fsync_dir(target.parent)
+
+
 @contextmanager
-def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
+def atomic_dir(target: str | os.PathLike, replaceable: Callable[[Path], bool] | None = None,
+               what: str = "an output directory") -> Iterator[Path]:
     """Build a directory under a temp name, then rename it into place.
 
     Yields the temp directory. On success its files are fsynced and the directory is
-    renamed to ``target`` (which must not exist). On any error the temp directory is
-    removed, so no half-written output is ever left behind.
+    renamed to ``target``. On any error the temp directory is removed, so no
+    half-written output is ever left behind.
+
+    An existing ``target`` directory is replaced only if ``replaceable(target)`` says so;
+    by default, only if every entry in it is also among the top-level names just
+    written (an earlier output of the same kind; an empty directory too). Files,
+    symbolic links and other directories raise :class:`ConfigError` and are left as
+    they are. The old directory is moved aside to ``.<name>.old`` during the swap; one
+    left there by a crash is restored if ``target`` is missing.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    _make_parent(target)
+    _recover_aside(target)
+    _check_replaceable(target, replaceable, None, what)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it 0700
         yield tmp
         for p in tmp.rglob("*"):
             if p.is_file():
                 with open(p, "rb") as f:
                     os.fsync(f.fileno())
         fsync_dir(tmp)
-        if target.exists():
-            # Replace an existing output directory: move it aside first, then swap.
-            old = target.with_name(f".{target.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
+        new = {p.name for p in tmp.iterdir()}
+        if os.path.lexists(target):
+            # Replace an earlier output: move it aside first, then swap, then remove it.
+            _check_replaceable(target, replaceable, new, what)
+            old = _aside(target)
+            if os.path.lexists(old):  # left by a crash after a completed swap
+                _check_replaceable(old, replaceable, new, what)
+                shutil.rmtree(old)
             os.replace(target, old)
             os.replace(tmp, target)
             shutil.rmtree(old, ignore_errors=True)

@@ -18,8 +18,10 @@ Layout (see docs/architecture.md)::
   via :func:`metarlhf.adapters.load_adapter`); if it is corrupted it logs an error and
   falls back to the newest older version that verifies, or ``None`` (= base/meta-init).
 
-Tenant and user ids must match ``[A-Za-z0-9_.-]{1,128}`` and must not be ``.`` or
-``..``; anything else raises :class:`ConfigError` before touching the filesystem.
+Tenant and user ids must match ``[A-Za-z0-9][A-Za-z0-9_.-]{0,127}`` (so never ``.``,
+``..`` or a hidden name); anything else raises :class:`ConfigError` before touching the
+filesystem. The store's own transient names (``<user>~deleted``, ``.<name>.tmp``)
+can therefore never be an id, and :meth:`AdapterStore.users` never lists them.
 """
 
 from __future__ import annotations
@@ -38,15 +40,16 @@ from metarlhf.io import atomic_write_bytes, fsync_dir
 
 log = logging.getLogger(__name__)
 
-ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 KINDS = ("policy", "reward")
 VERSION_RE = re.compile(r"^v([1-9][0-9]*)$")
 
 
 def check_id(value: str, what: str = "user id") -> str:
     """Return ``value`` if it is a safe id, else raise :class:`ConfigError`."""
-    if not isinstance(value, str) or not ID_RE.match(value) or value in (".", ".."):
-        raise ConfigError(f"{what} must match [A-Za-z0-9_.-]{{1,128}} (and not be '.' or '..'), got {value!r}")
+    if not isinstance(value, str) or not ID_RE.fullmatch(value):
+        raise ConfigError(f"{what} must match [A-Za-z0-9][A-Za-z0-9_.-]{{0,127}} (start with a letter or digit), "
+                          f"got {value!r}")
     return value
 
 
@@ -102,9 +105,11 @@ class AdapterStore:
         """The version ``CURRENT`` names, or None if the user has none."""
         f = self.kind_dir(tenant, user, kind) / "CURRENT"
         try:
-            text = f.read_text().strip()
+            text = f.read_bytes().decode("utf-8", errors="replace").strip()
         except FileNotFoundError:
             return None
+        except OSError as e:  # e.g. a directory named CURRENT
+            raise AdapterError(f"{f}: unreadable version pointer: {e}") from e
         m = VERSION_RE.match(text)
         if not m:
             log.error("%s: unreadable CURRENT pointer %r; using the newest stored version", f, text)
@@ -116,9 +121,11 @@ class AdapterStore:
     def _last(self, tenant: str, user: str, kind: str) -> int:
         f = self.kind_dir(tenant, user, kind) / "LAST"
         try:
-            last = int(f.read_text().strip())
-        except (FileNotFoundError, ValueError):
+            last = int(f.read_bytes().decode("utf-8").strip())
+        except (FileNotFoundError, ValueError):  # ValueError: not UTF-8 or not a number
             last = 0
+        except OSError as e:
+            raise AdapterError(f"{f}: unreadable version counter: {e}") from e
         vs = self.versions(tenant, user, kind)
         return max([last, *vs])
 
@@ -172,8 +179,9 @@ class AdapterStore:
         d = self.user_dir(tenant, user)
         if not d.exists():
             return False
-        # Rename first so that no reader sees a half-deleted tree, then remove.
-        tomb = d.with_name(f".{d.name}.deleted")
+        # Rename first so that no reader sees a half-deleted tree, then remove. The "~"
+        # keeps the tombstone outside the id alphabet: it can never be another user.
+        tomb = d.with_name(f"{d.name}~deleted")
         shutil.rmtree(tomb, ignore_errors=True)
         os.replace(d, tomb)
         fsync_dir(d.parent)
@@ -186,10 +194,10 @@ class AdapterStore:
         out = []
         tenants = [base / tenant] if tenant is not None else (sorted(base.iterdir()) if base.is_dir() else [])
         for t in tenants:
-            if not t.is_dir() or not ID_RE.match(t.name):
+            if not t.is_dir() or not ID_RE.fullmatch(t.name):
                 continue
             for u in sorted(t.iterdir()):
-                if u.is_dir() and ID_RE.match(u.name) and u.name not in (".", ".."):
+                if u.is_dir() and ID_RE.fullmatch(u.name):
                     out.append((t.name, u.name))
         return out
 
