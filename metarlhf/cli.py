@@ -8,7 +8,9 @@
     metarlhf generate ...
 
 Each feature module contributes its subcommands through ``register(groups)``; this
-file only wires them up and turns domain errors into a message and exit code 2.
+file only wires them up and turns domain errors (any :class:`MetaRLHFError`) and
+operating-system errors on the paths given (``OSError``: a file where a directory is
+expected, no permission, disk full) into a ``metarlhf: error: ...`` line and exit code 2.
 Heavy imports happen inside the command handlers, so ``metarlhf --help`` is instant.
 """
 
@@ -54,6 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def os_error_message(e: OSError) -> str:
+    """``[Errno 17] File exists: 'x'`` -> ``cannot use 'x': file exists``."""
+    if e.filename is None or not e.strerror:
+        return str(e)
+    where = repr(str(e.filename)) + (f" -> {str(e.filename2)!r}" if e.filename2 is not None else "")
+    return f"cannot use {where}: {e.strerror[0].lower()}{e.strerror[1:]}"
+
+
 def main(argv: list[str] | None = None) -> int:
     from metarlhf.runtime import tune_malloc
 
@@ -67,6 +77,10 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except MetaRLHFError as e:
         print(f"metarlhf: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a path the OS refuses: caused by the arguments or the machine, not a bug
+        logging.getLogger(__name__).debug("OSError", exc_info=True)
+        print(f"metarlhf: error: {os_error_message(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("metarlhf: interrupted", file=sys.stderr)

@@ -32,7 +32,11 @@ Two LoRA backends compute the per-row adapter delta ``x @ A_row^T @ B_row^T * s`
 
 Sampling is greedy (``temperature == 0``) or temperature + nucleus (top-p) sampling with a
 per-row ``torch.Generator`` seeded from ``SamplingParams.seed``, so a row's sample does not
-depend on the other rows in its batch. Stop strings are matched on the decoded text;
+depend on the other rows in its batch. Any finite temperature > 0 is safe: the logits are
+shifted to a maximum of 0 before the division, and temperatures below the smallest normal
+float32 (~1.2e-38) decode greedily, the limit of sampling as the temperature goes to 0.
+Prompts must be valid Unicode (no lone surrogates): anything else is a ``ConfigError``
+for that request, raised before it reaches a batch. Stop strings are matched on the decoded text;
 the returned text ends before the stop string. Chat requests are rendered with the
 tokenizer's own chat template.
 
@@ -83,7 +87,7 @@ class SamplingParams:
     """How to decode one request. Invalid values raise ``ConfigError`` naming the field."""
 
     max_new_tokens: int = 64  # 1 .. MAX_NEW_TOKENS_LIMIT
-    temperature: float = 0.0  # 0 = greedy; > 0 = sample from softmax(logits / temperature)
+    temperature: float = 0.0  # 0 = greedy; > 0 = sample from softmax(logits / temperature) (< 1.2e-38: greedy)
     top_p: float = 1.0  # nucleus mass in (0, 1]; 1 = no truncation
     stop: list[str] = field(default_factory=list)  # stop strings; a str is one stop string
     seed: int | None = None  # per-row sampling seed; None = fresh randomness
@@ -147,6 +151,19 @@ def _is_base(ref: AdapterRef | str | None) -> bool:
     return ref is None or ref == BASE or (isinstance(ref, AdapterRef) and ref.is_base)
 
 
+def _check_encodable(text: str, what: str) -> None:
+    """``text`` must be valid Unicode that UTF-8 can encode: no lone surrogates (e.g. from
+    undecodable bytes in a command line, or ``\\ud800`` escapes in JSON), which tokenizers
+    cannot take. A ``ConfigError`` naming the field and position otherwise."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ConfigError(
+            f"{what} is not valid text: character {e.start} is {text[e.start]!r} (a lone surrogate, e.g. from "
+            "bytes that are not UTF-8)"
+        ) from e
+
+
 @dataclass
 class GenerationRequest:
     """One prompt: chat ``messages`` (rendered by the chat template) or a raw ``prompt``."""
@@ -168,6 +185,8 @@ class GenerationRequest:
             raise ConfigError("give exactly one of messages (chat) or prompt (raw text)")
         if self.prompt is not None and not isinstance(self.prompt, str):
             raise ConfigError(f"prompt must be a string, got {type(self.prompt).__name__}")
+        if self.prompt is not None:
+            _check_encodable(self.prompt, "prompt")
         if self.messages is not None:
             if not isinstance(self.messages, list) or not self.messages:
                 raise ConfigError("messages must be a non-empty list of {'role', 'content'} dicts")
@@ -176,6 +195,8 @@ class GenerationRequest:
                     m.get("content"), str
                 ):
                     raise ConfigError(f"messages[{i}] must be a dict with string 'role' and 'content'")
+                _check_encodable(m["role"], f"messages[{i}].role")
+                _check_encodable(m["content"], f"messages[{i}].content")
         if not (self.adapter is None or self.adapter == BASE or isinstance(self.adapter, AdapterRef)):
             raise ConfigError(f"adapter must be an AdapterRef, '__base__' or None, got {self.adapter!r}")
         if not isinstance(self.params, SamplingParams):
@@ -218,13 +239,25 @@ def top_p_mask(probs: Any, top_p: float) -> Any:
     return mask
 
 
+#: Temperatures below this (the smallest normal float32) decode greedily: ``logits / t``
+#: cannot be formed in float32 there, and softmax(logits / t) is the argmax in the limit.
+MIN_SAMPLING_TEMPERATURE = 1.1754943508222875e-38
+
+
 def sample_token(logits: Any, temperature: float, top_p: float, generator: Any = None) -> int:
-    """Next token id from logits ``[V]``: argmax if temperature == 0, else nucleus sampling."""
+    """Next token id from logits ``[V]``: argmax if temperature == 0, else nucleus sampling.
+
+    Numerically safe for any finite temperature > 0: the logits are shifted so the largest
+    is 0 before dividing (float32), so a tiny temperature sends the others to -inf instead
+    of overflowing to inf - inf = NaN; below :data:`MIN_SAMPLING_TEMPERATURE` it is greedy.
+    """
     import torch
 
-    if temperature == 0.0:
+    if temperature < MIN_SAMPLING_TEMPERATURE:
         return int(torch.argmax(logits))
-    probs = torch.softmax(logits.float() / temperature, dim=-1)  # [V]
+    z = logits.float()
+    z = (z - z.max()) / temperature  # [V], <= 0, the max is 0
+    probs = torch.softmax(z, dim=-1)  # [V]
     probs = torch.where(top_p_mask(probs, top_p), probs, torch.zeros_like(probs))
     return int(torch.multinomial(probs, 1, generator=generator))
 
@@ -720,9 +753,11 @@ class MultiAdapterEngine:
                 text = tok.apply_chat_template(request.messages, add_generation_prompt=True, tokenize=False)
             except Exception as e:  # noqa: BLE001 - jinja raises many types on odd input
                 raise ConfigError(f"messages cannot be rendered by the chat template: {e}") from e
-            ids = tok(text, add_special_tokens=False)["input_ids"]
+            _check_encodable(text, "the rendered chat prompt")
+            ids = self._tokenize(text, add_special_tokens=False)
         else:
-            ids = tok(request.prompt)["input_ids"]
+            _check_encodable(request.prompt, "prompt")
+            ids = self._tokenize(request.prompt)
         if not ids:
             raise ConfigError("prompt is empty")
         limit = self.max_context - request.params.max_new_tokens
@@ -732,6 +767,13 @@ class MultiAdapterEngine:
                 f"{limit} (max_context={self.max_context})"
             )
         return ids
+
+    def _tokenize(self, text: str, **kw: Any) -> list[int]:
+        """Token ids of ``text``; text the tokenizer rejects is a ``ConfigError`` for this request."""
+        try:
+            return list(self.tokenizer(text, **kw)["input_ids"])
+        except (TypeError, ValueError) as e:  # e.g. the fast tokenizer on text it cannot take
+            raise ConfigError(f"prompt cannot be tokenized: {e}") from e
 
     def _new_row(self, i: int, req: GenerationRequest, ids: list[int], slot: int | None) -> _Row:
         import torch

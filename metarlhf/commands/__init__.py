@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 
 
 def add_device_arg(p: argparse.ArgumentParser) -> None:
@@ -15,3 +16,41 @@ def device_from_args(args: argparse.Namespace) -> str:
     from metarlhf.runtime import resolve_device
 
     return str(resolve_device(args.device))
+
+
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``minimum`` (anything else exits 2 naming the flag)."""
+
+    def parse(value: str) -> int:
+        try:
+            n = int(value)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from e
+        if n < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {n}")
+        return n
+
+    return parse
+
+
+def add_skip_invalid_arg(p: argparse.ArgumentParser) -> None:
+    """``--skip-invalid`` for a command that reads feedback records with ``--data``."""
+    p.add_argument("--skip-invalid", action="store_true",
+                   help="skip malformed lines of --data (counted, with a warning) instead of stopping at the first")
+
+
+def support_records(path: str, user_id: str, k: int, seed: int = 0, skip_invalid: bool = False) -> list:
+    """K support records of one user, as :func:`metarlhf.data.user_support`; with
+    ``skip_invalid`` malformed lines are skipped and counted (a warning) instead of an error."""
+    from metarlhf.data import group_by_user, load_records, make_task, user_support
+    from metarlhf.errors import DataError
+
+    if not skip_invalid:
+        return user_support(path, user_id, k, seed=seed)
+    records, _ = load_records(path, skip_invalid=True)
+    recs = group_by_user(records).get(user_id)
+    if not recs:
+        raise DataError(f"user {user_id!r} has no records in {path}")
+    if k < 1 or k > len(recs):
+        raise DataError(f"K={k} but user {user_id!r} has only {len(recs)} records")
+    return recs if k == len(recs) else make_task(user_id, recs, k, seed=seed).support

@@ -1,7 +1,7 @@
 """``metarlhf generate``: generate with the base policy or one user's policy adapter.
 
     metarlhf generate --message "How do I make tea?" [--adapter DIR] [--stream]
-    metarlhf generate --prompt "Once upon a time" --temperature 0.8 --seed 1
+    metarlhf generate --prompt "Once upon a time" --temperature 0.8 --seed 1 [--policy DIR]
 
 Runs one request through :class:`metarlhf.engine.MultiAdapterEngine` (chat messages go
 through the model's chat template). Bad parameters or adapters exit with code 2.
@@ -21,7 +21,8 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
     p.add_argument("--system", default=None, help="optional system message (with --message)")
     p.add_argument("--adapter", default=None, help="policy adapter directory (default: the base model)")
     p.add_argument("--user", default="cli", help="user name for the adapter cache key")
-    p.add_argument("--model-dir", default=None, help="local HF policy directory (default: embedded SmolLM2)")
+    p.add_argument("--policy", "--model-dir", dest="policy", default=None,
+                   help="base policy model directory (default: embedded SmolLM2); --model-dir is an alias")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -44,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
         kw = {"prompt": args.prompt}
     ref = AdapterRef(args.user, 1, args.adapter) if args.adapter else None
     req = GenerationRequest(adapter=ref, params=params, **kw)
-    engine = MultiAdapterEngine.from_pretrained(args.model_dir, capacity=2)
+    engine = MultiAdapterEngine.from_pretrained(args.policy, capacity=2)
     if args.stream:
         for delta in engine.stream(req):
             sys.stdout.write(delta)

@@ -6,28 +6,18 @@ import argparse
 import logging
 import math
 import time
-from collections.abc import Callable
 from pathlib import Path
 
-from metarlhf.commands import add_device_arg, device_from_args
+from metarlhf.commands import (
+    add_device_arg,
+    add_skip_invalid_arg,
+    device_from_args,
+    int_at_least,
+    support_records,
+)
 from metarlhf.errors import ConfigError
 
 log = logging.getLogger(__name__)
-
-
-def _int_at_least(minimum: int) -> Callable[[str], int]:
-    """An argparse type: an integer >= ``minimum``."""
-
-    def parse(value: str) -> int:
-        try:
-            n = int(value)
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from e
-        if n < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {n}")
-        return n
-
-    return parse
 
 
 def _base(args: argparse.Namespace, device: str) -> tuple:
@@ -37,8 +27,8 @@ def _base(args: argparse.Namespace, device: str) -> tuple:
     return load_policy(args.policy, device=device)
 
 
-_positive = _int_at_least(1)
-_nonneg = _int_at_least(0)
+_positive = int_at_least(1)
+_nonneg = int_at_least(0)
 
 
 def register(groups: dict[str, argparse._SubParsersAction]) -> None:
@@ -52,6 +42,8 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
     p.add_argument("--out", required=True, help="output adapter directory (kind policy_init)")
     p.add_argument("--work", default=None, help="work dir for pool/metrics/checkpoints (default <out>.work)")
     p.add_argument("--users", default=None, help="comma-separated simulated users (default: the training split)")
+    p.add_argument("--allow-heldout", action="store_true",
+                   help="let --users name held-out users (meta-training on them leaks them into `eval policy`)")
     p.add_argument("--users-file", default=None, help="Python file defining USERS = {name: f(prompt, completion)}")
     p.add_argument("--meta-steps", type=_positive, default=40)
     p.add_argument("--inner-steps", type=_positive, default=4)
@@ -78,6 +70,7 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
 
     p = groups["adapt"].add_parser("policy", help="fit one user's policy LoRA from thumbs (KTO) / pairs (DPO)")
     p.add_argument("--data", required=True, help="feedback JSONL file or per-user directory")
+    add_skip_invalid_arg(p)
     p.add_argument("--user", required=True, help="user id whose records to use")
     p.add_argument("--k", type=_positive, required=True, help="number of records to adapt on")
     p.add_argument("--out", required=True, help="output adapter directory")
@@ -146,14 +139,33 @@ def _recipe_args(p: argparse.ArgumentParser) -> None:
                    help="weight of the per-token NLL of thumbs-up / chosen completions")
     p.add_argument("--pair-weight", type=float, default=d.pair_weight,
                    help="weight of DPO on (up, down) thumbs of the same prompt")
-    p.add_argument("--train-layers", type=_nonneg, default=d.train_layers,
-                   help="train the LoRA of the top N decoder layers only (0: all)")
+    p.add_argument("--train-layers", type=_nonneg, default=None,
+                   help=f"train the LoRA of the top N decoder layers only (0: all; at most the policy's layer "
+                        f"count; default: {d.train_layers}, all of a smaller model's)")
     p.add_argument("--kl-weight", type=_nonneg_float, default=d.kl_weight,
                    help="fluency anchor: weight of the per-token KL(reference || policy) on the feedback's "
                         "completions (0: off)")
     p.add_argument("--contrast-weight", type=_nonneg_float, default=d.contrast_weight,
                    help="prompt contrast: weight of DPO between each thumbs-up answer after its own prompt and "
                         "after another support prompt, against memorised templates (0: off)")
+
+
+def _train_layers(args: argparse.Namespace) -> int:
+    """``--train-layers``, or the :class:`metarlhf.policy.AdaptConfig` default."""
+    from metarlhf.policy import AdaptConfig
+
+    return AdaptConfig.train_layers if args.train_layers is None else args.train_layers
+
+
+def _check_train_layers(args: argparse.Namespace, model: object) -> None:
+    """An explicit ``--train-layers`` above the policy's decoder layer count is refused (the
+    default, made for SmolLM2's 30 layers, trains all layers of a smaller model)."""
+    from metarlhf.policy import decoder_of
+
+    dec = decoder_of(model)
+    if args.train_layers is not None and dec is not None and args.train_layers > len(dec.layers):
+        raise ConfigError(f"--train-layers {args.train_layers}, but the policy has only {len(dec.layers)} decoder "
+                          "layers (0 trains all)")
 
 
 def _users(names: str | None, users_file: str | None, default: tuple[str, ...]) -> list:
@@ -171,9 +183,14 @@ def _users(names: str | None, users_file: str | None, default: tuple[str, ...]) 
 def cmd_meta_train(args: argparse.Namespace) -> int:
     from metarlhf.data import read_prompts
     from metarlhf.policy import AdaptConfig, MetaConfig, meta_train_policy
-    from metarlhf.simusers import TRAIN_USERS
+    from metarlhf.simusers import HELDOUT_USERS, TRAIN_USERS
 
     device = device_from_args(args)
+    if args.users and not args.allow_heldout:
+        heldout = [n.strip() for n in args.users.split(",") if n.strip() in HELDOUT_USERS]
+        if heldout:
+            raise ConfigError(f"--users names held-out user(s) {', '.join(heldout)}: meta-training on them leaks "
+                              "them into `eval policy`; pass --allow-heldout to do it anyway")
     cfg = MetaConfig(
         algo=args.algo, meta_steps=args.meta_steps, inner_steps=args.inner_steps,
         support_prompts=args.support_prompts, query_prompts=args.query_prompts,
@@ -183,14 +200,16 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
         task_a=args.task_a,
     )
     acfg = AdaptConfig(lr=args.lr, kto_weight=args.kto_weight, sft_weight=args.sft_weight,
-                       pair_weight=args.pair_weight, train_layers=args.train_layers, kl_weight=args.kl_weight,
+                       pair_weight=args.pair_weight, train_layers=_train_layers(args), kl_weight=args.kl_weight,
                        contrast_weight=args.contrast_weight)
     users = _users(args.users, args.users_file, TRAIN_USERS) if (args.users or args.users_file) else _users(
         None, None, TRAIN_USERS)
     prompts = read_prompts(args.prompts, limit=args.offset + cfg.pool_prompts)[args.offset:]
+    base = _base(args, device)
+    _check_train_layers(args, base[0])
     t0 = time.perf_counter()
     adapter = meta_train_policy(prompts, users, args.out, work=args.work, config=cfg, adapt_config=acfg,
-                                base=_base(args, device), resume=args.resume)
+                                base=base, resume=args.resume)
     print(f"wrote {args.out} ({args.algo}, {cfg.meta_steps} meta-steps over {len(users)} users, "
           f"{time.perf_counter() - t0:.0f} s this run, {adapter.meta['wall_s']} s total)")
     return 0
@@ -198,17 +217,18 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
 
 def cmd_adapt(args: argparse.Namespace) -> int:
     from metarlhf.adapters import save_adapter
-    from metarlhf.data import user_support
     from metarlhf.policy import AdaptConfig, adapt_policy
 
     device = device_from_args(args)
-    support = user_support(args.data, args.user, args.k, seed=args.seed)
+    support = support_records(args.data, args.user, args.k, seed=args.seed, skip_invalid=args.skip_invalid)
     cfg = AdaptConfig(steps=args.steps, lr=args.lr, beta=args.beta, kto_weight=args.kto_weight,
-                      sft_weight=args.sft_weight, pair_weight=args.pair_weight, train_layers=args.train_layers,
+                      sft_weight=args.sft_weight, pair_weight=args.pair_weight, train_layers=_train_layers(args),
                       kl_weight=args.kl_weight, contrast_weight=args.contrast_weight)
+    base = _base(args, device)
+    _check_train_layers(args, base[0])
     init = None if args.init == "scratch" else args.init
     t0 = time.perf_counter()
-    adapter = adapt_policy(support, base=_base(args, device), init=init, seed=args.seed, config=cfg)
+    adapter = adapt_policy(support, base=base, init=init, seed=args.seed, config=cfg)
     save_adapter(Path(args.out), adapter)
     losses = adapter.meta["losses"]
     print(f"wrote {args.out}: user {args.user}, K={len(support)}, {cfg.steps} steps, "
@@ -228,13 +248,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
         methods=[m.strip() for m in args.methods.split(",") if m.strip()], steps=args.steps, lr=args.lr,
         max_new_tokens=args.max_new_tokens, label_noise=args.label_noise, seed=args.seed, meta_init=args.init,
         explore=list(dict.fromkeys(args.explore)), plain_every=args.plain_every, kto_weight=args.kto_weight,
-        sft_weight=args.sft_weight, pair_weight=args.pair_weight, train_layers=args.train_layers,
+        sft_weight=args.sft_weight, pair_weight=args.pair_weight, train_layers=_train_layers(args),
         kl_weight=args.kl_weight, contrast_weight=args.contrast_weight, distill_samples=args.distill_samples,
         distill_hints=args.distill_hints, round_prompts=args.round_prompts,
     )
     n_train = -(-max(cfg.ks) // cfg.samples_per_prompt)
     prompts = read_prompts(args.prompts, limit=args.offset + n_train + cfg.eval_prompts)[args.offset:]
-    result = evaluate_policy(users, prompts, cfg, base=_base(args, device), out=args.out)
+    base = _base(args, device)
+    _check_train_layers(args, base[0])
+    result = evaluate_policy(users, prompts, cfg, base=base, out=args.out)
     for row in result["summary"]:
         print(f"{row['method']:>8} {row['explore']:>5} K={row['k']:<3} win rate {row['win_rate']:.3f}  "
               f"mean reward {row['mean_reward']:+.3f} (base {row['base_mean_reward']:+.3f})  "

@@ -17,6 +17,8 @@ import types
 import typing
 from typing import Any
 
+from metarlhf.commands import int_at_least
+
 
 def _config_flags(parser: argparse.ArgumentParser) -> None:
     """One ``--flag`` per :class:`metarlhf.ppo.PPOConfig` field."""
@@ -51,19 +53,22 @@ def register(groups: dict[str, Any]) -> None:
                    help="'base' (base reward model), 'user:<id>' or 'user:<adapter dir>' (a personalized reward "
                         "adapter), or 'python:<file>:<fn>' with fn(prompts, completions) -> list[float]")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--adapters-root", default="adapters", help="adapter store root (default: adapters)")
+    p.add_argument("--adapters-root", default="adapters",
+                   help="adapter store of user:<id> rewards (default: adapters, in the working directory)")
     p.add_argument("--tenant", default="default", help="tenant of user:<id> rewards (default: default)")
     p.add_argument("--policy", default=None, help="policy model dir (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--encoder", default=None,
                    help="reward encoder dir, or 'embedded-policy' (SmolLM2; default: embedded all-MiniLM-L6-v2)")
     p.add_argument("--reward-init", default=None,
-                   help="reward init for --reward base, made for --encoder (default: ADAPTERS_ROOT/meta/reward)")
+                   help="reward init for --reward base, made for --encoder (default: the shipped adapters/meta/reward "
+                        "of the installed package, made for the default encoder)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--full", action="store_true", help="train the full model instead of a LoRA adapter")
-    p.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
+    p.add_argument("--limit", type=int_at_least(1), default=None, help="use only the first N prompts")
     p.add_argument("--eval-prompts", default=None, help="held-out prompt file, scored every --eval-every steps")
-    p.add_argument("--eval-limit", type=int, default=64, help="held-out prompts to use (default: 64)")
-    p.add_argument("--eval-every", type=int, default=10, help="evaluate every N steps (default: 10)")
+    p.add_argument("--eval-limit", type=int_at_least(1), default=64, help="held-out prompts to use (default: 64)")
+    p.add_argument("--eval-every", type=int_at_least(0), default=10,
+                   help="evaluate every N steps (default: 10; 0: never)")
     p.add_argument("--kl-bound", type=float, default=None, help="draw this KL bound on the plot and report it")
     p.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint if it exists")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -77,7 +82,15 @@ def run(args: argparse.Namespace) -> int:
     from metarlhf.data import read_prompts
     from metarlhf.errors import ConfigError
     from metarlhf.models import DEFAULT_POLICY_NAME, load_policy, model_name
-    from metarlhf.ppo import PPOConfig, PPOTrainer, check_reward_init, resolve_device, resolve_reward, train
+    from metarlhf.ppo import (
+        PPOConfig,
+        PPOTrainer,
+        check_out_dir,
+        check_reward_init,
+        resolve_device,
+        resolve_reward,
+        train,
+    )
 
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(PPOConfig)
                  if getattr(args, f.name, None) is not None}
@@ -85,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
     config = PPOConfig.from_dict(overrides)
     if args.limit is not None and args.limit < 1:
         raise ConfigError(f"--limit must be >= 1, got {args.limit}")
+    check_out_dir(args.out)
     device = resolve_device(args.device)  # fails fast (exit 2) before any model is loaded
     check_reward_init(args.reward, args.reward_init)  # before the prompts are read
     prompts = read_prompts(args.prompts, limit=args.limit)

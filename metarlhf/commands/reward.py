@@ -7,7 +7,13 @@ import json
 import time
 from pathlib import Path
 
-from metarlhf.commands import add_device_arg, device_from_args
+from metarlhf.commands import (
+    add_device_arg,
+    add_skip_invalid_arg,
+    device_from_args,
+    int_at_least,
+    support_records,
+)
 from metarlhf.errors import ConfigError, DataError
 
 
@@ -64,30 +70,34 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
 
     p = groups["adapt"].add_parser("reward", help="fit one user's reward adapter")
     p.add_argument("--data", required=True)
+    add_skip_invalid_arg(p)
     p.add_argument("--user", required=True)
-    p.add_argument("--k", type=int, required=True, help="number of the user's records to adapt on")
+    p.add_argument("--k", type=int_at_least(1), required=True, help="number of the user's records to adapt on")
     p.add_argument("--out", required=True)
     p.add_argument("--init", default=None, help="init dir, or 'scratch' (default: shipped meta-init)")
     p.add_argument("--encoder", default=None,
                    help="local HF encoder dir, or 'embedded-policy' (SmolLM2; default: embedded MiniLM)")
-    p.add_argument("--steps", type=int, default=None, help="default: the init's inner steps")
+    p.add_argument("--steps", type=int_at_least(0), default=None, help="default: the init's inner steps")
     p.add_argument("--seed", type=int, default=0)
     add_device_arg(p)
     p.set_defaults(func=_adapt)
 
     p = groups["eval"].add_parser("reward", help="few-shot accuracy of base / linear / scratch / meta")
     p.add_argument("--data", required=True)
+    add_skip_invalid_arg(p)
     who = p.add_mutually_exclusive_group()
     who.add_argument("--users", default=None, help="file of user ids, one per line")
-    who.add_argument("--holdout", type=int, default=None, help="the N held-out test users of the split")
-    p.add_argument("--k", type=int, nargs="+", default=[4, 8, 16, 32])
-    p.add_argument("--out", required=True, help="results JSON (a PNG and a .detail.json go next to it)")
+    who.add_argument("--holdout", type=int_at_least(1), default=None, help="the N held-out test users of the split")
+    p.add_argument("--k", type=int_at_least(1), nargs="+", default=[4, 8, 16, 32])
+    p.add_argument("--out", required=True,
+                   help="results JSON, not ending in .png (a PNG and a .detail.json go next to it)")
     p.add_argument("--init", default=None, help="meta-init dir (default: shipped)")
     p.add_argument("--encoder", default=None,
                    help="local HF encoder dir, or 'embedded-policy' (SmolLM2; default: embedded MiniLM)")
-    p.add_argument("--seeds", type=int, default=2)
-    p.add_argument("--query", type=int, default=200)
-    p.add_argument("--steps", type=int, default=None, help="step budget for every method (default: init's)")
+    p.add_argument("--seeds", type=int_at_least(1), default=2)
+    p.add_argument("--query", type=int_at_least(1), default=200)
+    p.add_argument("--steps", type=int_at_least(0), default=None,
+                   help="step budget for every method (default: init's)")
     p.add_argument("--methods", nargs="+", default=["base", "linear", "scratch", "meta"])
     add_device_arg(p)
     p.set_defaults(func=_eval)
@@ -116,11 +126,10 @@ def _meta_train(args: argparse.Namespace) -> int:
 
 def _adapt(args: argparse.Namespace) -> int:
     from metarlhf.adapters import save_adapter
-    from metarlhf.data import user_support
     from metarlhf.reward import adapt_reward
 
     device = device_from_args(args)
-    support = user_support(args.data, args.user, args.k, seed=args.seed)
+    support = support_records(args.data, args.user, args.k, seed=args.seed, skip_invalid=args.skip_invalid)
     t0 = time.perf_counter()
     adapter = adapt_reward(support, init=args.init, encoder=args.encoder, steps=args.steps, seed=args.seed,
                            device=device)
@@ -134,8 +143,9 @@ def _eval(args: argparse.Namespace) -> int:
     from metarlhf.evaluate_reward import evaluate_reward
 
     device = device_from_args(args)
-    if args.seeds < 1:
-        raise ConfigError("--seeds must be >= 1")
+    if Path(args.out).suffix.lower() == ".png":
+        raise ConfigError(f"--out {args.out}: the results JSON cannot end in .png (the plot is written next to "
+                          "it with that suffix); use e.g. results.json")
     users = None
     if args.users is not None:
         path = Path(args.users)
@@ -146,6 +156,7 @@ def _eval(args: argparse.Namespace) -> int:
             raise DataError(f"{path}: no user ids")
     result = evaluate_reward(args.data, args.out, users=users, holdout=args.holdout, ks=list(args.k),
                              init=args.init, encoder_dir=args.encoder, seeds=args.seeds, max_query=args.query,
-                             steps=args.steps, methods=list(args.methods), device=device)
+                             steps=args.steps, methods=list(args.methods), device=device,
+                             skip_invalid=args.skip_invalid)
     print(json.dumps(result))
     return 0

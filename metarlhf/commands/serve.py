@@ -15,7 +15,8 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
     p.add_argument("--host", default=None, help="bind address (default 127.0.0.1 or METARLHF_HOST)")
     p.add_argument("--port", type=int, default=None, help="port (default 8000 or METARLHF_PORT)")
     p.add_argument("--adapter-root", default=None, help="adapter store root (default adapters/)")
-    p.add_argument("--policy-dir", default=None, help="local HF policy directory (default: embedded SmolLM2)")
+    p.add_argument("--policy", "--policy-dir", dest="policy_dir", default=None,
+                   help="base policy model directory (default: embedded SmolLM2); --policy-dir is an alias")
     p.add_argument("--encoder-dir", default=None, help="local HF encoder directory, or 'embedded-policy' (default: embedded MiniLM)")
     p.add_argument("--reward-init", default=None,
                    help="reward init dir for --encoder-dir, or 'scratch' (default: the shipped init if it fits)")

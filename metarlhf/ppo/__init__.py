@@ -51,7 +51,8 @@ _LAZY = {
         "postprocess_scores", "compute_advantages",
     ],
     "trainer": [
-        "RewardFn", "resolve_device", "load_python_reward", "user_reward_adapter_dir", "check_reward_init", "resolve_reward",
+        "RewardFn", "resolve_device", "load_python_reward", "user_reward_adapter_dir", "check_reward_init", "base_reward_init",
+        "resolve_reward", "check_out_dir",
         "score_completions", "ValueHead", "Critic", "response_forward", "first_eos_mask", "Rollout", "PPOTrainer",
         "prompt_batches", "plot_curves", "evaluate", "train",
     ],

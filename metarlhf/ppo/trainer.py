@@ -98,15 +98,33 @@ def _reward_model_fn(adapter_dir: Path | None, encoder_dir: str | None, device: 
     return score
 
 
-def check_reward_init(spec: str, reward_init: str | os.PathLike | None) -> None:
-    """``reward_init`` (if given) must be a reward init directory, and ``spec`` must be ``base``."""
-    if reward_init is None:
-        return
-    if spec != "base":
-        raise ConfigError(f"a reward init only applies to the 'base' reward, not {spec!r}")
-    from metarlhf.reward import require_init_dir
+def base_reward_init(reward_init: str | os.PathLike | None = None) -> Path:
+    """The reward init of ``--reward base``: ``reward_init``, or by default the shipped
+    ``adapters/meta/reward`` of this package's repository (never a path relative to the
+    working directory). A missing init is a ``ConfigError``, never a silent zero reward."""
+    if reward_init is not None:
+        from metarlhf.reward import require_init_dir
 
-    require_init_dir(reward_init)
+        require_init_dir(reward_init)
+        return Path(reward_init)
+    from metarlhf.models import shipped_init_dir
+
+    shipped = shipped_init_dir("reward")
+    if not (shipped / "metarlhf.json").is_file():
+        raise ConfigError(
+            f"--reward base needs a reward init, and there is no shipped one at {str(shipped)!r}; "
+            "pass --reward-init DIR (made by `metarlhf meta-train reward`)"
+        )
+    return shipped
+
+
+def check_reward_init(spec: str, reward_init: str | os.PathLike | None) -> None:
+    """``reward_init`` (if given) must be a reward init directory, and ``spec`` must be ``base``;
+    ``base`` without one needs the shipped init."""
+    if reward_init is not None and spec != "base":
+        raise ConfigError(f"a reward init only applies to the 'base' reward, not {spec!r}")
+    if spec == "base":
+        base_reward_init(reward_init)
 
 
 def resolve_reward(
@@ -121,17 +139,17 @@ def resolve_reward(
 
     ``base`` is the reward init ``reward_init`` (an init made for ``encoder_dir``, e.g.
     ``adapters/meta/reward-smollm2`` with the SmolLM2 encoder), by default the shipped
-    ``<adapters_root>/meta/reward`` if there is one."""
+    ``adapters/meta/reward`` (made for the embedded MiniLM encoder) found next to the
+    package. ``adapters_root`` is the adapter store of ``user:<id>`` rewards only."""
     device = torch.device(device)
     check_reward_init(spec, reward_init)
     if spec == "base":
-        if reward_init is not None:
-            return _reward_model_fn(Path(reward_init), encoder_dir, device)
-        meta_init = Path(adapters_root) / "meta" / "reward"
-        has_init = (meta_init / "metarlhf.json").is_file()
+        init = base_reward_init(reward_init)
         try:
-            return _reward_model_fn(meta_init if has_init else None, encoder_dir, device)
+            return _reward_model_fn(init, encoder_dir, device)
         except AdapterError as e:  # the shipped init is MiniLM's: another encoder needs its own
+            if reward_init is not None:
+                raise
             raise AdapterError(f"{e}; pass --reward-init with an init made for this encoder") from e
     kind, sep, rest = spec.partition(":")
     if sep and kind == "user" and rest:
@@ -493,18 +511,50 @@ class PPOTrainer:
             tensors["rng.cuda"] = torch.cuda.get_rng_state()
         return tensors
 
-    def save_checkpoint(self, path: str | os.PathLike) -> Path:
-        """Write a resumable checkpoint directory atomically (replaces any older one)."""
+    def base_model_record(self, base_model_name: str | None = None) -> dict[str, Any]:
+        """The base model a checkpoint was trained on: its name and architecture fingerprint."""
+        from metarlhf.models import base_fingerprint
+
+        return {"name": base_model_name, **base_fingerprint(self.model)}
+
+    def save_checkpoint(self, path: str | os.PathLike, base_model_name: str | None = None) -> Path:
+        """Write a resumable checkpoint directory atomically (replaces any older one).
+
+        It records the base model (``base_model_name`` and the architecture fingerprint) so
+        that :meth:`load_checkpoint` can refuse to resume on another base."""
         from metarlhf.io import atomic_dir, save_tensors
 
-        state = {"step": self.step_count, "kl_coef": self.kl_coef, "config": asdict(self.config)}
+        state = {"step": self.step_count, "kl_coef": self.kl_coef, "config": asdict(self.config),
+                 "base_model": self.base_model_record(base_model_name)}
         with atomic_dir(path) as tmp:
             save_tensors(tmp / "state.safetensors", self.state_tensors())
             (tmp / "trainer.json").write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
         return Path(path)
 
-    def load_checkpoint(self, path: str | os.PathLike) -> int:
-        """Restore weights, optimiser and counters from :meth:`save_checkpoint`. Returns the step."""
+    def _check_checkpoint_base(self, path: Path, saved: dict[str, Any] | None, base_model_name: str | None) -> None:
+        """Refuse a checkpoint recorded for another base model (name or architecture)."""
+        if not isinstance(saved, dict):  # made before checkpoints recorded their base
+            log.warning("checkpoint %s does not record its base model (an older checkpoint); resuming on %s "
+                        "unchecked (tensor shapes are still verified)", path, base_model_name or "this model")
+            return
+        here = self.base_model_record(base_model_name)
+        for key, now in here.items():
+            was = saved.get(key)
+            if key == "name" and (was in (None, "unknown") or now in (None, "unknown")):
+                continue
+            if was != now:
+                raise ConfigError(
+                    f"checkpoint {path} was trained on base model {saved.get('name')!r} ({key}={was!r}), but this "
+                    f"run's base is {here['name']!r} ({key}={now!r}); resume with the same --policy, or use a "
+                    "new --out"
+                )
+
+    def load_checkpoint(self, path: str | os.PathLike, base_model_name: str | None = None) -> int:
+        """Restore weights, optimiser and counters from :meth:`save_checkpoint`. Returns the step.
+
+        A checkpoint made on another base model (``base_model_name`` or architecture) is
+        refused with a ``ConfigError``; one from before checkpoints recorded their base is
+        resumed with a warning (its tensor shapes are still checked)."""
         from metarlhf.io import load_tensors
 
         path = Path(path)
@@ -522,11 +572,19 @@ class PPOTrainer:
                     f"checkpoint {path} was made with {key}={saved_cfg.get(key)!r}, but this run has "
                     f"{key}={getattr(self.config, key)!r}"
                 )
+        self._check_checkpoint_base(path, state.get("base_model"), base_model_name)
         params = self.trainable_parameters()
+        for n, p in params.items():
+            if f"param.{n}" not in tensors:
+                raise ModelError(f"checkpoint {path} lacks parameter {n}")
+            saved_shape = tuple(tensors[f"param.{n}"].shape)
+            if saved_shape != tuple(p.shape):
+                raise ModelError(
+                    f"checkpoint {path} holds {n} of shape {saved_shape}, but this model's is {tuple(p.shape)}; "
+                    "it was trained on another base model"
+                )
         with torch.no_grad():
             for n, p in params.items():
-                if f"param.{n}" not in tensors:
-                    raise ModelError(f"checkpoint {path} lacks parameter {n}")
                 p.copy_(tensors[f"param.{n}"].to(p.device, p.dtype))
         for n, p in params.items():
             st = {k.rsplit(".", 1)[1]: v.to(self.device) for k, v in tensors.items()
@@ -655,6 +713,19 @@ def evaluate(trainer: PPOTrainer, prompts: list[str], batch_size: int | None = N
     return {"eval_reward": float(torch.cat(rewards).mean()), "eval_kl": float(torch.cat(kls).mean())}
 
 
+def check_out_dir(out_dir: str | os.PathLike) -> Path:
+    """``out_dir`` must be a directory or not exist yet (a ``ConfigError`` otherwise)."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output directory {str(out)!r} exists and is not a directory")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"output directory {str(out)!r}: {str(parent)!r} is not a directory")
+            break
+    return out
+
+
 def train(
     trainer: PPOTrainer,
     prompts: list[str],
@@ -683,12 +754,12 @@ def train(
     cfg = trainer.config
     if not prompts:
         raise DataError("no prompts to train on")
-    out = Path(out_dir)
+    out = check_out_dir(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     metrics_path, ckpt = out / "metrics.jsonl", out / "checkpoint"
     start = 0
     if resume and (ckpt / "trainer.json").is_file():
-        start = trainer.load_checkpoint(ckpt)
+        start = trainer.load_checkpoint(ckpt, base_model_name)
         _truncate_metrics(metrics_path, start)
         log.info("resumed from %s at step %d", ckpt, start)
     elif metrics_path.exists():
@@ -712,9 +783,9 @@ def train(
         bar.update(1)
         bar.set_postfix(reward=f"{row['reward']:.3f}", kl=f"{row['kl']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
         if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
-            trainer.save_checkpoint(ckpt)
+            trainer.save_checkpoint(ckpt, base_model_name)
     bar.close()
-    trainer.save_checkpoint(ckpt)
+    trainer.save_checkpoint(ckpt, base_model_name)
     policy_dir = trainer.save_policy(out / ("adapter" if cfg.lora else "model"), base_model_name)
     if metrics_path.is_file():
         plot_curves(metrics_path, out / "curves.png", kl_bound)
