@@ -23,7 +23,9 @@ implements.
 
 Simplifications: one process owns the database file (the server); ids are random
 128-bit hex strings; the per-user "new feedback" counter is a watermark on the
-autoincrement ``seq`` of the feedback table.
+autoincrement ``seq`` of the feedback table (column ``users.attempted_upto``), moved
+only when an adaptation job succeeds, to the newest record it trained on: a failed,
+cancelled or interrupted job leaves its records "new".
 """
 
 from __future__ import annotations
@@ -126,6 +128,16 @@ class FeedbackInput:
                 raise DataError("pair feedback needs chosen and rejected")
         else:
             raise DataError(f"feedback kind must be 'thumbs' or 'pair', got {self.kind!r}")
+        for name in ("prompt", "completion", "chosen", "rejected", "completion_id"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if not isinstance(value, str):
+                raise DataError(f"feedback {name} must be a string, got {type(value).__name__}")
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise DataError(f"feedback {name} is not valid Unicode text (lone surrogate at {e.start})") from None
 
 
 def body_sha256(obj: Any) -> str:
@@ -162,8 +174,9 @@ class FeedbackStore:
 
 class Ack(NamedTuple):
     """What a stored feedback write answers: its id, whether it was new (False for a
-    replayed Idempotency-Key), and the user's records since the last adaptation attempt,
-    counted inside the same transaction (so the caller needs no second query)."""
+    replayed Idempotency-Key), and the user's records past the watermark (not yet covered
+    by a successful adaptation), counted inside the same transaction (so the caller needs
+    no second query)."""
 
     id: str
     created: bool
@@ -376,10 +389,15 @@ class SQLiteFeedbackStore(FeedbackStore):
         row = self._reader().execute("SELECT 1 FROM feedback WHERE id=?", (feedback_id,)).fetchone()
         return row is not None
 
-    def records(self, tenant: str, user: str, limit: int | None = None) -> list[Record]:
-        """The user's records, oldest first (the most recent ``limit`` if given)."""
-        q = "SELECT * FROM feedback WHERE tenant=? AND user_id=? ORDER BY seq DESC"
+    def records(self, tenant: str, user: str, limit: int | None = None, upto: int | None = None) -> list[Record]:
+        """The user's records, oldest first (the most recent ``limit`` if given; only those
+        with ``seq <= upto`` if given)."""
+        q = "SELECT * FROM feedback WHERE tenant=? AND user_id=?"
         args: tuple = (tenant, user)
+        if upto is not None:
+            q += " AND seq <= ?"
+            args += (int(upto),)
+        q += " ORDER BY seq DESC"
         if limit is not None:
             q += " LIMIT ?"
             args += (int(limit),)
@@ -398,8 +416,8 @@ class SQLiteFeedbackStore(FeedbackStore):
         return int(row[0] or 0)
 
     def counts(self, tenant: str, user: str) -> dict[str, int]:
-        """Feedback counts: ``up``, ``down``, ``pairs``, ``total`` and ``new`` (since the last
-        adaptation attempt)."""
+        """Feedback counts: ``up``, ``down``, ``pairs``, ``total`` and ``new`` (not yet covered
+        by a successful adaptation)."""
         conn = self._reader()
         row = conn.execute(
             "SELECT COUNT(*) AS total, "
@@ -417,7 +435,7 @@ class SQLiteFeedbackStore(FeedbackStore):
                 "pairs": int(row["pairs"]), "new": int(new)}
 
     def new_count(self, tenant: str, user: str) -> int:
-        """Feedback records since the user's last adaptation attempt (one indexed query)."""
+        """Feedback records past the user's watermark (one indexed query)."""
         return self._new_count(self._reader(), tenant, user)
 
     @staticmethod
@@ -455,8 +473,8 @@ class SQLiteFeedbackStore(FeedbackStore):
 
     # -- adaptation bookkeeping ----------------------------------------------------------
     def create_job(self, tenant: str, user: str, reason: str) -> dict[str, Any]:
-        """Record a queued job covering all feedback so far, and move the user's
-        "attempted" watermark so new-feedback counting restarts."""
+        """Record a queued job covering all feedback so far (the watermark does not move:
+        see :meth:`update_job`)."""
         jid = new_id("job")
         now = time.time()
 
@@ -465,21 +483,44 @@ class SQLiteFeedbackStore(FeedbackStore):
                                 (tenant, user)).fetchone()[0]
             conn.execute("INSERT INTO jobs (id, tenant, user_id, state, reason, upto_seq, created_at) "
                          "VALUES (?, ?, ?, 'queued', ?, ?, ?)", (jid, tenant, user, reason, upto, now))
-            conn.execute("INSERT INTO users (tenant, user_id, attempted_upto) VALUES (?, ?, ?) "
-                         "ON CONFLICT (tenant, user_id) DO UPDATE SET attempted_upto=excluded.attempted_upto",
-                         (tenant, user, upto))
             return int(upto)
 
         self._write(tx)
         return self.get_job(tenant, jid)
 
+    def start_job(self, job_id: str) -> int:
+        """Mark a job running and let it cover every record of its user so far; returns that
+        ``upto`` seq. :class:`NotFoundError` if the job is gone (its user was erased)."""
+        now = time.time()
+
+        def tx(conn: sqlite3.Connection) -> int:
+            row = conn.execute("SELECT tenant, user_id FROM jobs WHERE id=?", (job_id,)).fetchone()
+            if row is None:
+                raise NotFoundError(f"job {job_id!r} not found (its user was erased)")
+            upto = int(conn.execute("SELECT COALESCE(MAX(seq), 0) FROM feedback WHERE tenant=? AND user_id=?",
+                                    (row["tenant"], row["user_id"])).fetchone()[0])
+            conn.execute("UPDATE jobs SET state='running', upto_seq=?, started_at=? WHERE id=?", (upto, now, job_id))
+            return upto
+
+        return self._write(tx)
+
     def update_job(self, job_id: str, state: str, error: str | None = None,
                    result: dict[str, Any] | None = None) -> None:
+        """Set a job's state. ``succeeded`` also moves its user's watermark up to the job's
+        ``upto_seq`` (in the same transaction): those records are no longer new."""
         now = time.time()
         col = "started_at" if state == "running" else "finished_at"
-        self._write(lambda conn: conn.execute(
-            f"UPDATE jobs SET state=?, error=?, result=?, {col}=? WHERE id=?",
-            (state, error, json.dumps(result) if result is not None else None, now, job_id)))
+
+        def tx(conn: sqlite3.Connection) -> None:
+            conn.execute(f"UPDATE jobs SET state=?, error=?, result=?, {col}=? WHERE id=?",
+                         (state, error, json.dumps(result) if result is not None else None, now, job_id))
+            if state == "succeeded":  # nothing is inserted if the job (and its user) was erased
+                conn.execute("INSERT INTO users (tenant, user_id, attempted_upto) "
+                             "SELECT tenant, user_id, upto_seq FROM jobs WHERE id=? "
+                             "ON CONFLICT (tenant, user_id) DO UPDATE SET "
+                             "attempted_upto=MAX(attempted_upto, excluded.attempted_upto)", (job_id,))
+
+        self._write(tx)
 
     def fail_unfinished_jobs(self, error: str = "server restarted before the job finished") -> int:
         """At start-up: jobs left queued/running by a previous process are marked failed."""

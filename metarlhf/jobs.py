@@ -17,6 +17,15 @@ A job for ``(tenant, user)``:
 Jobs are single-flight: at most one queued-or-running job per user; asking again
 returns the job in flight. Work runs on a small thread pool, separate from serving.
 
+Triggering: a job covers the records up to the newest one when it starts; only a job
+that succeeds moves the user's watermark (the feedback store's "new" count) past them, so
+a failed, cancelled (shutdown) or interrupted (restart) job consumes nothing. When a job
+ends the user is checked again: ``threshold`` records past the watermark start the next
+job at once (after a failure, only if feedback arrived while it ran: no retry loop).
+
+Erasure: :meth:`AdaptationRunner.erasing` wraps a user's erasure. A job enqueued before
+or during it never publishes: its new versions and preference vector are discarded.
+
 :class:`Personalizer` is what a job needs from the models; :class:`DefaultPersonalizer`
 implements it on :mod:`metarlhf.reward` and :mod:`metarlhf.policy` with its own copy of
 the policy (never the serving engine's), tests inject small fakes.
@@ -29,8 +38,9 @@ import math
 import shutil
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -38,7 +48,7 @@ import numpy as np
 
 from metarlhf.adapters import Adapter
 from metarlhf.data import Pair, Record, Thumbs
-from metarlhf.errors import ConfigError, DataError, MetaRLHFError
+from metarlhf.errors import ConfigError, DataError, MetaRLHFError, NotFoundError
 from metarlhf.feedback_store import SQLiteFeedbackStore
 from metarlhf.retrieval import PreferenceIndex, preference_vector
 from metarlhf.store import AdapterStore
@@ -94,7 +104,12 @@ class DefaultPersonalizer:
     """Real adaptation on the embedded (or given) models.
 
     Loads the reward encoder once and a private copy of the policy (adaptation must not
-    touch the serving engine's weights). Thread-safe by a lock: one adaptation at a time.
+    touch the serving engine's weights). Thread-safe by two locks, one per model: the
+    reward encoder's (``adapt_reward`` and ``embed``) and the policy copy's
+    (``adapt_policy``). ``adapt_reward`` does not change the encoder's weights, but its
+    ``functional_call`` swaps the adapted tensors into the shared modules for each forward,
+    so an ``embed`` must not run meanwhile; the (long) policy adaptation never blocks a
+    cold-start embedding.
     """
 
     def __init__(self, policy_dir: str | None = None, encoder_dir: str | None = None,
@@ -120,7 +135,8 @@ class DefaultPersonalizer:
         self.reward_steps = reward_steps
         self.policy_steps = policy_steps
         self.embed_dim = int(self.reward_model.hidden_size)
-        self._lock = threading.Lock()
+        self._reward_lock = threading.Lock()
+        self._policy_lock = threading.Lock()
         if self.reward_init == "scratch" or self.policy_init == "scratch":
             log.warning("no shipped meta-init for %s; adapting from scratch",
                         " and ".join(k for k, v in (("reward", self.reward_init), ("policy", self.policy_init))
@@ -129,20 +145,20 @@ class DefaultPersonalizer:
     def adapt_reward(self, records: Sequence[Record]) -> Adapter:
         from metarlhf.reward import adapt_reward
 
-        with self._lock:
+        with self._reward_lock:
             return adapt_reward(records, init=self.reward_init, encoder=self.reward_model, steps=self.reward_steps)
 
     def adapt_policy(self, records: Sequence[Record], init: str | Path | None) -> Adapter:
         from metarlhf.policy import adapt_policy
 
-        with self._lock:
+        with self._policy_lock:
             return adapt_policy(records, base=self.policy, init=str(init) if init is not None else self.policy_init,
                                 steps=self.policy_steps)
 
     def embed(self, prompts: list[str], completions: list[str]) -> np.ndarray:
         import torch
 
-        with self._lock, torch.no_grad():
+        with self._reward_lock, torch.no_grad():
             return self.reward_model.embed(prompts, completions).float().cpu().numpy()  # [n, d]
 
 
@@ -161,6 +177,7 @@ class AdaptationRunner:
         neighbor_init_below: int = 8,
         validate_policy: Callable[[str, str, int, Path], None] | None = None,
         on_new_version: Callable[[str, str, dict[str, Any]], None] | None = None,
+        on_discard: Callable[[str, str], None] | None = None,
     ) -> None:
         if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 1:
             raise ConfigError(f"adaptation threshold must be an int >= 1, got {threshold!r}")
@@ -173,9 +190,15 @@ class AdaptationRunner:
         self.neighbor_init_below = neighbor_init_below
         self.validate_policy = validate_policy
         self.on_new_version = on_new_version
+        self.on_discard = on_discard  # a validated version was thrown away (erasure): forget it
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="adapt")
         self._lock = threading.Lock()
         self._inflight: dict[tuple[str, str], str] = {}  # (tenant, user) -> job id
+        # erasure generation per user: odd while an erasure runs; a job publishes only if it is
+        # unchanged since the job was enqueued (held with _publish around the swap)
+        self._erasures: dict[tuple[str, str], int] = {}
+        self._publish = threading.Lock()  # lock order: _publish, then _lock
+        self._closed = False
         self.stats = {"succeeded": 0, "failed": 0, "started": 0}
 
     @property
@@ -188,7 +211,8 @@ class AdaptationRunner:
             return self._inflight.get((tenant, user))
 
     def wants_job(self, tenant: str, user: str, new: int) -> bool:
-        """Whether ``new`` records since the last attempt call for a job (none in flight)."""
+        """Whether ``new`` records past the watermark call for a job now (none in flight; the
+        end of the job in flight checks again)."""
         return new >= self.threshold and self.inflight(tenant, user) is None
 
     def maybe_enqueue(self, tenant: str, user: str, new: int | None = None) -> dict[str, Any] | None:
@@ -202,16 +226,36 @@ class AdaptationRunner:
 
     def enqueue(self, tenant: str, user: str, reason: str = "manual") -> dict[str, Any]:
         """Start a job for the user, or return the one already in flight."""
+        key = (tenant, user)
         with self._lock:
-            jid = self._inflight.get((tenant, user))
+            if self._closed:
+                raise ConfigError("the adaptation runner is shut down")
+            jid = self._inflight.get(key)
             if jid is None:
                 if self.feedback.max_seq(tenant, user) == 0:
                     raise DataError(f"user {user!r} has no feedback to adapt on")
-                job = self.feedback.create_job(tenant, user, reason)
-                self._inflight[(tenant, user)] = job["id"]
-                self._pool.submit(self._run, tenant, user, job["id"])
-                return job
+                return self._start(tenant, user, reason)
         return self.feedback.get_job(tenant, jid)
+
+    def _start(self, tenant: str, user: str, reason: str) -> dict[str, Any]:
+        """Create and submit a job (call with _lock held, none in flight for the user)."""
+        job = self.feedback.create_job(tenant, user, reason)
+        self._inflight[(tenant, user)] = job["id"]
+        self._pool.submit(self._run, tenant, user, job["id"], self._erasures.get((tenant, user), 0))
+        return job
+
+    @contextmanager
+    def erasing(self, tenant: str, user: str) -> Iterator[None]:
+        """Wrap the erasure of a user's data: no job enqueued before or during it publishes
+        (a job already publishing finishes first, so the erasure removes its output)."""
+        key = (tenant, user)
+        with self._publish, self._lock:
+            self._erasures[key] = self._erasures.get(key, 0) + 1  # odd: erasure in progress
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._erasures[key] += 1
 
     def wait_idle(self, timeout: float = 60.0) -> bool:
         """Block until no job is in flight (tests, benchmarks)."""
@@ -223,7 +267,19 @@ class AdaptationRunner:
         return False
 
     def close(self) -> None:
+        """Finish the running jobs; queued ones are cancelled and recorded as failed (their
+        records stay new, so the next feedback after a restart triggers adaptation)."""
+        with self._lock:
+            self._closed = True
         self._pool.shutdown(wait=True, cancel_futures=True)
+        with self._lock:
+            cancelled = list(self._inflight.values())
+            self._inflight.clear()
+        for jid in cancelled:
+            try:
+                self.feedback.update_job(jid, "failed", error="cancelled: the server shut down before the job ran")
+            except Exception:  # noqa: BLE001 - the store may be closed; a restart marks it failed anyway
+                log.exception("could not record the cancellation of job %s", jid)
 
     # -- the job -------------------------------------------------------------------------
     def _policy_init(self, tenant: str, user: str, records: Sequence[Record]) -> tuple[Path | None, str | None]:
@@ -240,13 +296,19 @@ class AdaptationRunner:
                 return v.path, other
         return None, None
 
-    def _run(self, tenant: str, user: str, job_id: str) -> None:
+    def _run(self, tenant: str, user: str, job_id: str, erasure: int) -> None:
         t0 = time.perf_counter()
         written: list[Path] = []
+        upto: int | None = None
+        succeeded = False
         try:
             self.stats["started"] += 1
-            self.feedback.update_job(job_id, "running")
-            records = self.feedback.records(tenant, user, limit=self.max_records)
+            try:
+                upto = self.feedback.start_job(job_id)  # the job covers the records up to this seq
+            except NotFoundError:
+                upto = 0  # its row went with an erasure: feedback since then may call for a job
+                raise
+            records = self.feedback.records(tenant, user, limit=self.max_records, upto=upto)
             if not records:
                 raise DataError("the user's feedback was erased before the job ran")
             reward = self.personalizer.adapt_reward(records)
@@ -264,25 +326,35 @@ class AdaptationRunner:
             self.store.verify(pv.path, "policy", expect_base=self.personalizer.policy_base)
             if self.validate_policy is not None:
                 self.validate_policy(tenant, user, pv.version, pv.path)
-            # All checks passed: swap both in (reward first: serving reads only the policy).
-            self.store.set_current(tenant, user, "reward", rv.version)
-            self.store.set_current(tenant, user, "policy", pv.version)
-            written.clear()
-            if self.feedback.max_seq(tenant, user) == 0:  # erased (DELETE) while the job ran
-                self.store.delete_user(tenant, user)
-                raise DataError("the user was erased while the job ran; the new adapters were removed")
+            vec = None
             if self.index is not None:
                 try:
-                    self.index.upsert(tenant, user, user_preference(self.personalizer, records))
-                    if self.index.path is not None:
-                        self.index.save()
+                    vec = user_preference(self.personalizer, records)
                 except DataError as e:
                     log.warning("user %s/%s: no preference vector: %s", tenant, user, e)
+            with self._publish:  # an erasure waits for this block, or this block sees it
+                with self._lock:
+                    erased = self._erasures.get((tenant, user), 0) != erasure
+                if erased:
+                    self._discard_erased(tenant, user, written)
+                    raise DataError("the user was erased while the job ran; its output was discarded")
+                # All checks passed: swap both in (reward first: serving reads only the policy).
+                self.store.set_current(tenant, user, "reward", rv.version)
+                self.store.set_current(tenant, user, "policy", pv.version)
+                written.clear()
+                if vec is not None and self.index is not None:
+                    self.index.upsert(tenant, user, vec)
+            if vec is not None and self.index is not None and self.index.path is not None:
+                try:  # the version is live now; the vector is saved again at shutdown
+                    self.index.save()
+                except Exception:  # noqa: BLE001
+                    log.exception("user %s/%s: could not save the preference index", tenant, user)
             result = {"policy_version": pv.version, "reward_version": rv.version, "n_records": len(records),
                       "seconds": round(time.perf_counter() - t0, 3), "policy_init": str(init) if init is not None else "default",
                       "reward_final_loss": _last(reward.meta.get("losses")),
                       "policy_final_loss": _last(policy.meta.get("losses"))}
-            self.feedback.update_job(job_id, "succeeded", result=result)
+            self.feedback.update_job(job_id, "succeeded", result=result)  # moves the watermark to upto
+            succeeded = True
             self.stats["succeeded"] += 1
             if self.on_new_version is not None:
                 self.on_new_version(tenant, user, result)
@@ -299,8 +371,35 @@ class AdaptationRunner:
             except Exception:  # noqa: BLE001 - store closed during shutdown
                 log.exception("could not record the failure of job %s", job_id)
         finally:
-            with self._lock:
-                self._inflight.pop((tenant, user), None)
+            self._finish(tenant, user, succeeded, upto)
+
+    def _discard_erased(self, tenant: str, user: str, written: list[Path]) -> None:
+        """The user was erased while the job ran: remove what it wrote (and the user's
+        directory, which its saves may have recreated: no other job of the user can run)."""
+        for p in written:
+            shutil.rmtree(p, ignore_errors=True)
+        written.clear()
+        try:
+            self.store.delete_user(tenant, user)
+        except OSError as e:  # an erasure still in progress is removing it too
+            log.warning("user %s/%s: could not remove the discarded job's directory: %s", tenant, user, e)
+        if self.on_discard is not None:  # e.g. the serving engine loaded it to validate it: the
+            self.on_discard(tenant, user)  # version number comes back after an erasure
+
+    def _finish(self, tenant: str, user: str, succeeded: bool, upto: int | None) -> None:
+        """The job is over: the feedback that arrived while it ran may call for the next one,
+        started in the same step (so the user is never seen idle in between). After a
+        failure only new feedback does: the same records would fail the same way."""
+        with self._lock:
+            self._inflight.pop((tenant, user), None)
+            if self._closed:
+                return
+            try:
+                if ((succeeded or (upto is not None and self.feedback.max_seq(tenant, user) > upto))
+                        and self.feedback.new_count(tenant, user) >= self.threshold):
+                    self._start(tenant, user, "threshold")
+            except Exception:  # noqa: BLE001 - e.g. the store is closing; the next feedback checks again
+                log.warning("user %s/%s: no follow-up adaptation job", tenant, user, exc_info=True)
 
 
 def _last(xs: Any) -> float | None:

@@ -132,11 +132,13 @@ class PreferenceIndex:
         path = Path(path) if path is not None else self.path
         if path is None:
             raise ConfigError("no path to save the preference index to")
+        # snapshot, write and rename under the lock: two concurrent saves (a job, an erasure)
+        # must not let an older snapshot's rename land last
         with self._lock:
             keys = [(t, u) for t in sorted(self._vecs) for u in sorted(self._vecs[t])]
             mat = np.stack([self._vecs[t][u] for t, u in keys]) if keys else np.zeros((0, self.dim), np.float32)
-        save_tensors(path, {"vectors": torch.from_numpy(mat)},  # [n, d]
-                     metadata={"keys": json.dumps(keys), "dim": str(self.dim)})
+            save_tensors(path, {"vectors": torch.from_numpy(mat)},  # [n, d]
+                         metadata={"keys": json.dumps(keys), "dim": str(self.dim)})
         return path
 
     @classmethod

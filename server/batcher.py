@@ -7,6 +7,11 @@ worker thread takes the first waiting request, keeps collecting for up to
 decode together. Results resolve the callers' asyncio futures. Streamed requests are
 ordinary rows whose ``on_text`` callback receives the text as it is decoded.
 
+Isolation: if ``engine.generate`` raises for a batch of several rows, each row is run
+again alone, so only the faulty row gets an error (its own). A streamed row that has
+already sent text is not run again (its client would see the text twice): it gets the
+batch's error.
+
 Admission is bounded: ``limit`` rows may be queued or running (work outside the
 queue can hold slots through :meth:`Batcher.reserve`). Past the limit :class:`Overloaded` is raised and the
 server answers 429 with ``Retry-After``.
@@ -22,6 +27,8 @@ import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from typing import Any
+
+from metarlhf.errors import MetaRLHFError
 
 log = logging.getLogger(__name__)
 
@@ -111,11 +118,7 @@ class Batcher:
                     break
                 batch.append(nxt)
             t0 = time.perf_counter()
-            try:
-                results = self.engine.generate([req for req, _, _ in batch])
-            except Exception as e:  # noqa: BLE001 - hand the error to every caller of this batch
-                log.exception("engine.generate failed for a batch of %d", len(batch))
-                results = [e] * len(batch)
+            results = self._generate([req for req, _, _ in batch])
             self.batches += 1
             self.rows += len(batch)
             if self.on_batch is not None:
@@ -125,6 +128,66 @@ class Batcher:
                 loop.call_soon_threadsafe(_resolve, fut, res)
             if stop:
                 return
+
+
+    def _generate(self, reqs: list[Any]) -> list[Any]:
+        """Results (or per-row exceptions) of one batch; a failing batch of several rows is
+        split into single rows so that one bad row cannot fail the others."""
+        streamed = _Streamed(reqs)
+        try:
+            return list(self.engine.generate(reqs))
+        except Exception as e:  # noqa: BLE001 - isolate the faulty row below
+            if len(reqs) == 1:
+                _log_row_error(e)
+                return [e]
+            log.warning("engine.generate failed for a batch of %d (%s: %s); running its rows one by one",
+                        len(reqs), type(e).__name__, e)
+            batch_error = e
+        finally:
+            streamed.restore()
+        results: list[Any] = []
+        for i, req in enumerate(reqs):
+            if i in streamed.sent:
+                results.append(batch_error)
+                continue
+            try:
+                results.append(self.engine.generate([req])[0])
+            except Exception as e:  # noqa: BLE001 - this row's own error, for its caller only
+                _log_row_error(e)
+                results.append(e)
+        return results
+
+
+def _log_row_error(e: Exception) -> None:
+    """A domain error (bad request) is a warning; anything else is a bug: with traceback."""
+    if isinstance(e, MetaRLHFError):
+        log.warning("engine.generate refused a row: %s", e)
+    else:
+        log.error("engine.generate failed for a row", exc_info=e)
+
+
+class _Streamed:
+    """Notes which rows of a batch have sent text to their client (wraps ``on_text``)."""
+
+    def __init__(self, reqs: list[Any]) -> None:
+        self.sent: set[int] = set()
+        self._orig: list[tuple[Any, Any]] = []
+        for i, req in enumerate(reqs):
+            cb = getattr(req, "on_text", None)
+            if cb is not None:
+                self._orig.append((req, cb))
+                req.on_text = self._wrap(i, cb)
+
+    def _wrap(self, i: int, cb: Callable[[str], None]) -> Callable[[str], None]:
+        def on_text(delta: str) -> None:
+            self.sent.add(i)
+            cb(delta)
+
+        return on_text
+
+    def restore(self) -> None:
+        for req, cb in self._orig:
+            req.on_text = cb
 
 
 def _resolve(fut: asyncio.Future, res: Any) -> None:

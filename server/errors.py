@@ -14,6 +14,7 @@ NotFoundError          404     unknown user, completion, job or version (also
 ModelError             500     model files missing or broken
 request validation     422     ``invalid_request`` (pydantic, unknown fields)
 ApiError               any     401 auth, 413 body too large, 429 overloaded
+any other exception    500     ``internal_error`` (a bug; logged with its traceback)
 =====================  ======  ==============================================
 """
 
@@ -61,6 +62,20 @@ def status_of(e: MetaRLHFError) -> int:
     return 400
 
 
+def internal_error(e: BaseException) -> ApiError:
+    """A non-domain exception as a typed 500 (the message names the exception class only)."""
+    return ApiError(500, "internal_error", f"internal server error ({type(e).__name__})")
+
+
+def typed(e: BaseException) -> ApiError:
+    """Any exception as an :class:`ApiError`: domain errors by class, others as ``internal_error``."""
+    if isinstance(e, ApiError):
+        return e
+    if isinstance(e, MetaRLHFError):
+        return ApiError(status_of(e), e.type, str(e))
+    return internal_error(e)
+
+
 def error_response(status: int, type_: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse(error_body(type_, message), status_code=status, headers=headers)
 
@@ -95,3 +110,10 @@ def install(app: FastAPI) -> None:
     async def _http(request: Request, e: StarletteHTTPException) -> JSONResponse:
         type_ = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "http_error")
         return error_response(e.status_code, type_, str(e.detail), getattr(e, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, e: Exception) -> JSONResponse:
+        # last resort (Starlette's ServerErrorMiddleware): a typed JSON body, never text/plain
+        log.error("%s %s: unhandled %s", request.method, request.url.path, type(e).__name__, exc_info=e)
+        err = internal_error(e)
+        return error_response(err.status, err.type, err.message)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -15,10 +16,10 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from metarlhf.engine import GenerationRequest, SamplingParams
-from metarlhf.errors import ConfigError, MetaRLHFError
+from metarlhf.errors import ConfigError, MetaRLHFError, NotFoundError
 from metarlhf.store import check_id
 from server.batcher import Overloaded
-from server.errors import ApiError, error_body, status_of
+from server.errors import ApiError, error_body, status_of, typed
 from server.runtime import Runtime
 from server.schemas import (
     ChatCompletionRequest,
@@ -29,7 +30,9 @@ from server.schemas import (
 )
 from server.settings import Settings, get_settings
 
+log = logging.getLogger(__name__)
 router = APIRouter()
+SEED_RANGE = 2**63  # the engine's seeds are ints in [0, 2**63)
 bearer = HTTPBearer(auto_error=False, description="API key; each key belongs to one tenant")
 
 
@@ -95,18 +98,25 @@ def sampling(body: GenerationFields, settings: Settings) -> tuple[SamplingParams
     top_p = 1.0 if body.top_p is None else body.top_p
     stop = body.stop if body.stop is not None else []
     return SamplingParams(max_new_tokens=n_tok, temperature=temperature, top_p=top_p, stop=stop,
-                          seed=body.seed), body.n
+                          seed=engine_seed(body.seed)), body.n
+
+
+def engine_seed(seed: int | None, offset: int = 0) -> int | None:
+    """An OpenAI seed (any int64) plus a choice offset, mapped into the engine's [0, 2**63)."""
+    return None if seed is None else (seed + offset) % SEED_RANGE
 
 
 def requests_for(body: GenerationFields, settings: Settings, chat: bool) -> list[GenerationRequest]:
     params, n = sampling(body, settings)
+    msgs = None
+    if chat:
+        msgs = [{"role": m.engine_role(), "content": m.text()} for m in body.messages]  # type: ignore[attr-defined]
     out = []
     for i in range(n):
         p = params if i == 0 or params.seed is None else SamplingParams(
-            params.max_new_tokens, params.temperature, params.top_p, params.stop, params.seed + i)
-        if chat:
-            msgs = [{"role": m.role, "content": m.content} for m in body.messages]  # type: ignore[attr-defined]
-            out.append(GenerationRequest(messages=msgs, params=p))
+            params.max_new_tokens, params.temperature, params.top_p, params.stop, engine_seed(body.seed, i))
+        if msgs is not None:
+            out.append(GenerationRequest(messages=[dict(m) for m in msgs], params=p))
         else:
             out.append(GenerationRequest(prompt=body.prompt, params=p))  # type: ignore[attr-defined]
     return out
@@ -115,8 +125,14 @@ def requests_for(body: GenerationFields, settings: Settings, chat: bool) -> list
 def feedback_prompt(body: GenerationFields, chat: bool) -> str:
     if not chat:
         return body.prompt  # type: ignore[attr-defined]
-    users = [m.content for m in body.messages if m.role == "user"]  # type: ignore[attr-defined]
-    return users[-1] if users else body.messages[-1].content  # type: ignore[attr-defined]
+    users = [m.text() for m in body.messages if m.role == "user"]  # type: ignore[attr-defined]
+    return users[-1] if users else body.messages[-1].text()  # type: ignore[attr-defined]
+
+
+def _generation_error(e: BaseException) -> ApiError:
+    """A non-domain generation failure (an engine bug): logged, answered as a typed 500."""
+    log.error("generation failed: %s", type(e).__name__, exc_info=e)
+    return typed(e)
 
 
 async def _complete(body: GenerationFields, rt: Runtime, tenant: str, settings: Settings, chat: bool) -> Any:
@@ -129,6 +145,10 @@ async def _complete(body: GenerationFields, rt: Runtime, tenant: str, settings: 
         results, info = await rt.generate(tenant, body.user, reqs)
     except Overloaded as e:
         raise ApiError(429, "overloaded", str(e), {"Retry-After": "1"}) from e
+    except (MetaRLHFError, ApiError):
+        raise
+    except Exception as e:
+        raise _generation_error(e) from e
     if body.user is not None:
         await run_in_threadpool(rt.feedback.add_completion, tenant, body.user, cid, feedback_prompt(body, chat),
                                 results[0].text, info)
@@ -161,7 +181,7 @@ async def _stream(body: GenerationFields, req: GenerationRequest, rt: Runtime, t
     deltas: asyncio.Queue[str] = asyncio.Queue()
     req.on_text = lambda d: loop.call_soon_threadsafe(deltas.put_nowait, d)
     req.cancel = threading.Event()  # set when the client goes: the row leaves the batch
-    _, info = rt.serving_adapter(tenant, body.user)
+    _, info = await rt.aserving_adapter(tenant, body.user)
     task = asyncio.ensure_future(rt.generate(tenant, body.user, [req]))
     first = asyncio.ensure_future(deltas.get())
     await asyncio.wait({task, first}, return_when=asyncio.FIRST_COMPLETED)
@@ -171,7 +191,9 @@ async def _stream(body: GenerationFields, req: GenerationRequest, rt: Runtime, t
         e = task.exception()
         if isinstance(e, Overloaded):
             raise ApiError(429, "overloaded", str(e), {"Retry-After": "1"}) from e
-        raise e
+        if isinstance(e, MetaRLHFError | ApiError):
+            raise e
+        raise _generation_error(e) from e
     created = int(time.time())
     obj = "chat.completion.chunk" if chat else "text_completion"
     include_usage = bool((body.stream_options or {}).get("include_usage"))
@@ -204,10 +226,16 @@ async def _stream(body: GenerationFields, req: GenerationRequest, rt: Runtime, t
                 yield chunk(deltas.get_nowait(), None)
             try:
                 results, info = task.result()
-            except MetaRLHFError as e:
-                yield "data: " + json.dumps(error_body(e.type, str(e))) + "\n\n"
+                result = results[0]
+                if body.user is not None:
+                    await run_in_threadpool(rt.feedback.add_completion, tenant, body.user, cid,
+                                            feedback_prompt(body, chat), result.text, info)
+            except Exception as e:  # noqa: BLE001 - the response has started: end it with a typed error event
+                if not isinstance(e, MetaRLHFError | ApiError):
+                    log.error("stream %s failed: %s", cid, type(e).__name__, exc_info=e)
+                err = typed(e)
+                yield "data: " + json.dumps(error_body(err.type, err.message)) + "\n\n"
                 return
-            result = results[0]
             yield chunk(None, result.finish_reason)
             if include_usage:
                 usage = {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
@@ -215,9 +243,6 @@ async def _stream(body: GenerationFields, req: GenerationRequest, rt: Runtime, t
                 yield "data: " + json.dumps({"id": cid, "object": obj, "created": created, "model": model,
                                              "choices": [], "usage": usage}) + "\n\n"
             rt.metrics.inc("generated_tokens_total", "completion tokens generated", result.completion_tokens)
-            if body.user is not None:
-                await run_in_threadpool(rt.feedback.add_completion, tenant, body.user, cid,
-                                        feedback_prompt(body, chat), result.text, info)
             yield "data: [DONE]\n\n"
         finally:
             if not task.done():  # client went away: the engine drops the row at its next step
@@ -238,6 +263,25 @@ async def chat_completions(body: ChatCompletionRequest, rt: RT, tenant: Tenant,
 async def completions(body: CompletionRequest, rt: RT, tenant: Tenant,
                       settings: Annotated[Settings, Depends(get_settings)]) -> Any:
     return await _complete(body, rt, tenant, settings, chat=False)
+
+
+# ------------------------------------------------------------------------------ models
+def _model_card(rt: Runtime, settings: Settings) -> dict:
+    return {"id": settings.model_name, "object": "model", "created": int(rt.started_at), "owned_by": "metarlhf"}
+
+
+@router.get("/v1/models", tags=["models"])
+async def list_models(rt: RT, tenant: Tenant, settings: Annotated[Settings, Depends(get_settings)]) -> dict:
+    """The served model, in OpenAI's shape (every user's adapter is selected by ``user``)."""
+    return {"object": "list", "data": [_model_card(rt, settings)]}
+
+
+@router.get("/v1/models/{model_id:path}", tags=["models"])
+async def get_model(model_id: str, rt: RT, tenant: Tenant,
+                    settings: Annotated[Settings, Depends(get_settings)]) -> dict:
+    if model_id != settings.model_name:
+        raise NotFoundError(f"model {model_id!r} not found; this server serves {settings.model_name!r}")
+    return _model_card(rt, settings)
 
 
 # ------------------------------------------------------------------------------ feedback

@@ -14,6 +14,14 @@ Which adapter serves a user (:meth:`Runtime.serving_adapter`):
 
 Engine adapter keys are ``"<tenant>/<user>"`` with the store's version number, so a
 new version is a new cache key and stale weights are never served.
+
+The decision is cached per user. Every event that can change it (a new version, feedback,
+rollback, erasure, a changed neighbour index) bumps a generation under the lock, and a
+decision computed while its generation moved is not cached, so a racing request cannot
+pin an old version. A new version of any user expires the cold-start (``base`` and
+``neighbor``) decisions of that tenant: the index gained or moved a neighbour. Computing a
+decision reads files (sha256) and may embed feedback, so the event loop hands it to a
+thread (:meth:`Runtime.aserving_adapter`).
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import logging
 import secrets
 import threading
 import time
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -62,10 +71,14 @@ class Runtime:
             self.feedback, self.store, personalizer, self.index, threshold=settings.adapt_threshold,
             workers=settings.adapt_workers, max_records=settings.adapt_max_records,
             neighbor_init_below=settings.neighbor_init_below, validate_policy=self._validate_policy,
-            on_new_version=self._on_new_version)
+            on_new_version=self._on_new_version, on_discard=self._on_discard)
         self.batcher = Batcher(engine, settings.max_batch, settings.batch_wait_ms / 1000, settings.queue_limit,
                                on_batch=self._on_batch)
         self._serving: dict[tuple[str, str], tuple[AdapterRef | None, dict[str, Any]]] = {}
+        # generations of the cached decisions (see the module docstring); guarded by _lock
+        self._epoch = 0
+        self._tenant_gen: defaultdict[str, int] = defaultdict(int)
+        self._user_gen: defaultdict[tuple[str, str], int] = defaultdict(int)
         self._bad: set[tuple[str, int]] = set()  # (engine key, version) known corrupted
         self._pref_cache: dict[tuple[str, str], tuple[int, Any]] = {}
         self._changed: dict[tuple[str, str], float] = {}
@@ -100,6 +113,7 @@ class Runtime:
                 continue
         if added:
             self.index.save()
+            self._expire_all()  # cold-start decisions made meanwhile may have missed a neighbour
             log.info("preference index: rebuilt %d user vector(s) from stored feedback", added)
 
     def _install_gauges(self) -> None:
@@ -124,13 +138,37 @@ class Runtime:
 
     def _on_new_version(self, tenant: str, user: str, result: dict[str, Any]) -> None:
         with self._lock:
-            self._serving.pop((tenant, user), None)
+            self._expire_user(tenant, user)
+            # the user's vector and version changed: cold-start users of the tenant may now
+            # have (or have a newer) neighbour
+            self._tenant_gen[tenant] += 1
+            for key in [k for k, (_, info) in self._serving.items() if k[0] == tenant and info["source"] != "own"]:
+                del self._serving[key]
             self._changed[(tenant, user)] = time.time()
         self.metrics.inc("adaptations_total", "adaptation jobs finished", state="succeeded")
 
+    def _on_discard(self, tenant: str, user: str) -> None:
+        """A job's validated (so engine-loaded) version was discarded: its number will be
+        reused after the erasure, so its weights must not stay resident."""
+        self.engine.evict(engine_key(tenant, user))
+
+    def _expire_user(self, tenant: str, user: str) -> None:
+        """Drop the user's cached decision (call with _lock held)."""
+        self._user_gen[(tenant, user)] += 1
+        self._serving.pop((tenant, user), None)
+
+    def _expire_all(self) -> None:
+        with self._lock:
+            self._epoch += 1
+            self._serving.clear()
+
+    def _generation(self, tenant: str, user: str) -> tuple[int, int, int]:
+        """The generation a decision for the user is computed at (call with _lock held)."""
+        return self._epoch, self._tenant_gen[tenant], self._user_gen[(tenant, user)]
+
     def invalidate(self, tenant: str, user: str) -> None:
         with self._lock:
-            self._serving.pop((tenant, user), None)
+            self._expire_user(tenant, user)
             self._pref_cache.pop((tenant, user), None)
 
     def own_adapter(self, tenant: str, user: str) -> tuple[AdapterRef, int] | None:
@@ -184,6 +222,7 @@ class Runtime:
             return None, {"source": "base", "user_id": None, "version": None}
         with self._lock:
             hit = self._serving.get((tenant, user))
+            gen = self._generation(tenant, user)
         if hit is not None:
             return hit
         own = self.own_adapter(tenant, user)
@@ -203,8 +242,20 @@ class Runtime:
                                        "similarity": round(score, 6)})
                         break
         with self._lock:
-            self._serving[(tenant, user)] = out
+            if self._generation(tenant, user) == gen:  # else something changed meanwhile: recompute next time
+                self._serving[(tenant, user)] = out
         return out
+
+    async def aserving_adapter(self, tenant: str, user: str | None) -> tuple[AdapterRef | None, dict[str, Any]]:
+        """:meth:`serving_adapter` for the event loop: a cached decision at once, else
+        computed in the thread pool (it reads and hashes files, and may embed feedback)."""
+        if user is None:
+            return self.serving_adapter(tenant, None)
+        with self._lock:
+            hit = self._serving.get((tenant, user))
+        if hit is not None:
+            return hit
+        return await run_in_threadpool(self.serving_adapter, tenant, user)
 
     # -- generation ----------------------------------------------------------------------
     async def generate(self, tenant: str, user: str | None, reqs: list[GenerationRequest]) -> tuple[
@@ -212,7 +263,7 @@ class Runtime:
         """Generate through the batcher with the user's adapter; a corrupted adapter is
         marked bad and the request retried once with the fallback."""
         for attempt in range(3):
-            ref, info = self.serving_adapter(tenant, user)
+            ref, info = await self.aserving_adapter(tenant, user)
             for r in reqs:
                 r.adapter = ref
             results = await self.batcher.submit_many(reqs)
@@ -221,8 +272,7 @@ class Runtime:
                 break
             log.error("user %s/%s: adapter v%d failed to load, falling back: %s", tenant, user, ref.version, bad[0])
             self._bad.add((ref.user, ref.version))
-            with self._lock:
-                self._serving.clear()  # neighbours may have pointed at it too
+            self._expire_all()  # neighbours may have pointed at it too
         for r in results:
             if r.error is not None:
                 raise r.error
@@ -242,8 +292,7 @@ class Runtime:
     def _after_feedback(self, tenant: str, user: str, kind: str) -> None:
         self.metrics.inc("feedback_total", "feedback records stored", kind=kind)
         with self._lock:
-            if self._serving.get((tenant, user), (None, {}))[1].get("source") != "own":
-                self._serving.pop((tenant, user), None)  # cold start may now find a neighbour
+            self._expire_user(tenant, user)  # cold start may now find a neighbour
 
     def add_feedback(self, tenant: str, body: dict[str, Any], idempotency_key: str | None) -> tuple[str, bool]:
         """Store one feedback body durably; may start an adaptation job. Blocking."""
@@ -300,19 +349,20 @@ class Runtime:
         for k in kinds:
             out[k] = self.store.rollback(tenant, user, k, version)
         self.engine.evict(engine_key(tenant, user))
+        self._expire_all()
         with self._lock:
-            self._serving.clear()
             self._changed[(tenant, user)] = time.time()
         return out
 
     def delete_user(self, tenant: str, user: str) -> None:
         self.require_user(tenant, user)
-        self.feedback.delete_user(tenant, user)
-        self.store.delete_user(tenant, user)
-        self.engine.evict(engine_key(tenant, user))
-        if self.index.remove(tenant, user):
-            self.index.save()
+        with self.runner.erasing(tenant, user):  # a job of the user in flight will not publish
+            self.feedback.delete_user(tenant, user)
+            self.store.delete_user(tenant, user)
+            self.engine.evict(engine_key(tenant, user))
+            if self.index.remove(tenant, user):
+                self.index.save()
+        self._expire_all()
         with self._lock:
-            self._serving.clear()
             self._pref_cache.pop((tenant, user), None)
             self._changed.pop((tenant, user), None)

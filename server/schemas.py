@@ -1,13 +1,30 @@
-"""Request and response models. Requests forbid unknown fields; ids are checked here."""
+"""Request and response models. Requests forbid unknown fields; ids are checked here.
+
+Every string in a request must be encodable as UTF-8: JSON allows escapes of lone
+surrogates (``"\\ud800"``), which no tokenizer, database or response can carry, so they
+are refused here (422 ``invalid_request``) rather than failing later. Integer fields are
+strict (``true`` is not 1) and number fields do not take booleans.
+"""
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    field_validator,
+    model_validator,
+)
 
 from metarlhf.errors import ConfigError
 from metarlhf.store import check_id
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
 def valid_user(v: str | None) -> str | None:
@@ -19,14 +36,55 @@ def valid_user(v: str | None) -> str | None:
         raise ValueError(str(e)) from e
 
 
+def check_utf8(value: Any, where: str = "") -> None:
+    """Raise ValueError if any string in ``value`` (nested lists/dicts included) cannot be
+    encoded as UTF-8 (a lone surrogate)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"{where or 'a string'} is not valid Unicode text (lone surrogate at position "
+                             f"{e.start})") from None
+    elif isinstance(value, list | tuple):
+        for i, v in enumerate(value):
+            check_utf8(v, f"{where}[{i}]")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            check_utf8(k, where)
+            check_utf8(v, f"{where}.{k}" if where else str(k))
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _utf8(cls, data: Any) -> Any:
+        check_utf8(data)
+        return data
+
 
 class ChatMessage(Strict):
-    role: Literal["system", "user", "assistant"]
-    content: str
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[dict[str, Any]] = Field(
+        ..., description="text, or an array of text parts [{'type': 'text', 'text': ...}] (joined by newlines)")
     name: str | None = None
+
+    def text(self) -> str:
+        """The message as one string; a part that is not text is a ConfigError (400)."""
+        if isinstance(self.content, str):
+            return self.content
+        texts = []
+        for i, part in enumerate(self.content):
+            if part.get("type") != "text" or not isinstance(part.get("text"), str) or set(part) != {"type", "text"}:
+                raise ConfigError(f"message content part {i} must be {{'type': 'text', 'text': <string>}}; "
+                                  f"only text parts are supported, got type {part.get('type')!r}")
+            texts.append(part["text"])
+        return "\n".join(texts)
+
+    def engine_role(self) -> str:
+        """OpenAI's ``developer`` role is the system prompt of newer clients."""
+        return "system" if self.role == "developer" else self.role
 
 
 class GenerationFields(Strict):
@@ -34,20 +92,34 @@ class GenerationFields(Strict):
 
     model: str | None = None
     user: str | None = Field(None, description="end-user id: selects that user's adapter")
-    max_tokens: int | None = Field(None, description="new tokens; default from settings")
-    max_completion_tokens: int | None = Field(None, description="alias of max_tokens (newer OpenAI clients)")
-    temperature: float | None = Field(None, description="0 = greedy; default 1.0 (OpenAI)")
-    top_p: float | None = None
-    n: int = 1
+    max_tokens: StrictInt | None = Field(None, description="new tokens; default from settings")
+    max_completion_tokens: StrictInt | None = Field(None, description="alias of max_tokens (newer OpenAI clients)")
+    temperature: StrictFloat | None = Field(None, description="0 = greedy; default 1.0 (OpenAI)")
+    top_p: StrictFloat | None = None
+    n: StrictInt = 1
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: StrictInt | None = Field(None, ge=INT64_MIN, le=INT64_MAX,
+                                   description="any int64; mapped to the engine's range [0, 2**63) by modulo")
     stream: bool = False
     stream_options: dict[str, Any] | None = None
+    # OpenAI fields that some clients always send: accepted only with their no-op values
+    presence_penalty: StrictFloat | None = Field(None, description="not supported: only 0 is accepted")
+    frequency_penalty: StrictFloat | None = Field(None, description="not supported: only 0 is accepted")
+    logprobs: StrictBool | None = Field(None, description="not supported: only false is accepted")
 
     @field_validator("user")
     @classmethod
     def _check_user(cls, v: str | None) -> str | None:
         return valid_user(v)
+
+    @model_validator(mode="after")
+    def _no_op_only(self) -> GenerationFields:
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name) not in (None, 0):
+                raise ValueError(f"{name} is not supported (only 0 is accepted)")
+        if self.logprobs:
+            raise ValueError("logprobs is not supported (only false is accepted)")
+        return self
 
 
 class ChatCompletionRequest(GenerationFields):
@@ -88,4 +160,4 @@ class FeedbackRequest(Strict):
 
 class RollbackRequest(Strict):
     kind: Literal["policy", "reward", "both"] = "policy"
-    version: int | None = Field(None, ge=1, description="None = the version before the current one")
+    version: StrictInt | None = Field(None, ge=1, description="None = the version before the current one")

@@ -47,12 +47,14 @@ class TinyPersonalizer:
         self.reward_steps = reward_steps
         self.fail_next = False  # tests: make the next adaptation raise
         self.calls = 0
-        self._lock = threading.Lock()
+        # as DefaultPersonalizer: one lock per model, so a policy adaptation never blocks embed
+        self._reward_lock = threading.Lock()
+        self._policy_lock = threading.Lock()
 
     def adapt_reward(self, records: Any) -> Adapter:
         from metarlhf.reward import adapt_reward
 
-        with self._lock:
+        with self._reward_lock:
             self.calls += 1
             if self.fail_next:
                 self.fail_next = False
@@ -62,14 +64,14 @@ class TinyPersonalizer:
     def adapt_policy(self, records: Any, init: str | Path | None) -> Adapter:
         from metarlhf.policy import adapt_policy
 
-        with self._lock:
+        with self._policy_lock:
             return adapt_policy(records, base=self.policy, init=str(init) if init is not None else "scratch",
                                 steps=self.policy_steps)
 
     def embed(self, prompts: list[str], completions: list[str]) -> np.ndarray:
         import torch
 
-        with self._lock, torch.no_grad():
+        with self._reward_lock, torch.no_grad():
             return self.reward_model.embed(prompts, completions).float().cpu().numpy()
 
 

@@ -126,19 +126,46 @@ def test_jobs_and_new_feedback_watermark(store):
         store.add_feedback("t", "u", thumbs(i % 2))
     job = store.create_job("t", "u", "threshold")
     assert job["state"] == "queued" and job["feedback_upto"] == store.max_seq("t", "u")
-    assert store.counts("t", "u")["new"] == 0
+    assert store.counts("t", "u")["new"] == 3  # creating a job consumes nothing
     store.add_feedback("t", "u", thumbs(1))
-    assert store.counts("t", "u")["new"] == store.new_count("t", "u") == 1
-    store.update_job(job["id"], "running")
+    assert store.counts("t", "u")["new"] == store.new_count("t", "u") == 4
+    assert store.start_job(job["id"]) == store.max_seq("t", "u")  # it covers the record that came meanwhile
     store.update_job(job["id"], "failed", error="boom")
     got = store.get_job("t", job["id"])
-    assert got["state"] == "failed" and got["error"] == "boom" and got["finished_at"]
+    assert got["state"] == "failed" and got["error"] == "boom" and got["finished_at"] and got["started_at"]
+    assert store.new_count("t", "u") == 4  # a failed job consumes nothing either
     assert store.latest_job("t", "u")["id"] == job["id"]
     with pytest.raises(NotFoundError):
         store.get_job("other-tenant", job["id"])
     j2 = store.create_job("t", "u", "manual")
     assert store.fail_unfinished_jobs() == 1
     assert store.get_job("t", j2["id"])["state"] == "failed"
+    assert store.new_count("t", "u") == 4  # nor does an interrupted one
+
+
+def test_only_a_successful_job_moves_the_watermark_to_what_it_trained_on(store):
+    for i in range(2):
+        store.add_feedback("t", "u", thumbs(i % 2))
+    job = store.create_job("t", "u", "threshold")
+    upto = store.start_job(job["id"])
+    store.add_feedback("t", "u", thumbs(1))  # arrives while the job runs: not trained on
+    assert [r.label for r in store.records("t", "u", upto=upto)] == [0, 1]
+    store.update_job(job["id"], "succeeded", result={"ok": True})
+    assert store.new_count("t", "u") == 1 and store.counts("t", "u")["new"] == 1
+    # a job whose user was erased neither starts nor recreates the user's watermark
+    j2 = store.create_job("t", "u", "manual")
+    store.delete_user("t", "u")
+    with pytest.raises(NotFoundError):
+        store.start_job(j2["id"])
+    store.update_job(j2["id"], "succeeded", result={})
+    assert store._reader().execute("SELECT COUNT(*) FROM users").fetchone()[0] == 0
+
+
+def test_feedback_text_must_be_encodable():
+    with pytest.raises(DataError, match="prompt is not valid Unicode"):
+        FeedbackInput("thumbs", "bad \ud800", completion="c", label=1)
+    with pytest.raises(DataError, match="rejected"):
+        FeedbackInput("pair", "p", chosen="a", rejected="\udfff")
 
 
 def test_delete_user_erases_everything(store):
@@ -202,7 +229,9 @@ def test_unopenable_database_is_a_config_error(tmp_path):
 
 def test_store_feedback_counts_new_records_in_its_transaction(store):
     assert [store.store_feedback("t", "u", thumbs(i % 2)).new for i in range(3)] == [1, 2, 3]
-    store.create_job("t", "u", "threshold")  # moves the watermark
+    job = store.create_job("t", "u", "threshold")
+    store.start_job(job["id"])
+    store.update_job(job["id"], "succeeded", result={})  # moves the watermark
     assert store.store_feedback("t", "u", thumbs(0)).new == 1
     assert store.store_feedback("t", "other", thumbs(0)).new == 1
     first = store.store_feedback("t", "u", thumbs(1), "key", "h")

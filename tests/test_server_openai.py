@@ -81,3 +81,16 @@ def test_feedback_then_personalised_completion(server):
     r = c.chat.completions.create(model="m", messages=[{"role": "user", "content": "Tell me"}], user="zoe",
                                   max_tokens=4)
     assert r.model_extra["adapter"] == {"source": "own", "user_id": "zoe", "version": 1}
+
+
+def test_models_and_content_parts(server):
+    url, _ = server
+    c = client(url)
+    assert [m.id for m in c.models.list()] == ["metarlhf"]
+    assert c.models.retrieve("metarlhf").owned_by == "metarlhf"
+    kw = {"model": "metarlhf", "max_tokens": 4, "temperature": 0}
+    parts = c.chat.completions.create(messages=[{"role": "developer", "content": "Be brief."},
+                                                {"role": "user", "content": [{"type": "text", "text": "Hi"}]}], **kw)
+    plain = c.chat.completions.create(messages=[{"role": "system", "content": "Be brief."},
+                                                {"role": "user", "content": "Hi"}], **kw)
+    assert parts.choices[0].message.content == plain.choices[0].message.content

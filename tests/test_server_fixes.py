@@ -1,0 +1,456 @@
+"""Regression tests for server bugs: event-loop stalls during adaptation, batch isolation,
+adaptation triggering, erasure during a job, stale serving decisions, request validation
+and OpenAI compatibility. Tiny random models, as in test_server.py."""
+
+import asyncio
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from metarlhf.engine import GenerationRequest, GenerationResult, SamplingParams
+from metarlhf.errors import ConfigError
+from metarlhf.retrieval import PreferenceIndex
+from server.app import create_app
+from server.batcher import Batcher
+from server.settings import Settings
+from server.testing import TinyPersonalizer, tiny_engine
+
+KEY_A = "sk-tenant-a-key"
+A = {"Authorization": f"Bearer {KEY_A}"}
+JSON = {**A, "Content-Type": "application/json"}
+
+
+@pytest.fixture
+def make_client(tmp_path):
+    clients = []
+
+    def make(raise_server_exceptions=True, **overrides):
+        s = Settings(**{"api_keys": {KEY_A: "acme"}, "adapter_root": str(tmp_path / "adapters"),
+                        "adapt_threshold": 2, "max_tokens_limit": 32, "default_max_tokens": 6, "max_n": 3,
+                        "batch_wait_ms": 2, **overrides})
+        app = create_app(s, engine=tiny_engine(), personalizer=TinyPersonalizer())
+        c = TestClient(app, raise_server_exceptions=raise_server_exceptions)
+        c.__enter__()
+        clients.append(c)
+        return c
+
+    yield make
+    for c in clients:
+        c.__exit__(None, None, None)
+
+
+@pytest.fixture
+def client(make_client):
+    return make_client()
+
+
+def rt(c):
+    return c.app.state.runtime
+
+
+def chat(c, user="alice", **kw):
+    body = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 4, "temperature": 0, **kw}
+    if user is not None:
+        body["user"] = user
+    return c.post("/v1/chat/completions", json=body, headers=A)
+
+
+def thumbs(c, user, i, prompt=None, completion=None):
+    r = c.post("/v1/feedback", json={"user_id": user, "prompt": prompt or f"p{i}",
+                                     "completion": completion or f"answer {i}",
+                                     "rating": "up" if i % 2 == 0 else "down"}, headers=A)
+    assert r.status_code == 202, r.text
+    return r
+
+
+def assert_error(r, status, type_=None):
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith("application/json")
+    body = r.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"type", "message"}
+    if type_:
+        assert body["error"]["type"] == type_, body
+    return body["error"]["message"]
+
+
+def in_thread(fn):
+    out = {}
+    t = threading.Thread(target=lambda: out.setdefault("r", fn()), daemon=True)
+    t.start()
+    return t, out
+
+
+# ------------------------------------------------------------------ 1. no endpoint waits on adaptation
+def test_cold_start_chat_does_not_wait_for_a_policy_adaptation(client, monkeypatch):
+    import metarlhf.policy as mp
+
+    entered, gate = threading.Event(), threading.Event()
+    real = mp.adapt_policy
+
+    def slow(*a, **k):  # runs inside the personalizer's lock, like a minutes-long adaptation
+        entered.set()
+        gate.wait(20)
+        return real(*a, **k)
+
+    monkeypatch.setattr(mp, "adapt_policy", slow)
+    thumbs(client, "carol", 0)  # cold start: her serving decision embeds her feedback
+    thumbs(client, "bob", 0)
+    thumbs(client, "bob", 1)
+    assert entered.wait(20)
+    t, out = in_thread(lambda: chat(client, "carol"))
+    t.join(10)
+    done = not t.is_alive()
+    gate.set()
+    assert rt(client).runner.wait_idle(60)
+    assert done, "the cold-start chat waited for the adaptation job"
+    assert out["r"].status_code == 200
+
+
+def test_event_loop_stays_free_while_a_serving_decision_is_computed(client):
+    thumbs(client, "carol", 0)
+    pers = rt(client).personalizer
+    entered, gate = threading.Event(), threading.Event()
+    real = pers.embed
+
+    def slow_embed(prompts, completions):
+        entered.set()
+        gate.wait(10)
+        return real(prompts, completions)
+
+    pers.embed = slow_embed
+    t, out = in_thread(lambda: chat(client, "carol"))
+    assert entered.wait(10)
+    t0 = time.monotonic()
+    health = client.get("/healthz")
+    took = time.monotonic() - t0
+    gate.set()
+    t.join(30)
+    assert health.status_code == 200 and took < 3, f"healthz took {took:.1f}s"
+    assert out["r"].status_code == 200
+
+
+# ------------------------------------------------------------------ 2. batch isolation and typed 500s
+class PickyEngine:
+    """Fails the whole batch if any row's prompt is 'bad'; streams one piece per row first."""
+
+    def __init__(self, stream_first: bool = False) -> None:
+        self.calls: list[list[str]] = []
+        self.stream_first = stream_first
+
+    def generate(self, reqs):
+        self.calls.append([r.prompt for r in reqs])
+        if self.stream_first:
+            for r in reqs:
+                if r.on_text is not None:
+                    r.on_text("partial")
+        if any(r.prompt == "bad" for r in reqs):
+            raise RuntimeError("a bug triggered by row 'bad'")
+        return [GenerationResult(r.prompt.upper(), [1], 1, 1, "stop") for r in reqs]
+
+
+def _rows(*prompts):
+    return [GenerationRequest(prompt=p, params=SamplingParams(max_new_tokens=2)) for p in prompts]
+
+
+def test_batcher_isolates_the_faulty_row():
+    eng = PickyEngine()
+    b = Batcher(eng, max_batch=8, wait_s=0.05, limit=10)
+    b.start()
+
+    async def main():
+        return await asyncio.gather(*(b.submit_many(_rows(p)) for p in ("a", "bad", "c")),
+                                    return_exceptions=True)
+
+    out = asyncio.run(main())
+    b.stop()
+    assert out[0][0].text == "A" and out[2][0].text == "C"
+    assert isinstance(out[1], RuntimeError) and "row 'bad'" in str(out[1])
+    assert len(eng.calls[0]) == 3 and sorted(map(tuple, eng.calls[1:])) == [("a",), ("bad",), ("c",)]
+    assert b.depth == 0
+
+
+def test_batcher_does_not_rerun_a_row_that_already_streamed():
+    eng = PickyEngine(stream_first=True)
+    b = Batcher(eng, max_batch=8, wait_s=0.05, limit=10)
+    b.start()
+    seen = []
+    streamed = _rows("s")[0]
+    streamed.on_text = seen.append
+
+    async def main():
+        return await asyncio.gather(b.submit_many([streamed]), b.submit_many(_rows("bad")),
+                                    b.submit_many(_rows("c")), return_exceptions=True)
+
+    out = asyncio.run(main())
+    b.stop()
+    assert isinstance(out[0], RuntimeError) and seen == ["partial"]  # its client saw text: not run again
+    assert isinstance(out[1], RuntimeError) and out[2][0].text == "C"
+    assert streamed.on_text == seen.append  # the callback is given back
+
+
+def test_an_engine_bug_is_a_typed_500(client, monkeypatch):
+    eng = rt(client).engine
+    real = eng.generate
+
+    def buggy(reqs):
+        if any(r.messages and r.messages[-1]["content"] == "boom" for r in reqs):
+            raise RuntimeError("engine bug")
+        return real(reqs)
+
+    monkeypatch.setattr(eng, "generate", buggy)
+    r = chat(client, messages=[{"role": "user", "content": "boom"}])
+    assert "RuntimeError" in assert_error(r, 500, "internal_error")
+    assert chat(client).status_code == 200
+
+
+def test_any_unhandled_exception_is_a_typed_500(make_client, monkeypatch):
+    c = make_client(raise_server_exceptions=False)
+    thumbs(c, "alice", 0)
+
+    def broken(*a):
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(rt(c), "user_info", broken)
+    assert_error(c.get("/v1/users/alice", headers=A), 500, "internal_error")
+
+
+def test_a_stream_failing_after_its_first_chunk_ends_with_an_error_event(client, monkeypatch):
+    eng = rt(client).engine
+
+    def fails_midway(reqs):
+        for r in reqs:
+            if r.on_text is not None:
+                r.on_text("Hel")
+        time.sleep(0.3)  # the response has started (else the error is an ordinary HTTP 500)
+        raise RuntimeError("engine bug after the first token")
+
+    monkeypatch.setattr(eng, "generate", fails_midway)
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "stream": True}
+    with client.stream("POST", "/v1/chat/completions", json=body, headers=A) as r:
+        assert r.status_code == 200
+        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    last = json.loads(events[-1])
+    assert last["error"]["type"] == "internal_error"
+    assert any(json.loads(e).get("choices", [{}])[0].get("delta", {}).get("content") == "Hel" for e in events[:-1])
+
+
+@pytest.mark.parametrize("url,body", [
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "hi \\ud800"}]}'),
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\udfff"}]}]}'),
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "hi"}], "stop": ["\\ud800"]}'),
+    ("/v1/completions", '{"prompt": "x\\ud800y"}'),
+    ("/v1/feedback", '{"user_id": "alice", "prompt": "\\ud800", "completion": "c", "rating": "up"}'),
+    ("/v1/feedback", '{"user_id": "alice", "prompt": "p", "chosen": "c", "rejected": "\\udc00"}'),
+])
+def test_lone_surrogates_are_rejected_with_a_typed_4xx(client, url, body):
+    msg = assert_error(client.post(url, content=body, headers=JSON), 422, "invalid_request")
+    assert "Unicode" in msg
+
+
+# ------------------------------------------------------------------ 3. feedback during or before a job
+def _gate_reward(c):
+    """Make adaptation jobs wait (inside the job, after it started) until ``gate`` is set."""
+    gate, entered = threading.Event(), threading.Event()
+    pers = rt(c).personalizer
+    real = pers.adapt_reward
+
+    def slow(records):
+        entered.set()
+        gate.wait(20)
+        return real(records)
+
+    pers.adapt_reward = slow
+    return gate, entered
+
+
+def test_feedback_during_a_job_starts_the_next_job_when_it_ends(client):
+    gate, entered = _gate_reward(client)
+    thumbs(client, "alice", 0)
+    assert thumbs(client, "alice", 1).json()["job"] is not None  # threshold 2: job 1
+    assert entered.wait(20)  # job 1 runs (on records 1-2)
+    thumbs(client, "alice", 2)
+    thumbs(client, "alice", 3)  # 2 more while it runs
+    gate.set()
+    assert rt(client).runner.wait_idle(60)
+    info = client.get("/v1/users/alice", headers=A).json()
+    assert info["policy"]["current"] == 2, info
+    assert info["feedback"]["new"] == 0 and info["job"]["latest"]["feedback_upto"] == 4
+
+
+def test_jobs_cancelled_at_shutdown_keep_their_records_new(make_client):
+    c1 = make_client()
+    gate, _ = _gate_reward(c1)
+    for u in ("u1", "u2"):  # one worker: u2's job waits behind u1's
+        thumbs(c1, u, 0)
+        thumbs(c1, u, 1)
+    threading.Timer(0.5, gate.set).start()
+    c1.__exit__(None, None, None)
+    c2 = make_client()
+    info = c2.get("/v1/users/u2", headers=A).json()
+    assert info["job"]["latest"]["state"] == "failed" and "shut down" in info["job"]["latest"]["error"]
+    assert info["feedback"]["new"] == 2 and info["policy"]["current"] is None
+    thumbs(c2, "u2", 2)  # new = 3 >= 2
+    assert rt(c2).runner.wait_idle(60)
+    assert c2.get("/v1/users/u2", headers=A).json()["policy"]["current"] == 1
+
+
+def test_a_failed_job_keeps_its_records_new_without_retrying_in_a_loop(client):
+    pers = rt(client).personalizer
+    pers.fail_next = True
+    thumbs(client, "alice", 0)
+    thumbs(client, "alice", 1)
+    assert rt(client).runner.wait_idle(60)
+    info = client.get("/v1/users/alice", headers=A).json()
+    assert info["job"]["latest"]["state"] == "failed" and info["feedback"]["new"] == 2
+    assert pers.calls == 1  # not retried on the same records
+    thumbs(client, "alice", 2)  # the next feedback retries
+    assert rt(client).runner.wait_idle(60)
+    info = client.get("/v1/users/alice", headers=A).json()
+    assert info["policy"]["current"] == 1 and info["feedback"]["new"] == 0
+
+
+# ------------------------------------------------------------------ 4. erasure while a job runs
+def test_erasure_during_a_job_discards_its_output_even_after_new_feedback(client):
+    gate, entered = threading.Event(), threading.Event()
+    pers = rt(client).personalizer
+    real = pers.adapt_policy
+
+    def slow(records, init):
+        entered.set()
+        gate.wait(20)
+        return real(records, init)
+
+    pers.adapt_policy = slow
+    thumbs(client, "zed", 0, prompt="SECRET-1")
+    thumbs(client, "zed", 1, prompt="SECRET-2")
+    assert entered.wait(20)
+    assert client.delete("/v1/users/zed", headers=A).status_code == 204
+    thumbs(client, "zed", 0, prompt="new")  # the user comes back (below the threshold)
+    gate.set()
+    assert rt(client).runner.wait_idle(60)
+    info = client.get("/v1/users/zed", headers=A).json()
+    assert info["policy"]["current"] is None and info["policy"]["versions"] == []
+    assert info["reward"]["current"] is None and info["feedback"]["total"] == 1
+    assert rt(client).index.get("acme", "zed") is None
+    assert rt(client).engine.evict("acme/zed") == 0  # the discarded v1 was validated (loaded): not resident
+    assert chat(client, "zed").json()["adapter"]["source"] != "own"
+
+
+# ------------------------------------------------------------------ 5. stale serving decisions
+def test_a_version_landing_while_a_decision_is_computed_is_not_cached_over(client):
+    for i in range(2):
+        thumbs(client, "bob", i)
+    R = rt(client)
+    assert R.runner.wait_idle(60)
+    orig, done = R.own_adapter, []
+
+    def own_then_job_lands(t, u):
+        r = orig(t, u)  # reads CURRENT = v1; meanwhile v2 lands
+        if not done:
+            done.append(1)
+            R.runner.enqueue(t, u, reason="manual")
+            R.runner.wait_idle(60)
+        return r
+
+    R.own_adapter = own_then_job_lands
+    R.invalidate("acme", "bob")
+    assert chat(client, "bob").json()["adapter"]["version"] == 1  # the racing request itself
+    assert R.store.current("acme", "bob", "policy") == 2
+    assert chat(client, "bob").json()["adapter"]["version"] == 2
+    assert client.get("/v1/users/bob", headers=A).json()["serving"]["version"] == 2
+
+
+def test_a_cold_start_user_picks_up_a_neighbour_that_appears_later(client):
+    thumbs(client, "carol", 0)
+    assert chat(client, "carol").json()["adapter"]["source"] == "base"  # nobody to borrow from yet
+    for i in range(2):
+        thumbs(client, "bob", i)
+    assert rt(client).runner.wait_idle(60)
+    adapter = chat(client, "carol").json()["adapter"]
+    assert adapter["source"] == "neighbor" and adapter["neighbor"] == "bob" and adapter["neighbor_version"] == 1
+
+
+def test_index_save_writes_under_the_lock(tmp_path, monkeypatch):
+    import metarlhf.io
+
+    idx = PreferenceIndex(4, tmp_path / "idx.safetensors")
+    idx.upsert("t", "u", np.ones(4, np.float32))
+    real, held = metarlhf.io.save_tensors, []
+
+    def probe():
+        got = idx._lock.acquire(blocking=False)
+        if got:
+            idx._lock.release()
+        held.append(not got)
+
+    def check(*a, **k):
+        t = threading.Thread(target=probe)
+        t.start()
+        t.join()
+        real(*a, **k)
+
+    monkeypatch.setattr(metarlhf.io, "save_tensors", check)
+    idx.save()
+    assert held == [True]
+    assert PreferenceIndex.load(tmp_path / "idx.safetensors", 4).get("t", "u") is not None
+
+
+# ------------------------------------------------------------------ 7, 8. OpenAI compatibility, strict ints
+def test_models_endpoint_lists_the_served_model(client):
+    body = client.get("/v1/models", headers=A).json()
+    assert body["object"] == "list" and len(body["data"]) == 1
+    card = body["data"][0]
+    assert card["id"] == "metarlhf" and card["object"] == "model" and card["owned_by"] == "metarlhf"
+    assert isinstance(card["created"], int)
+    assert client.get("/v1/models/metarlhf", headers=A).json() == card
+    assert_error(client.get("/v1/models/gpt-4", headers=A), 404, "not_found")
+    assert_error(client.get("/v1/models"), 401, "unauthorized")
+    assert "/v1/models" in client.get("/openapi.json").json()["paths"]
+
+
+def test_message_content_parts_and_the_developer_role(client):
+    plain = chat(client, messages=[{"role": "system", "content": "Be brief."},
+                                   {"role": "user", "content": "hello\nthere"}]).json()
+    parts = chat(client, messages=[{"role": "developer", "content": "Be brief."},
+                                   {"role": "user", "content": [{"type": "text", "text": "hello"},
+                                                                {"type": "text", "text": "there"}]}]).json()
+    assert parts["choices"][0]["message"]["content"] == plain["choices"][0]["message"]["content"]
+    r = chat(client, messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}])
+    assert "text parts" in assert_error(r, 400, "invalid_config")
+
+
+def test_any_int64_seed_is_accepted_and_deterministic(client):
+    def sample(**kw):
+        r = chat(client, user=None, temperature=1.0, max_tokens=6, **kw)
+        assert r.status_code == 200, r.text
+        return [ch["message"]["content"] for ch in r.json()["choices"]]
+
+    assert sample(seed=-1) == sample(seed=-1)
+    assert len(sample(seed=2**63 - 1, n=3)) == 3  # seed + i wraps instead of overflowing
+    assert len(sample(seed=-(2**63), n=2)) == 2
+    assert_error(chat(client, seed=2**63), 422, "invalid_request")
+
+
+@pytest.mark.parametrize("field", ["max_tokens", "max_completion_tokens", "n", "seed", "temperature", "top_p"])
+def test_booleans_are_not_numbers(client, field):
+    assert_error(chat(client, **{field: True}), 422, "invalid_request")
+
+
+def test_engine_seed_mapping():
+    from server.routes import engine_seed
+
+    assert engine_seed(None) is None and engine_seed(5, 2) == 7
+    assert engine_seed(-1) == 2**63 - 1 and engine_seed(2**63 - 1, 1) == 0
+    with pytest.raises(ConfigError):
+        SamplingParams(seed=2**63)  # the engine's range, which the mapping stays inside
+
+
+def test_no_op_values_of_unsupported_openai_fields_are_accepted(client):
+    assert chat(client, presence_penalty=0, frequency_penalty=0.0, logprobs=False).status_code == 200
+    assert "presence_penalty" in assert_error(chat(client, presence_penalty=0.5), 422, "invalid_request")
+    assert "logprobs" in assert_error(chat(client, logprobs=True), 422, "invalid_request")
+    assert_error(chat(client, best_of=2), 422, "invalid_request")  # other unknown fields: still refused
