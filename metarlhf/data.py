@@ -268,12 +268,14 @@ def make_task(
     return UserTask(user_id, [records[i] for i in support_idx], query)
 
 
-def user_support(path: str | Path, user_id: str, k: int, seed: int = 0) -> list[Record]:
+def user_support(path: str | Path, user_id: str, k: int, seed: int = 0, skip_invalid: bool = False) -> list[Record]:
     """K support records of one user from a data file or directory (all of them if K = their count).
 
-    Raises :class:`DataError` if the user has no records or fewer than K.
+    Raises :class:`DataError` if the user has no records or fewer than K. With
+    ``skip_invalid`` malformed lines are skipped and counted (a warning) instead of an
+    error (see :func:`load_records`).
     """
-    records, _ = load_records(path)
+    records, _ = load_records(path, skip_invalid=skip_invalid)
     recs = group_by_user(records).get(user_id)
     if not recs:
         raise DataError(f"user {user_id!r} has no records in {path}")

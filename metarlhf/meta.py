@@ -386,8 +386,11 @@ def _load_adam_state(opt: torch.optim.Optimizer, names: list[str], tensors: dict
 
 def meta_train_reward(data: str | Path, out: str | Path, cfg: MetaTrainConfig, encoder_dir: str | Path | None = None,
                       resume: bool = False, ckpt_dir: str | Path | None = None, progress: bool = True,
-                      device: str = "cpu", model: Any = None) -> dict[str, Any]:
+                      device: str = "cpu", model: Any = None, skip_invalid: bool = False) -> dict[str, Any]:
     """Meta-train a reward init on the users in ``data``; writes an init adapter to ``out``.
+
+    ``skip_invalid``: skip malformed lines of ``data`` (counted, with a warning) instead of
+    stopping at the first (see :func:`metarlhf.data.load_records`).
 
     The encoder, the meta-parameters and the optimiser state live on ``device`` (a
     ``torch.device`` string; the CLI resolves ``auto``); files are written from the CPU.
@@ -422,7 +425,7 @@ def meta_train_reward(data: str | Path, out: str | Path, cfg: MetaTrainConfig, e
     t_start = time.perf_counter()
     out = Path(out)
     ckpt = Path(ckpt_dir) if ckpt_dir is not None else out.with_name(out.name + ".ckpt")
-    records, _ = load_records(data)
+    records, _ = load_records(data, skip_invalid=skip_invalid)
     users = group_by_user(records)
     split = split_persona_users(sorted(users), cfg.holdout_test, cfg.holdout_val, cfg.split_seed)
     need = max(cfg.k_choices) + 1

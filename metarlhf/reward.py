@@ -61,9 +61,10 @@ from torch import nn
 from metarlhf.adapters import Adapter, load_adapter
 from metarlhf.data import Pair, Record, Thumbs
 from metarlhf.errors import AdapterError, ConfigError, DataError, ModelError
+from metarlhf.models import shipped_init_dir
 
-#: The shipped meta-trained init (``adapters/meta/reward`` in the repository root).
-SHIPPED_INIT_DIR = Path(__file__).resolve().parent.parent / "adapters" / "meta" / "reward"
+#: The shipped meta-trained init (``adapters/meta/reward`` next to the package).
+SHIPPED_INIT_DIR = shipped_init_dir("reward")
 INIT_KIND = "reward_init"
 USER_KIND = "reward"
 LR_PREFIX = "meta_sgd.log_lr."  # extra keys of an init: log inner learning rates

@@ -40,17 +40,7 @@ def add_skip_invalid_arg(p: argparse.ArgumentParser) -> None:
 
 
 def support_records(path: str, user_id: str, k: int, seed: int = 0, skip_invalid: bool = False) -> list:
-    """K support records of one user, as :func:`metarlhf.data.user_support`; with
-    ``skip_invalid`` malformed lines are skipped and counted (a warning) instead of an error."""
-    from metarlhf.data import group_by_user, load_records, make_task, user_support
-    from metarlhf.errors import DataError
+    """K support records of one user: :func:`metarlhf.data.user_support` (imported when called)."""
+    from metarlhf.data import user_support
 
-    if not skip_invalid:
-        return user_support(path, user_id, k, seed=seed)
-    records, _ = load_records(path, skip_invalid=True)
-    recs = group_by_user(records).get(user_id)
-    if not recs:
-        raise DataError(f"user {user_id!r} has no records in {path}")
-    if k < 1 or k > len(recs):
-        raise DataError(f"K={k} but user {user_id!r} has only {len(recs)} records")
-    return recs if k == len(recs) else make_task(user_id, recs, k, seed=seed).support
+    return user_support(path, user_id, k, seed=seed, skip_invalid=skip_invalid)

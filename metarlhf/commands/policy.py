@@ -181,11 +181,13 @@ def _users(names: str | None, users_file: str | None, default: tuple[str, ...]) 
 
 
 def cmd_meta_train(args: argparse.Namespace) -> int:
+    from metarlhf.adapters import check_out
     from metarlhf.data import read_prompts
     from metarlhf.policy import AdaptConfig, MetaConfig, meta_train_policy
     from metarlhf.simusers import HELDOUT_USERS, TRAIN_USERS
 
     device = device_from_args(args)
+    check_out(args.out)  # before the model is loaded and trained, not when saving at the end
     if args.users and not args.allow_heldout:
         heldout = [n.strip() for n in args.users.split(",") if n.strip() in HELDOUT_USERS]
         if heldout:
@@ -216,10 +218,11 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
 
 
 def cmd_adapt(args: argparse.Namespace) -> int:
-    from metarlhf.adapters import save_adapter
+    from metarlhf.adapters import check_out, save_adapter
     from metarlhf.policy import AdaptConfig, adapt_policy
 
     device = device_from_args(args)
+    check_out(args.out)  # before the data and the model are read
     support = support_records(args.data, args.user, args.k, seed=args.seed, skip_invalid=args.skip_invalid)
     cfg = AdaptConfig(steps=args.steps, lr=args.lr, beta=args.beta, kto_weight=args.kto_weight,
                       sft_weight=args.sft_weight, pair_weight=args.pair_weight, train_layers=_train_layers(args),

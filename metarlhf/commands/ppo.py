@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     config = PPOConfig.from_dict(overrides)
     if args.limit is not None and args.limit < 1:
         raise ConfigError(f"--limit must be >= 1, got {args.limit}")
-    check_out_dir(args.out)
+    check_out_dir(args.out, lora=config.lora)  # before any model is loaded, not when saving at the end
     device = resolve_device(args.device)  # fails fast (exit 2) before any model is loaded
     check_reward_init(args.reward, args.reward_init)  # before the prompts are read
     prompts = read_prompts(args.prompts, limit=args.limit)

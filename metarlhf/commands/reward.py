@@ -22,6 +22,7 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
 
     p = groups["meta-train"].add_parser("reward", help="meta-train the reward LoRA + head init (MAML family)")
     p.add_argument("--data", required=True, help="persona directory or JSONL of records with user ids")
+    add_skip_invalid_arg(p)
     p.add_argument("--algo", choices=ALGOS, default="metasgd")
     p.add_argument("--out", required=True, help="output init directory (written atomically at the end)")
     p.add_argument("--encoder", default=None,
@@ -104,9 +105,11 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
 
 
 def _meta_train(args: argparse.Namespace) -> int:
+    from metarlhf.adapters import check_out
     from metarlhf.meta import MetaTrainConfig, meta_train_reward
 
     device = device_from_args(args)
+    check_out(args.out)  # before hours of training, not when saving at the end
     cfg = MetaTrainConfig(
         algo=args.algo, first_order=args.first_order, inner=args.inner, inner_steps=args.inner_steps, inner_lr_head=args.inner_lr_head,
         inner_lr_bias=args.inner_lr_bias, inner_lr_z=args.inner_lr_z, basis_rank=args.basis_rank,
@@ -119,16 +122,18 @@ def _meta_train(args: argparse.Namespace) -> int:
         lora_layers=args.lora_layers, standardise=args.standardise,
     )
     result = meta_train_reward(args.data, args.out, cfg, encoder_dir=args.encoder, resume=args.resume,
-                               ckpt_dir=args.checkpoint_dir, progress=not args.no_progress, device=device)
+                               ckpt_dir=args.checkpoint_dir, progress=not args.no_progress, device=device,
+                               skip_invalid=args.skip_invalid)
     print(json.dumps(result))
     return 0
 
 
 def _adapt(args: argparse.Namespace) -> int:
-    from metarlhf.adapters import save_adapter
+    from metarlhf.adapters import check_out, save_adapter
     from metarlhf.reward import adapt_reward
 
     device = device_from_args(args)
+    check_out(args.out)  # before the data and the model are read
     support = support_records(args.data, args.user, args.k, seed=args.seed, skip_invalid=args.skip_invalid)
     t0 = time.perf_counter()
     adapter = adapt_reward(support, init=args.init, encoder=args.encoder, steps=args.steps, seed=args.seed,

@@ -47,8 +47,8 @@ from metarlhf.ppo.config import PPOConfig
 _LAZY = {
     "functional": [
         "masked_sum", "masked_mean", "masked_var", "masked_whiten", "kl_penalty", "compute_gae", "policy_loss",
-        "value_loss", "entropy_from_logits", "explained_variance", "shape_rewards", "adaptive_kl_update",
-        "postprocess_scores", "compute_advantages",
+        "value_loss", "entropy_from_logits", "entropy_from_logprobs", "tempered_logits", "explained_variance",
+        "shape_rewards", "adaptive_kl_update", "postprocess_scores", "compute_advantages",
     ],
     "trainer": [
         "RewardFn", "resolve_device", "load_python_reward", "user_reward_adapter_dir", "check_reward_init", "base_reward_init",

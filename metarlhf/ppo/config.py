@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -51,7 +52,9 @@ class PPOConfig:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.mini_batch_size > self.batch_size:
             raise ConfigError(f"mini_batch_size ({self.mini_batch_size}) exceeds batch_size ({self.batch_size})")
-        for name in ["temperature", "lr", "cliprange", "cliprange_value", "kl_target", "max_grad_norm"]:
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise ConfigError(f"temperature must be a finite number > 0, got {self.temperature}")
+        for name in ["lr", "cliprange", "cliprange_value", "kl_target", "max_grad_norm"]:
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.kl_coef < 0 or self.vf_coef < 0 or self.ent_coef < 0:

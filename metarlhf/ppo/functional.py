@@ -122,10 +122,32 @@ def value_loss(
     return loss, clipfrac
 
 
+def tempered_logits(logits: Tensor, temperature: float) -> Tensor:
+    """``logits / temperature`` over the last dimension, in float32, numerically safe for any
+    finite temperature > 0 as :func:`metarlhf.engine.sample_token` is: the logits are shifted
+    so that the largest is 0 before dividing (a detached shift, which softmax does not see),
+    so a tiny temperature sends the others to -inf instead of overflowing to inf - inf = NaN;
+    below :data:`metarlhf.engine.MIN_SAMPLING_TEMPERATURE`, where the division cannot be
+    formed in float32, the limit: 0 at the largest logit(s), -inf elsewhere (greedy).
+    ``[..., vocab] -> [..., vocab]``."""
+    from metarlhf.engine import MIN_SAMPLING_TEMPERATURE
+
+    z = logits.float()
+    z = z - z.detach().amax(-1, keepdim=True)  # [..., vocab], <= 0, the max is 0
+    if temperature < MIN_SAMPLING_TEMPERATURE:
+        return torch.where(z == 0, z, float("-inf"))
+    return z / temperature
+
+
+def entropy_from_logprobs(logp: Tensor) -> Tensor:
+    """Entropy from log-probabilities over the last dimension (``-inf`` entries, tokens of
+    probability 0, add 0 and no NaN). ``[..., vocab] -> [...]``."""
+    return -(logp.exp() * logp.clamp_min(torch.finfo(logp.dtype).min)).sum(-1)
+
+
 def entropy_from_logits(logits: Tensor) -> Tensor:
     """Entropy of the softmax over the last dimension. ``[..., vocab] -> [...]``."""
-    logp = F.log_softmax(logits.float(), dim=-1)
-    return -(logp.exp() * logp).sum(-1)
+    return entropy_from_logprobs(F.log_softmax(logits.float(), dim=-1))
 
 
 def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> float:

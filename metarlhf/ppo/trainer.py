@@ -26,11 +26,13 @@ from metarlhf.ppo.config import PPOConfig
 from metarlhf.ppo.functional import (
     adaptive_kl_update,
     compute_advantages,
+    entropy_from_logprobs,
     explained_variance,
     kl_penalty,
     masked_mean,
     policy_loss,
     postprocess_scores,
+    tempered_logits,
     value_loss,
 )
 from metarlhf.runtime import resolve_device
@@ -234,14 +236,14 @@ def response_forward(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=_position_ids(attention_mask), use_cache=False
     ).last_hidden_state  # [b, seq, h]
     h = hidden[:, context_len - 1 : -1]  # [b, t, h]: the state before each response token
-    logits = head(h).float() / temperature  # [b, t, vocab]
+    logits = tempered_logits(head(h), temperature)  # [b, t, vocab], float32, safe for tiny temperatures
     targets = input_ids[:, context_len:]  # [b, t]
     logp_all = F.log_softmax(logits, dim=-1)  # [b, t, vocab]
     out = {"logprobs": torch.gather(logp_all, 2, targets.unsqueeze(-1)).squeeze(-1)}  # [b, t]
     if with_entropy:
         # Entropy from the same log-softmax; kept out of the graph unless it is in the loss.
         with torch.set_grad_enabled(with_entropy == "grad" and torch.is_grad_enabled()):
-            out["entropy"] = -(logp_all.exp() * logp_all).sum(-1)  # [b, t]
+            out["entropy"] = entropy_from_logprobs(logp_all)  # [b, t]
     if critic is not None:
         ch = critic.trunk(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=_position_ids(attention_mask), use_cache=False
@@ -250,6 +252,18 @@ def response_forward(
     elif value_head is not None:
         out["values"] = value_head(h).float()
     return out
+
+
+class TemperedSampling:
+    """A ``generate`` logits processor that applies the temperature as :func:`response_forward`
+    does (:func:`~metarlhf.ppo.functional.tempered_logits`: safe for tiny temperatures, greedy
+    below float32's smallest normal), so the samples follow the distribution that is trained."""
+
+    def __init__(self, temperature: float) -> None:
+        self.temperature = temperature
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        return tempered_logits(scores, self.temperature)
 
 
 class Critic(nn.Module):
@@ -384,9 +398,12 @@ class PPOTrainer:
         cfg = self.config
         enc = self.encode_prompts(prompts)
         ctx = enc["input_ids"].shape[1]
+        from transformers import LogitsProcessorList
+
         with self._autocast():
-            out = self.model.generate(
-                **enc, do_sample=True, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+            out = self.model.generate(  # temperature=1.0: the processor applies cfg.temperature
+                **enc, do_sample=True, max_new_tokens=cfg.max_new_tokens, temperature=1.0,
+                logits_processor=LogitsProcessorList([TemperedSampling(cfg.temperature)]),
                 top_k=0, top_p=1.0, pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.eos_token_id,
                 use_cache=True,
             )  # [b, ctx + t]
@@ -713,8 +730,20 @@ def evaluate(trainer: PPOTrainer, prompts: list[str], batch_size: int | None = N
     return {"eval_reward": float(torch.cat(rewards).mean()), "eval_kl": float(torch.cat(kls).mean())}
 
 
-def check_out_dir(out_dir: str | os.PathLike) -> Path:
-    """``out_dir`` must be a directory or not exist yet (a ``ConfigError`` otherwise)."""
+#: Files :func:`train` writes into its output directory, and what its ``checkpoint/`` holds.
+OUT_FILES = ("config.json", "metrics.jsonl", "curves.png")
+CHECKPOINT_FILES = frozenset({"state.safetensors", "trainer.json"})
+
+
+def check_out_dir(out_dir: str | os.PathLike, lora: bool | None = None) -> Path:
+    """``out_dir`` must be a directory or not exist yet, and what :func:`train` writes in it
+    must be writable there: its files not directories, ``checkpoint/`` and the policy
+    directory (``adapter/`` with ``lora``, ``model/`` without; neither if ``lora`` is None)
+    missing or earlier outputs of the same kind. A ``ConfigError`` otherwise, before any
+    model is loaded or trained rather than when saving at the end."""
+    from metarlhf.adapters import check_out
+    from metarlhf.io import check_output_dir
+
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output directory {str(out)!r} exists and is not a directory")
@@ -723,6 +752,16 @@ def check_out_dir(out_dir: str | os.PathLike) -> Path:
             if not parent.is_dir():
                 raise ConfigError(f"output directory {str(out)!r}: {str(parent)!r} is not a directory")
             break
+    if not out.is_dir():
+        return out
+    for name in OUT_FILES:
+        if (out / name).is_dir():
+            raise ConfigError(f"cannot write the file {str(out / name)!r}: a directory of that name exists")
+    check_output_dir(out / "checkpoint", lambda p: all(f.name in CHECKPOINT_FILES for f in p.iterdir()))
+    if lora is True:
+        check_out(out / "adapter")
+    elif lora is False:
+        check_output_dir(out / "model")  # its file names are the model's: checked again when saving
     return out
 
 
@@ -754,7 +793,7 @@ def train(
     cfg = trainer.config
     if not prompts:
         raise DataError("no prompts to train on")
-    out = check_out_dir(out_dir)
+    out = check_out_dir(out_dir, lora=cfg.lora)
     out.mkdir(parents=True, exist_ok=True)
     metrics_path, ckpt = out / "metrics.jsonl", out / "checkpoint"
     start = 0
