@@ -36,13 +36,16 @@ def test_shipped_init_reads_back_and_its_config_names_the_layers_it_holds(name):
         assert ad.config.get("layers_to_transform") is None
 
 
-def test_smollm2_reward_init_inner_steps_follow_the_recorded_validation_run():
+def test_smollm2_reward_init_uses_the_inner_steps_it_was_meta_trained_with_and_quotes_its_runs():
     meta = load_adapter(META / "reward-smollm2").meta
-    choice = meta["inner_steps_choice"]
-    assert meta["inner_steps"] == choice["chosen"] != meta["meta_config"]["inner_steps"] == choice["meta_trained_with"]
-    run = json.loads((ROOT / choice["results"]).read_text())
-    assert run["group"] == "val" and run["init"] == "adapters/meta/reward-smollm2"
-    for steps, accs in choice["val_acc"].items():  # the metadata quotes the run
-        assert accs == [run["acc"][f"steps={steps}"][k] for k in ("4", "8", "16", "32")]
-    best = max(run["acc"], key=lambda v: sum(run["acc"][v].values()))  # the rule: best mean over all variants
-    assert best == f"steps={choice['chosen']}"
+    assert meta["inner_steps"] == meta["meta_config"]["inner_steps"] == 20  # session 10's choice, trained in
+    assert meta["warm_start"]["best_step"] == 300  # it continues session 9's init
+    schedule = json.loads((ROOT / "benchmarks/results/reward_inner_schedule_smollm2.json").read_text())
+    best = max(schedule["acc"], key=lambda v: sum(schedule["acc"][v].values()))  # session 10's rule on validation
+    assert best == "steps=20"
+    val = json.loads((ROOT / "benchmarks/results/reward_smol_cont.json").read_text())
+    assert val["meta_train"]["best_val"] == meta["val_acc"] and val["meta_train"]["steps"] == meta["steps"]
+    assert val["val"]["inner_steps"] == 20
+    for group in ("val", "test"):  # eval reward's runs of this init read its 20 steps from the metadata
+        detail = json.loads((ROOT / f"benchmarks/results/reward_smol_cont_{group}.detail.json").read_text())
+        assert detail["steps"] == 20 and detail["encoder"] == meta["base_model"]
