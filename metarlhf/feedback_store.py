@@ -438,6 +438,11 @@ class SQLiteFeedbackStore(FeedbackStore):
         """Feedback records past the user's watermark (one indexed query)."""
         return self._new_count(self._reader(), tenant, user)
 
+    def count_after(self, tenant: str, user: str, seq: int) -> int:
+        """The user's feedback records with a seq above ``seq``."""
+        return int(self._reader().execute("SELECT COUNT(*) FROM feedback WHERE tenant=? AND user_id=? AND seq>?",
+                                          (tenant, user, seq)).fetchone()[0])
+
     @staticmethod
     def _new_count(conn: sqlite3.Connection, tenant: str, user: str) -> int:
         return int(conn.execute(

@@ -197,6 +197,9 @@ class AdaptationRunner:
         # erasure generation per user: odd while an erasure runs; a job publishes only if it is
         # unchanged since the job was enqueued (held with _publish around the swap)
         self._erasures: dict[tuple[str, str], int] = {}
+        # seq up to which a user's last job failed: the next automatic job waits for
+        # ``threshold`` records past it (not one job per new record); in memory, so a restart retries
+        self._failed_upto: dict[tuple[str, str], int] = {}
         self._publish = threading.Lock()  # lock order: _publish, then _lock
         self._closed = False
         self.stats = {"succeeded": 0, "failed": 0, "started": 0}
@@ -211,18 +214,30 @@ class AdaptationRunner:
             return self._inflight.get((tenant, user))
 
     def wants_job(self, tenant: str, user: str, new: int) -> bool:
-        """Whether ``new`` records past the watermark call for a job now (none in flight; the
-        end of the job in flight checks again)."""
+        """A cheap pre-check: whether ``new`` records past the watermark may call for a job now
+        (none in flight; the end of the job in flight checks again). :meth:`maybe_enqueue`
+        decides on fresh counts."""
         return new >= self.threshold and self.inflight(tenant, user) is None
 
+    def _due(self, tenant: str, user: str) -> bool:
+        """Whether the user's records call for an automatic job (call with ``_lock`` held):
+        ``threshold`` records past the watermark and, after a failed job, past what it tried."""
+        if self.feedback.new_count(tenant, user) < self.threshold:
+            return False
+        failed = self._failed_upto.get((tenant, user))
+        return failed is None or self.feedback.count_after(tenant, user, failed) >= self.threshold
+
     def maybe_enqueue(self, tenant: str, user: str, new: int | None = None) -> dict[str, Any] | None:
-        """Enqueue a job if the user has >= threshold new records and none is in flight.
-        ``new`` is the count if the caller already has it (the feedback write returns it)."""
-        if self.inflight(tenant, user) is not None:
+        """Enqueue a job if the user's records call for one (:meth:`_due`) and none is in
+        flight. ``new``, the count the feedback write returned, only skips the recount when it
+        is below the threshold: it may be stale (a job may have succeeded since), so the
+        decision is made on fresh counts under the lock."""
+        if new is not None and new < self.threshold:
             return None
-        if (self.feedback.new_count(tenant, user) if new is None else new) < self.threshold:
-            return None
-        return self.enqueue(tenant, user, reason="threshold")
+        with self._lock:
+            if self._closed or (tenant, user) in self._inflight or not self._due(tenant, user):
+                return None
+            return self._start(tenant, user, "threshold")
 
     def enqueue(self, tenant: str, user: str, reason: str = "manual") -> dict[str, Any]:
         """Start a job for the user, or return the one already in flight."""
@@ -235,7 +250,11 @@ class AdaptationRunner:
                 if self.feedback.max_seq(tenant, user) == 0:
                     raise DataError(f"user {user!r} has no feedback to adapt on")
                 return self._start(tenant, user, reason)
-        return self.feedback.get_job(tenant, jid)
+        try:
+            return self.feedback.get_job(tenant, jid)
+        except NotFoundError:  # its row went with an erasure; the job discards its output
+            raise ConfigError(f"user {user!r} was erased while a job ran; that job is finishing and publishes "
+                              "nothing: retry in a moment") from None
 
     def _start(self, tenant: str, user: str, reason: str) -> dict[str, Any]:
         """Create and submit a job (call with _lock held, none in flight for the user)."""
@@ -251,6 +270,7 @@ class AdaptationRunner:
         key = (tenant, user)
         with self._publish, self._lock:
             self._erasures[key] = self._erasures.get(key, 0) + 1  # odd: erasure in progress
+            self._failed_upto.pop(key, None)
         try:
             yield
         finally:
@@ -389,14 +409,19 @@ class AdaptationRunner:
     def _finish(self, tenant: str, user: str, succeeded: bool, upto: int | None) -> None:
         """The job is over: the feedback that arrived while it ran may call for the next one,
         started in the same step (so the user is never seen idle in between). After a
-        failure only new feedback does: the same records would fail the same way."""
+        failure the next automatic job waits for ``threshold`` records past what this one
+        tried: the same records would fail the same way."""
+        key = (tenant, user)
         with self._lock:
-            self._inflight.pop((tenant, user), None)
+            self._inflight.pop(key, None)
+            if succeeded:
+                self._failed_upto.pop(key, None)
+            elif upto:  # 0 or None: the job never started on records
+                self._failed_upto[key] = upto
             if self._closed:
                 return
             try:
-                if ((succeeded or (upto is not None and self.feedback.max_seq(tenant, user) > upto))
-                        and self.feedback.new_count(tenant, user) >= self.threshold):
+                if self._due(tenant, user):
                     self._start(tenant, user, "threshold")
             except Exception:  # noqa: BLE001 - e.g. the store is closing; the next feedback checks again
                 log.warning("user %s/%s: no follow-up adaptation job", tenant, user, exc_info=True)

@@ -18,7 +18,7 @@ Layout (see docs/architecture.md)::
   via :func:`metarlhf.adapters.load_adapter`); if it is corrupted it logs an error and
   falls back to the newest older version that verifies, or ``None`` (= base/meta-init).
 
-Tenant and user ids must match ``[A-Za-z0-9][A-Za-z0-9_.-]{0,127}`` (so never ``.``,
+Tenant and user ids must match ``[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}`` (so never ``.``,
 ``..`` or a hidden name); anything else raises :class:`ConfigError` before touching the
 filesystem. The store's own transient names (``<user>~deleted``, ``.<name>.tmp``)
 can therefore never be an id, and :meth:`AdapterStore.users` never lists them.
@@ -40,7 +40,7 @@ from metarlhf.io import atomic_write_bytes, fsync_dir
 
 log = logging.getLogger(__name__)
 
-ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+ID_RE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}$")  # no leading dot: temp and aside names
 KINDS = ("policy", "reward")
 VERSION_RE = re.compile(r"^v([1-9][0-9]*)$")
 
@@ -48,7 +48,7 @@ VERSION_RE = re.compile(r"^v([1-9][0-9]*)$")
 def check_id(value: str, what: str = "user id") -> str:
     """Return ``value`` if it is a safe id, else raise :class:`ConfigError`."""
     if not isinstance(value, str) or not ID_RE.fullmatch(value):
-        raise ConfigError(f"{what} must match [A-Za-z0-9][A-Za-z0-9_.-]{{0,127}} (start with a letter or digit), "
+        raise ConfigError(f"{what} must match [A-Za-z0-9_-][A-Za-z0-9_.-]{{0,127}} (not start with a dot), "
                           f"got {value!r}")
     return value
 

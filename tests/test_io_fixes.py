@@ -177,13 +177,18 @@ def test_current_with_bad_utf8_falls_back_and_a_directory_is_an_adapter_error(tm
         s.resolve("t", "u", "policy")
 
 
-# -- 2: ids start with a letter or digit; tombstones and temp names are never users ----------
+# -- 2: ids never start with a dot; tombstones and temp names are never users ----------------
 
 
-@pytest.mark.parametrize("bad", [".bob.deleted", ".hidden", "_x", "-x", "bob~deleted", "alice\n"])
-def test_ids_must_start_alphanumeric_and_cannot_be_store_names(bad):
+@pytest.mark.parametrize("bad", [".bob.deleted", ".hidden", ".", "..", "bob~deleted", "alice\n", "", "a" * 129])
+def test_ids_cannot_start_with_a_dot_or_be_store_names(bad):
     with pytest.raises(ConfigError):
         check_id(bad)
+
+
+@pytest.mark.parametrize("good", ["_bob", "-x", "bob.deleted", "a" * 128, "9"])
+def test_ids_accepted_before_stay_valid(good):  # no stored user of the old rule is stranded (but dotted ones)
+    assert check_id(good) == good
 
 
 def test_delete_user_leaves_other_users_and_users_lists_only_real_ones(tmp_path):

@@ -298,19 +298,37 @@ def test_jobs_cancelled_at_shutdown_keep_their_records_new(make_client):
     assert c2.get("/v1/users/u2", headers=A).json()["policy"]["current"] == 1
 
 
-def test_a_failed_job_keeps_its_records_new_without_retrying_in_a_loop(client):
-    pers = rt(client).personalizer
-    pers.fail_next = True
-    thumbs(client, "alice", 0)
-    thumbs(client, "alice", 1)
-    assert rt(client).runner.wait_idle(60)
+def test_a_failed_job_keeps_its_records_new_and_the_next_waits_for_threshold_more(client):
+    pers, runner = rt(client).personalizer, rt(client).runner
+    real, tried = pers.adapt_reward, []
+
+    def failing(records):
+        tried.append(len(records))
+        raise RuntimeError("injected adaptation failure")
+
+    pers.adapt_reward = failing
+    for i in range(5):  # threshold 2: fails on records 1-2, then on 1-4; not one job per feedback
+        thumbs(client, "alice", i)
+        assert runner.wait_idle(60)
+    assert tried == [2, 4]
     info = client.get("/v1/users/alice", headers=A).json()
-    assert info["job"]["latest"]["state"] == "failed" and info["feedback"]["new"] == 2
-    assert pers.calls == 1  # not retried on the same records
-    thumbs(client, "alice", 2)  # the next feedback retries
-    assert rt(client).runner.wait_idle(60)
+    assert info["job"]["latest"]["state"] == "failed" and info["feedback"]["new"] == 5
+    pers.adapt_reward = real
+    thumbs(client, "alice", 5)  # 2 past the last failure: retried, and it succeeds
+    assert runner.wait_idle(60)
     info = client.get("/v1/users/alice", headers=A).json()
     assert info["policy"]["current"] == 1 and info["feedback"]["new"] == 0
+
+
+def test_a_stale_new_count_does_not_start_a_job(client):
+    runner = rt(client).runner
+    thumbs(client, "alice", 0)
+    thumbs(client, "alice", 1)
+    assert runner.wait_idle(60)
+    assert client.get("/v1/users/alice", headers=A).json()["feedback"]["new"] == 0
+    # a count returned by a feedback write before the job moved the watermark
+    assert runner.maybe_enqueue("acme", "alice", 3) is None
+    assert runner.inflight("acme", "alice") is None
 
 
 # ------------------------------------------------------------------ 4. erasure while a job runs
@@ -330,6 +348,8 @@ def test_erasure_during_a_job_discards_its_output_even_after_new_feedback(client
     assert entered.wait(20)
     assert client.delete("/v1/users/zed", headers=A).status_code == 204
     thumbs(client, "zed", 0, prompt="new")  # the user comes back (below the threshold)
+    r = client.post("/v1/users/zed/adapt", headers=A)  # the erased job is still finishing
+    assert r.status_code == 400 and "retry in a moment" in r.json()["error"]["message"], r.text
     gate.set()
     assert rt(client).runner.wait_idle(60)
     info = client.get("/v1/users/zed", headers=A).json()

@@ -8,6 +8,7 @@ from typing import Any
 
 from metarlhf.errors import ConfigError
 
+MIN_PPO_TEMPERATURE = 0.05  # below it the sampled policy is nearly greedy and the PPO ratios / KL break down
 
 @dataclass
 class PPOConfig:
@@ -19,7 +20,7 @@ class PPOConfig:
     ppo_epochs: int = field(default=2, metadata={"help": "passes over each rollout batch"})
     max_new_tokens: int = field(default=32, metadata={"help": "completion length cap"})
     max_prompt_tokens: int = field(default=256, metadata={"help": "prompts are left-truncated to this"})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature (also scales logits)"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature (also scales logits; >= 0.05)"})
     lr: float = field(default=1e-5, metadata={"help": "AdamW learning rate"})
     gamma: float = field(default=1.0, metadata={"help": "GAE discount"})
     lam: float = field(default=0.95, metadata={"help": "GAE lambda"})
@@ -52,8 +53,10 @@ class PPOConfig:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.mini_batch_size > self.batch_size:
             raise ConfigError(f"mini_batch_size ({self.mini_batch_size}) exceeds batch_size ({self.batch_size})")
-        if not (self.temperature > 0 and math.isfinite(self.temperature)):
-            raise ConfigError(f"temperature must be a finite number > 0, got {self.temperature}")
+        if not (MIN_PPO_TEMPERATURE <= self.temperature and math.isfinite(self.temperature)):
+            # PPO needs a stochastic policy: near 0 the policy's and the reference's log-probs
+            # become 0 / -1/t and the KL term blows up as soon as their top tokens differ
+            raise ConfigError(f"temperature must be a finite number >= {MIN_PPO_TEMPERATURE}, got {self.temperature}")
         for name in ["lr", "cliprange", "cliprange_value", "kl_target", "max_grad_norm"]:
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")

@@ -754,6 +754,22 @@ def check_out_dir(out_dir: str | os.PathLike, lora: bool | None = None) -> Path:
             break
     if not out.is_dir():
         return out
+    known = {*OUT_FILES, "checkpoint", "adapter", "model"}
+    foreign = sorted(f.name for f in out.iterdir() if f.name not in known and not f.name.startswith("."))
+    if foreign:  # not an earlier run's output: never overwrite or delete what metarlhf did not write
+        raise ConfigError(f"refusing to use {str(out)!r} as the output directory: it holds files a PPO run does "
+                          f"not write ({', '.join(foreign[:5])}); choose another --out or remove them")
+    if (out / "config.json").is_file():
+        from dataclasses import fields
+
+        try:
+            saved = json.loads((out / "config.json").read_text())
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{str(out / 'config.json')!r} is not a PPO run's config ({e}); "
+                              "choose another --out") from e
+        names = {f.name for f in fields(PPOConfig)}
+        if not isinstance(saved, dict) or "ppo_epochs" not in saved or not set(saved) <= names:
+            raise ConfigError(f"{str(out / 'config.json')!r} is not a PPO run's config; choose another --out")
     for name in OUT_FILES:
         if (out / name).is_dir():
             raise ConfigError(f"cannot write the file {str(out / name)!r}: a directory of that name exists")
