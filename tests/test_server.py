@@ -15,30 +15,6 @@ A = {"Authorization": f"Bearer {KEY_A}"}
 B = {"Authorization": f"Bearer {KEY_B}"}
 
 
-@pytest.fixture
-def make_client(tmp_path):
-    clients = []
-
-    def make(**overrides):
-        s = Settings(**{"api_keys": {KEY_A: "acme", KEY_B: "globex"}, "adapter_root": str(tmp_path / "adapters"),
-                        "adapt_threshold": 2, "max_tokens_limit": 32, "default_max_tokens": 6, "max_n": 3,
-                        "batch_wait_ms": 2, **overrides})
-        app = create_app(s, engine=tiny_engine(), personalizer=TinyPersonalizer())
-        c = TestClient(app)
-        c.__enter__()
-        clients.append(c)
-        return c
-
-    yield make
-    for c in clients:
-        c.__exit__(None, None, None)
-
-
-@pytest.fixture
-def client(make_client):
-    return make_client()
-
-
 def chat(c, user="alice", headers=A, **kw):
     body = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 6, "temperature": 0, **kw}
     if user is not None:

@@ -9,43 +9,15 @@ import time
 
 import numpy as np
 import pytest
-from fastapi.testclient import TestClient
 
 from metarlhf.engine import GenerationRequest, GenerationResult, SamplingParams
 from metarlhf.errors import ConfigError
 from metarlhf.retrieval import PreferenceIndex
-from server.app import create_app
 from server.batcher import Batcher
-from server.settings import Settings
-from server.testing import TinyPersonalizer, tiny_engine
 
 KEY_A = "sk-tenant-a-key"
 A = {"Authorization": f"Bearer {KEY_A}"}
 JSON = {**A, "Content-Type": "application/json"}
-
-
-@pytest.fixture
-def make_client(tmp_path):
-    clients = []
-
-    def make(raise_server_exceptions=True, **overrides):
-        s = Settings(**{"api_keys": {KEY_A: "acme"}, "adapter_root": str(tmp_path / "adapters"),
-                        "adapt_threshold": 2, "max_tokens_limit": 32, "default_max_tokens": 6, "max_n": 3,
-                        "batch_wait_ms": 2, **overrides})
-        app = create_app(s, engine=tiny_engine(), personalizer=TinyPersonalizer())
-        c = TestClient(app, raise_server_exceptions=raise_server_exceptions)
-        c.__enter__()
-        clients.append(c)
-        return c
-
-    yield make
-    for c in clients:
-        c.__exit__(None, None, None)
-
-
-@pytest.fixture
-def client(make_client):
-    return make_client()
 
 
 def rt(c):
@@ -85,18 +57,26 @@ def in_thread(fn):
 
 
 # ------------------------------------------------------------------ 1. no endpoint waits on adaptation
+def _gate(obj, name, timeout=20):
+    """Replace ``obj.name`` by a wrapper that sets ``entered`` and then waits for ``gate``
+    (or ``timeout`` s) before calling the original; returns ``(gate, entered)``."""
+    gate, entered = threading.Event(), threading.Event()
+    real = getattr(obj, name)
+
+    def slow(*args, **kwargs):
+        entered.set()
+        gate.wait(timeout)
+        return real(*args, **kwargs)
+
+    setattr(obj, name, slow)
+    return gate, entered
+
+
 def test_cold_start_chat_does_not_wait_for_a_policy_adaptation(client, monkeypatch):
     import metarlhf.policy as mp
 
-    entered, gate = threading.Event(), threading.Event()
-    real = mp.adapt_policy
-
-    def slow(*a, **k):  # runs inside the personalizer's lock, like a minutes-long adaptation
-        entered.set()
-        gate.wait(20)
-        return real(*a, **k)
-
-    monkeypatch.setattr(mp, "adapt_policy", slow)
+    monkeypatch.setattr(mp, "adapt_policy", mp.adapt_policy)  # restored after the test
+    gate, entered = _gate(mp, "adapt_policy")  # inside the personalizer's lock, like a minutes-long adaptation
     thumbs(client, "carol", 0)  # cold start: her serving decision embeds her feedback
     thumbs(client, "bob", 0)
     thumbs(client, "bob", 1)
@@ -112,16 +92,7 @@ def test_cold_start_chat_does_not_wait_for_a_policy_adaptation(client, monkeypat
 
 def test_event_loop_stays_free_while_a_serving_decision_is_computed(client):
     thumbs(client, "carol", 0)
-    pers = rt(client).personalizer
-    entered, gate = threading.Event(), threading.Event()
-    real = pers.embed
-
-    def slow_embed(prompts, completions):
-        entered.set()
-        gate.wait(10)
-        return real(prompts, completions)
-
-    pers.embed = slow_embed
+    gate, entered = _gate(rt(client).personalizer, "embed", timeout=10)
     t, out = in_thread(lambda: chat(client, "carol"))
     assert entered.wait(10)
     t0 = time.monotonic()
@@ -254,17 +225,7 @@ def test_lone_surrogates_are_rejected_with_a_typed_4xx(client, url, body):
 # ------------------------------------------------------------------ 3. feedback during or before a job
 def _gate_reward(c):
     """Make adaptation jobs wait (inside the job, after it started) until ``gate`` is set."""
-    gate, entered = threading.Event(), threading.Event()
-    pers = rt(c).personalizer
-    real = pers.adapt_reward
-
-    def slow(records):
-        entered.set()
-        gate.wait(20)
-        return real(records)
-
-    pers.adapt_reward = slow
-    return gate, entered
+    return _gate(rt(c).personalizer, "adapt_reward")
 
 
 def test_feedback_during_a_job_starts_the_next_job_when_it_ends(client):
@@ -333,16 +294,7 @@ def test_a_stale_new_count_does_not_start_a_job(client):
 
 # ------------------------------------------------------------------ 4. erasure while a job runs
 def test_erasure_during_a_job_discards_its_output_even_after_new_feedback(client):
-    gate, entered = threading.Event(), threading.Event()
-    pers = rt(client).personalizer
-    real = pers.adapt_policy
-
-    def slow(records, init):
-        entered.set()
-        gate.wait(20)
-        return real(records, init)
-
-    pers.adapt_policy = slow
+    gate, entered = _gate(rt(client).personalizer, "adapt_policy")
     thumbs(client, "zed", 0, prompt="SECRET-1")
     thumbs(client, "zed", 1, prompt="SECRET-2")
     assert entered.wait(20)
