@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from test_reward_meta_cli import _write_personas
 
 import metarlhf.models as models
 from metarlhf.cli import main
@@ -96,26 +97,16 @@ def test_ppo_checks_what_it_will_write_in_out_first(layout, extra, message, tmp_
 
 
 # ------------------------------------------------------------------ 2. --skip-invalid
-WORDS = ["cats", "dogs", "taxes", "rain", "music", "code", "tea", "chess", "art", "war", "peace", "money"]
 
 
 def _personas(root, n_users=6, n=12):
-    """Persona-format users (user u says yes to statements with words u..u+5); one bad line in user0."""
-    root.mkdir()
-    for u in range(n_users):
-        liked = set(WORDS[u : u + 6])
-        lines = []
-        for i in range(n):
-            yes = i % 2 == 0
-            pool = sorted(liked) if yes else sorted(set(WORDS) - liked)
-            st = f"I like {pool[i % len(pool)]}"
-            lines.append(json.dumps({"question": f'Is the following statement something you would say?\n"{st}"',
-                                     "statement": st, "answer_matching_behavior": " Yes" if yes else " No",
-                                     "answer_not_matching_behavior": " No" if yes else " Yes"}))
-        if u == 0:
-            lines.insert(3, "{not json")
-        with gzip.open(root / f"user{u}.jsonl.gz", "wt") as f:
-            f.write("\n".join(lines) + "\n")
+    """test_reward_meta_cli's persona-format users, with one bad line (line 4) in user0."""
+    _write_personas(root, n_users=n_users, n=n)
+    with gzip.open(root / "user0.jsonl.gz", "rt") as f:
+        lines = f.read().splitlines()
+    lines.insert(3, "{not json")
+    with gzip.open(root / "user0.jsonl.gz", "wt") as f:
+        f.write("\n".join(lines) + "\n")
     return root
 
 
