@@ -33,7 +33,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from metarlhf.errors import DataError
+from metarlhf.errors import DataError, check_text
 
 log = logging.getLogger(__name__)
 
@@ -74,21 +74,11 @@ def _label(value: object) -> int:
     raise ValueError(f"label must be 1/0 or 'up'/'down', got {value!r}")
 
 
-def _check_text(value: str, what: str) -> str:
-    """``value`` if it is valid Unicode text (JSON allows lone surrogates, tokenizers do not)."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError(f"{what} holds text that is not valid Unicode (a lone surrogate escape such as "
-                         "\\ud800)") from None
-    return value
-
-
 def _str_field(obj: dict, key: str) -> str:
     v = obj.get(key)
     if not isinstance(v, str):
         raise ValueError(f"field {key!r} must be a string, got {type(v).__name__}")
-    return _check_text(v, f"field {key!r}")
+    return check_text(v, f"field {key!r}", ValueError)  # the reader adds file:line
 
 
 def parse_record(obj: object, default_user: str | None = None) -> Record:
@@ -98,7 +88,7 @@ def parse_record(obj: object, default_user: str | None = None) -> Record:
     user = obj.get("user_id", default_user)
     if not isinstance(user, str) or not user:
         raise ValueError("field 'user_id' must be a non-empty string")
-    _check_text(user, "field 'user_id'")
+    check_text(user, "field 'user_id'", ValueError)
     if "chosen" in obj or "rejected" in obj:
         return Pair(user, _str_field(obj, "prompt"), _str_field(obj, "chosen"), _str_field(obj, "rejected"))
     if "completion" in obj:
@@ -336,7 +326,7 @@ def read_prompts(path: str | Path, limit: int | None = None) -> list[str]:
 
 def _text_at(text: str, path: Path, lineno: int) -> str:
     try:
-        return _check_text(text, "the prompt")
+        return check_text(text, "the prompt", ValueError)
     except ValueError as e:
         raise DataError(f"{path}:{lineno}: {e}") from e
 

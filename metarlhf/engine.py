@@ -66,7 +66,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from metarlhf.adapter_cache import AdapterCache, CacheFullError
-from metarlhf.errors import AdapterError, ConfigError, MetaRLHFError
+from metarlhf.errors import AdapterError, ConfigError, MetaRLHFError, check_text
 from metarlhf.runtime import model_device
 
 log = logging.getLogger(__name__)
@@ -152,16 +152,7 @@ def _is_base(ref: AdapterRef | str | None) -> bool:
 
 
 def _check_encodable(text: str, what: str) -> None:
-    """``text`` must be valid Unicode that UTF-8 can encode: no lone surrogates (e.g. from
-    undecodable bytes in a command line, or ``\\ud800`` escapes in JSON), which tokenizers
-    cannot take. A ``ConfigError`` naming the field and position otherwise."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise ConfigError(
-            f"{what} is not valid text: character {e.start} is {text[e.start]!r} (a lone surrogate, e.g. from "
-            "bytes that are not UTF-8)"
-        ) from e
+    check_text(text, what)  # ConfigError: tokenizers cannot take lone surrogates
 
 
 @dataclass

@@ -42,3 +42,19 @@ class NotFoundError(MetaRLHFError):
     """A user, adapter version, job or completion that does not exist."""
 
     type = "not_found"
+
+
+def check_text(text: str, what: str, error: type[Exception] = ConfigError) -> str:
+    """``text`` if UTF-8 can encode it; else ``error`` naming ``what`` and the position.
+
+    JSON ``\\ud800`` escapes and undecodable command-line bytes give Python strings with
+    lone surrogates, which no tokenizer, SQLite or file can take: every text that enters
+    the project from outside goes through here.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise error(f"{what} is not valid Unicode text: character {e.start} is {text[e.start]!r} (a lone "
+                    "surrogate, e.g. from a \\ud800 escape or bytes that are not UTF-8)") from None
+    return text
+

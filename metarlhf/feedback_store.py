@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from metarlhf.data import Pair, Record, Thumbs
-from metarlhf.errors import ConfigError, DataError, NotFoundError
+from metarlhf.errors import ConfigError, DataError, NotFoundError, check_text
 
 SCHEMA_VERSION = 1
 
@@ -134,10 +134,7 @@ class FeedbackInput:
                 continue
             if not isinstance(value, str):
                 raise DataError(f"feedback {name} must be a string, got {type(value).__name__}")
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError as e:
-                raise DataError(f"feedback {name} is not valid Unicode text (lone surrogate at {e.start})") from None
+            check_text(value, f"feedback {name}", DataError)
 
 
 def body_sha256(obj: Any) -> str:

@@ -21,7 +21,7 @@ from pydantic import (
     model_validator,
 )
 
-from metarlhf.errors import ConfigError
+from metarlhf.errors import ConfigError, check_text
 from metarlhf.store import check_id
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -40,11 +40,7 @@ def check_utf8(value: Any, where: str = "") -> None:
     """Raise ValueError if any string in ``value`` (nested lists/dicts included) cannot be
     encoded as UTF-8 (a lone surrogate)."""
     if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise ValueError(f"{where or 'a string'} is not valid Unicode text (lone surrogate at position "
-                             f"{e.start})") from None
+        check_text(value, where or "a string", ValueError)
     elif isinstance(value, list | tuple):
         for i, v in enumerate(value):
             check_utf8(v, f"{where}[{i}]")

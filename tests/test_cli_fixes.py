@@ -102,9 +102,9 @@ def test_engine_generates_with_tiny_temperatures(engine):
 
 
 def test_text_the_tokenizer_cannot_take_is_a_config_error_per_request(engine):
-    with pytest.raises(ConfigError, match="prompt is not valid text"):
+    with pytest.raises(ConfigError, match="prompt is not valid Unicode text"):
         GenerationRequest(prompt="hi\ud800")
-    with pytest.raises(ConfigError, match=r"messages\[0\].content is not valid text"):
+    with pytest.raises(ConfigError, match=r"messages\[0\].content is not valid Unicode text"):
         GenerationRequest(messages=[{"role": "user", "content": "x\udcff"}])
     ok = GenerationRequest(prompt="hello", params=SamplingParams(max_new_tokens=2))
     bad = GenerationRequest(prompt="hello", params=SamplingParams(max_new_tokens=2))
@@ -131,7 +131,7 @@ def test_generate_with_undecodable_argv_bytes_exits_2(policy_dir, capsys):
     # Python decodes the byte 0xff of argv as the lone surrogate \udcff (surrogateescape).
     assert main(["generate", "--policy", str(policy_dir), "--prompt", "hi\udcff"]) == 2
     err = capsys.readouterr().err
-    assert "metarlhf: error:" in err and "not valid text" in err
+    assert "metarlhf: error:" in err and "not valid Unicode text" in err
 
 
 # ------------------------------------------------------------------ 3. base identity and shapes
