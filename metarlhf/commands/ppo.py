@@ -80,7 +80,6 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from metarlhf.data import read_prompts
-    from metarlhf.errors import ConfigError
     from metarlhf.models import DEFAULT_POLICY_NAME, load_policy, model_name
     from metarlhf.ppo import (
         PPOConfig,
@@ -96,8 +95,6 @@ def run(args: argparse.Namespace) -> int:
                  if getattr(args, f.name, None) is not None}
     overrides["lora"] = not args.full
     config = PPOConfig.from_dict(overrides)
-    if args.limit is not None and args.limit < 1:
-        raise ConfigError(f"--limit must be >= 1, got {args.limit}")
     check_out_dir(args.out, lora=config.lora)  # before any model is loaded, not when saving at the end
     device = resolve_device(args.device)  # fails fast (exit 2) before any model is loaded
     check_reward_init(args.reward, args.reward_init)  # before the prompts are read

@@ -14,7 +14,7 @@ from metarlhf.commands import (
     int_at_least,
     support_records,
 )
-from metarlhf.errors import ConfigError, DataError
+from metarlhf.errors import DataError
 
 
 def register(groups: dict[str, argparse._SubParsersAction]) -> None:
@@ -148,9 +148,6 @@ def _eval(args: argparse.Namespace) -> int:
     from metarlhf.evaluate_reward import evaluate_reward
 
     device = device_from_args(args)
-    if Path(args.out).suffix.lower() == ".png":
-        raise ConfigError(f"--out {args.out}: the results JSON cannot end in .png (the plot is written next to "
-                          "it with that suffix); use e.g. results.json")
     users = None
     if args.users is not None:
         path = Path(args.users)
