@@ -20,7 +20,7 @@ from metarlhf.errors import ConfigError, MetaRLHFError, NotFoundError
 from metarlhf.store import check_id
 from server.batcher import Overloaded
 from server.errors import ApiError, error_body, status_of, typed
-from server.runtime import Runtime
+from server.runtime import Runtime, choice_id
 from server.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -149,9 +149,11 @@ async def _complete(body: GenerationFields, rt: Runtime, tenant: str, settings: 
         raise
     except Exception as e:
         raise _generation_error(e) from e
-    if body.user is not None:
-        await run_in_threadpool(rt.feedback.add_completion, tenant, body.user, cid, feedback_prompt(body, chat),
-                                results[0].text, info)
+    if body.user is not None:  # every choice, so that feedback can name the one the user saw
+        prompt = feedback_prompt(body, chat)
+        for i, r in enumerate(results):
+            await run_in_threadpool(rt.feedback.add_completion, tenant, body.user, choice_id(cid, i), prompt,
+                                    r.text, info)
     rt.metrics.inc("generated_tokens_total", "completion tokens generated",
                    sum(r.completion_tokens for r in results))
     created = int(time.time())

@@ -53,6 +53,12 @@ def engine_key(tenant: str, user: str) -> str:
     return f"{tenant}/{user}"
 
 
+def choice_id(completion_id: str, index: int) -> str:
+    """The stored id of choice ``index`` of a response: the response's own id for choice 0
+    (what a client of an n=1 request rates), ``<id>.<index>`` for the others."""
+    return completion_id if index == 0 else f"{completion_id}.{index}"
+
+
 class Runtime:
     def __init__(self, settings: Settings, engine: Any, personalizer: Personalizer) -> None:
         self.settings = settings
@@ -280,10 +286,17 @@ class Runtime:
 
     # -- feedback ------------------------------------------------------------------------
     def _feedback_item(self, tenant: str, body: dict[str, Any]) -> FeedbackInput:
-        if body.get("completion_id") is not None:
-            c = self.feedback.get_completion(tenant, body["user_id"], body["completion_id"])
+        user, cid = body["user_id"], body.get("completion_id")
+        if cid is not None and body.get("chosen_index") is not None:  # A over B among one response's choices
+            a = self.feedback.get_completion(tenant, user, choice_id(cid, body["chosen_index"]))
+            b = self.feedback.get_completion(tenant, user, choice_id(cid, body["rejected_index"]))
+            return FeedbackInput("pair", a["prompt"], chosen=a["completion"], rejected=b["completion"],
+                                 completion_id=cid)
+        if cid is not None:
+            ref = choice_id(cid, body.get("choice_index") or 0)
+            c = self.feedback.get_completion(tenant, user, ref)
             return FeedbackInput("thumbs", c["prompt"], completion=c["completion"],
-                                 label=1 if body["rating"] == "up" else 0, completion_id=body["completion_id"])
+                                 label=1 if body["rating"] == "up" else 0, completion_id=ref)
         if body.get("rating") is not None:
             return FeedbackInput("thumbs", body["prompt"], completion=body["completion"],
                                  label=1 if body["rating"] == "up" else 0)

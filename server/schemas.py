@@ -137,6 +137,10 @@ class FeedbackRequest(Strict):
     chosen: str | None = None
     rejected: str | None = None
     rating: Literal["up", "down"] | None = None
+    choice_index: StrictInt | None = Field(None, ge=0, description="with completion_id and rating: which choice "
+                                           "of an n > 1 response is rated (default 0)")
+    chosen_index: StrictInt | None = Field(None, ge=0, description="with completion_id: the choice picked ...")
+    rejected_index: StrictInt | None = Field(None, ge=0, description="... over this one (a pair)")
 
     @field_validator("user_id")
     @classmethod
@@ -145,12 +149,17 @@ class FeedbackRequest(Strict):
 
     @model_validator(mode="after")
     def _one_shape(self) -> FeedbackRequest:
-        given = {k for k in ("completion_id", "prompt", "completion", "chosen", "rejected", "rating")
-                 if getattr(self, k) is not None}
-        shapes = [{"completion_id", "rating"}, {"prompt", "completion", "rating"}, {"prompt", "chosen", "rejected"}]
-        if given not in shapes:
-            raise ValueError("feedback must be {user_id, completion_id, rating}, {user_id, prompt, completion, "
-                             "rating} or {user_id, prompt, chosen, rejected}; got fields " + ", ".join(sorted(given)))
+        given = {k for k in ("completion_id", "prompt", "completion", "chosen", "rejected", "rating",
+                             "chosen_index", "rejected_index") if getattr(self, k) is not None}
+        shapes = [{"completion_id", "rating"}, {"completion_id", "chosen_index", "rejected_index"},
+                  {"prompt", "completion", "rating"}, {"prompt", "chosen", "rejected"}]
+        if given not in shapes or (self.choice_index is not None and given != shapes[0]):
+            raise ValueError("feedback must be {user_id, completion_id, rating[, choice_index]}, {user_id, "
+                             "completion_id, chosen_index, rejected_index}, {user_id, prompt, completion, rating} or "
+                             "{user_id, prompt, chosen, rejected}; got fields "
+                             + ", ".join(sorted(given | ({"choice_index"} if self.choice_index is not None else set()))))
+        if self.chosen_index is not None and self.chosen_index == self.rejected_index:
+            raise ValueError("chosen_index and rejected_index must name two different choices")
         return self
 
 

@@ -426,3 +426,23 @@ def test_no_op_values_of_unsupported_openai_fields_are_accepted(client):
     assert "presence_penalty" in assert_error(chat(client, presence_penalty=0.5), 422, "invalid_request")
     assert "logprobs" in assert_error(chat(client, logprobs=True), 422, "invalid_request")
     assert_error(chat(client, best_of=2), 422, "invalid_request")  # other unknown fields: still refused
+
+
+# ------------------------------------------------------------------ feedback on one choice of an n > 1 response
+def test_feedback_names_a_choice_of_an_n2_response_or_picks_one_over_the_other(client):
+    r = chat(client, "alice", n=2, temperature=1.0, seed=3, max_tokens=6)
+    assert r.status_code == 200, r.text
+    cid, texts = r.json()["id"], [c["message"]["content"] for c in r.json()["choices"]]
+    ok = client.post("/v1/feedback", json={"user_id": "alice", "completion_id": cid, "rating": "up",
+                                           "choice_index": 1}, headers=A)
+    assert ok.status_code == 202, ok.text
+    ok = client.post("/v1/feedback", json={"user_id": "alice", "completion_id": cid, "chosen_index": 1,
+                                           "rejected_index": 0}, headers=A)
+    assert ok.status_code == 202, ok.text
+    records = rt(client).feedback.records("acme", "alice")
+    assert records[0].completion == texts[1] and records[0].label == 1  # the rated choice, not choices[0]
+    assert (records[1].chosen, records[1].rejected) == (texts[1], texts[0])
+    for bad, status in [({"choice_index": 2, "rating": "up"}, 404), ({"chosen_index": 0, "rejected_index": 0}, 422),
+                        ({"chosen_index": 0, "rating": "up"}, 422), ({"choice_index": -1, "rating": "up"}, 422)]:
+        assert_error(client.post("/v1/feedback", json={"user_id": "alice", "completion_id": cid, **bad}, headers=A),
+                     status)
