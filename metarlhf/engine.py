@@ -151,10 +151,6 @@ def _is_base(ref: AdapterRef | str | None) -> bool:
     return ref is None or ref == BASE or (isinstance(ref, AdapterRef) and ref.is_base)
 
 
-def _check_encodable(text: str, what: str) -> None:
-    check_text(text, what)  # ConfigError: tokenizers cannot take lone surrogates
-
-
 @dataclass
 class GenerationRequest:
     """One prompt: chat ``messages`` (rendered by the chat template) or a raw ``prompt``."""
@@ -177,7 +173,7 @@ class GenerationRequest:
         if self.prompt is not None and not isinstance(self.prompt, str):
             raise ConfigError(f"prompt must be a string, got {type(self.prompt).__name__}")
         if self.prompt is not None:
-            _check_encodable(self.prompt, "prompt")
+            check_text(self.prompt, "prompt")
         if self.messages is not None:
             if not isinstance(self.messages, list) or not self.messages:
                 raise ConfigError("messages must be a non-empty list of {'role', 'content'} dicts")
@@ -186,8 +182,8 @@ class GenerationRequest:
                     m.get("content"), str
                 ):
                     raise ConfigError(f"messages[{i}] must be a dict with string 'role' and 'content'")
-                _check_encodable(m["role"], f"messages[{i}].role")
-                _check_encodable(m["content"], f"messages[{i}].content")
+                check_text(m["role"], f"messages[{i}].role")
+                check_text(m["content"], f"messages[{i}].content")
         if not (self.adapter is None or self.adapter == BASE or isinstance(self.adapter, AdapterRef)):
             raise ConfigError(f"adapter must be an AdapterRef, '__base__' or None, got {self.adapter!r}")
         if not isinstance(self.params, SamplingParams):
@@ -744,10 +740,10 @@ class MultiAdapterEngine:
                 text = tok.apply_chat_template(request.messages, add_generation_prompt=True, tokenize=False)
             except Exception as e:  # noqa: BLE001 - jinja raises many types on odd input
                 raise ConfigError(f"messages cannot be rendered by the chat template: {e}") from e
-            _check_encodable(text, "the rendered chat prompt")
+            check_text(text, "the rendered chat prompt")
             ids = self._tokenize(text, add_special_tokens=False)
         else:
-            _check_encodable(request.prompt, "prompt")
+            check_text(request.prompt, "prompt")
             ids = self._tokenize(request.prompt)
         if not ids:
             raise ConfigError("prompt is empty")

@@ -236,7 +236,7 @@ def response_forward(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=_position_ids(attention_mask), use_cache=False
     ).last_hidden_state  # [b, seq, h]
     h = hidden[:, context_len - 1 : -1]  # [b, t, h]: the state before each response token
-    logits = tempered_logits(head(h), temperature)  # [b, t, vocab], float32, safe for tiny temperatures
+    logits = tempered_logits(head(h), temperature)  # [b, t, vocab], float32
     targets = input_ids[:, context_len:]  # [b, t]
     logp_all = F.log_softmax(logits, dim=-1)  # [b, t, vocab]
     out = {"logprobs": torch.gather(logp_all, 2, targets.unsqueeze(-1)).squeeze(-1)}  # [b, t]
@@ -252,18 +252,6 @@ def response_forward(
     elif value_head is not None:
         out["values"] = value_head(h).float()
     return out
-
-
-class TemperedSampling:
-    """A ``generate`` logits processor that applies the temperature as :func:`response_forward`
-    does (:func:`~metarlhf.ppo.functional.tempered_logits`: safe for tiny temperatures, greedy
-    below float32's smallest normal), so the samples follow the distribution that is trained."""
-
-    def __init__(self, temperature: float) -> None:
-        self.temperature = temperature
-
-    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
-        return tempered_logits(scores, self.temperature)
 
 
 class Critic(nn.Module):
@@ -398,12 +386,9 @@ class PPOTrainer:
         cfg = self.config
         enc = self.encode_prompts(prompts)
         ctx = enc["input_ids"].shape[1]
-        from transformers import LogitsProcessorList
-
         with self._autocast():
-            out = self.model.generate(  # temperature=1.0: the processor applies cfg.temperature
-                **enc, do_sample=True, max_new_tokens=cfg.max_new_tokens, temperature=1.0,
-                logits_processor=LogitsProcessorList([TemperedSampling(cfg.temperature)]),
+            out = self.model.generate(
+                **enc, do_sample=True, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                 top_k=0, top_p=1.0, pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.eos_token_id,
                 use_cache=True,
             )  # [b, ctx + t]
