@@ -371,6 +371,17 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def check_eval_out(out: str | os.PathLike) -> None:
+    """Raise ConfigError unless ``out`` (and its ``.png``) may be written by ``eval policy``."""
+    from metarlhf.io import check_result_files
+
+    if Path(out).suffix.lower() == ".png":
+        raise ConfigError(f"out {str(out)!r}: the results JSON cannot end in .png (the plot goes next to it "
+                          "with that suffix)")
+    check_result_files({out: ("config", "rows")}, [Path(out).with_suffix(".png")],
+                       what="an earlier `eval policy` result")
+
+
 def evaluate_policy(
     users: Sequence[Any],
     prompts: Sequence[str],
@@ -397,6 +408,8 @@ def evaluate_policy(
     )
 
     cfg = config or EvalConfig()
+    if out is not None:
+        check_eval_out(out)
     if not users:
         raise ConfigError("no simulated users to evaluate")
     s = cfg.samples_per_prompt

@@ -130,7 +130,7 @@ def evaluate_reward(
     from tqdm import tqdm
 
     from metarlhf.data import group_by_user, load_records
-    from metarlhf.io import atomic_write_json
+    from metarlhf.io import atomic_write_json, check_result_files
     from metarlhf.meta import split_persona_users
     from metarlhf.reward import (
         R_KEY,
@@ -160,6 +160,8 @@ def evaluate_reward(
     if Path(out).suffix.lower() == ".png":
         raise ConfigError(f"out {str(out)!r}: the results JSON cannot end in .png (the plot goes next to it "
                           "with that suffix)")
+    check_result_files({out: ("methods", "users"), Path(out).with_name(Path(out).stem + ".detail.json"): ("per_user",)},
+                       [Path(out).with_suffix(".png")], what="an earlier `eval reward` result")
     init_dir = Path(init) if init is not None else SHIPPED_INIT_DIR
     if not (init_dir / "metarlhf.json").is_file():
         raise AdapterError(f"{init_dir}: no reward init (metarlhf.json missing)")

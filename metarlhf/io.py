@@ -20,7 +20,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -108,6 +108,45 @@ def load_tensors(path: str | os.PathLike, device: str = "cpu") -> dict:
     from safetensors.torch import load_file
 
     return load_file(str(path), device=device)
+
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def check_result_files(json_paths: dict[str | os.PathLike, tuple[str, ...]],
+                       png_paths: Sequence[str | os.PathLike] = (), what: str = "an earlier result") -> None:
+    """Raise :class:`ConfigError` unless each existing output file is one metarlhf may replace.
+
+    ``json_paths`` maps a results JSON to the keys an earlier result of the same command has: an
+    existing file there must be a JSON object with all of them. Each of ``png_paths`` may only
+    replace a PNG. So ``--out`` naming a data file, a source file or anything else not written
+    by the command is refused before any work, not overwritten at the end.
+    """
+    def refuse(path: Path, why: str) -> None:
+        raise ConfigError(f"refusing to replace {str(path)!r}: {why}, not {what}; choose another --out "
+                          "or remove it first")
+
+    for raw, keys in json_paths.items():
+        path = Path(raw)
+        if not os.path.lexists(path):
+            continue
+        if path.is_symlink() or not path.is_file():
+            refuse(path, "it is not a regular file")
+        try:
+            obj = json.loads(path.read_bytes())
+        except (OSError, ValueError):
+            refuse(path, "it exists and is not JSON")
+        if not isinstance(obj, dict) or not all(k in obj for k in keys):
+            refuse(path, "it is a JSON file of another kind")
+    for raw in png_paths:
+        path = Path(raw)
+        if not os.path.lexists(path):
+            continue
+        if path.is_symlink() or not path.is_file():
+            refuse(path, "it is not a regular file")
+        with open(path, "rb") as f:
+            if f.read(len(PNG_MAGIC)) != PNG_MAGIC:
+                refuse(path, "it exists and is not a PNG")
 
 
 def _check_replaceable(target: Path, replaceable: Callable[[Path], bool] | None, new: set[str] | None,

@@ -270,3 +270,45 @@ def test_deeply_nested_json_is_a_malformed_line(tmp_path):
         load_records(f)
     recs, stats = load_records(f, skip_invalid=True)
     assert len(recs) == 1 and stats.skipped == 1
+
+
+# -- eval --out: only an earlier result of the same command is replaced ---------------------
+
+
+def test_check_result_files_replaces_only_earlier_results(tmp_path):
+    from metarlhf.io import check_result_files
+
+    earlier = tmp_path / "r.json"
+    atomic_write_json(earlier, {"methods": {}, "users": 3})
+    check_result_files({earlier: ("methods", "users"), tmp_path / "missing.json": ("x",)})  # accepted
+    other = tmp_path / "other.json"
+    atomic_write_json(other, {"methods": {}})
+    text = tmp_path / "notes.txt"
+    text.write_text("my notes\n")
+    fake_png = tmp_path / "r.png"
+    fake_png.write_text("not a picture")
+    for paths, pngs in [({other: ("methods", "users")}, []), ({text: ("methods",)}, []),
+                        ({tmp_path: ("methods",)}, []), ({}, [fake_png])]:
+        with pytest.raises(ConfigError, match="refusing to replace"):
+            check_result_files(paths, pngs)
+    assert text.read_text() == "my notes\n" and fake_png.read_text() == "not a picture"
+
+
+@pytest.mark.parametrize("kind", ["reward", "policy"])
+def test_eval_out_naming_the_input_data_is_refused_and_left_alone(tmp_path, kind, capsys):
+    from metarlhf.cli import main
+
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"user_id": "u", "prompt": "p", "completion": "c", "label": 1}) + "\n")
+    before = data.read_bytes()
+    if kind == "reward":
+        argv = ["eval", "reward", "--data", str(data), "--holdout", "1", "--k", "1", "--out", str(data)]
+    else:
+        argv = ["eval", "policy", "--prompts", str(data), "--k", "2", "--out", str(data)]
+    assert main(argv) == 2
+    assert "refusing to replace" in capsys.readouterr().err
+    assert data.read_bytes() == before
+    png = tmp_path / "res.png"
+    png.write_text("a file that only looks like the plot's name")
+    argv[-1] = str(tmp_path / "res.json")
+    assert main(argv) == 2 and png.read_text() == "a file that only looks like the plot's name"

@@ -241,9 +241,10 @@ def cmd_adapt(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from metarlhf.data import read_prompts
-    from metarlhf.evaluate_policy import EvalConfig, evaluate_policy
+    from metarlhf.evaluate_policy import EvalConfig, check_eval_out, evaluate_policy
     from metarlhf.simusers import HELDOUT_USERS
 
+    check_eval_out(args.out)  # before the model is loaded, not after the whole evaluation
     device = device_from_args(args)
     users = _users(args.users, args.users_file, HELDOUT_USERS)
     cfg = EvalConfig(
