@@ -25,6 +25,8 @@ job at once (after a failure, only if feedback arrived while it ran: no retry lo
 
 Erasure: :meth:`AdaptationRunner.erasing` wraps a user's erasure. A job enqueued before
 or during it never publishes: its new versions and preference vector are discarded.
+Rollback: :meth:`AdaptationRunner.rolling_back` wraps one. A job enqueued before it stores
+its versions but does not make them current (nor upsert its preference vector).
 
 :class:`Personalizer` is what a job needs from the models; :class:`DefaultPersonalizer`
 implements it on :mod:`metarlhf.reward` and :mod:`metarlhf.policy` with its own copy of
@@ -200,6 +202,9 @@ class AdaptationRunner:
         # seq up to which a user's last job failed: the next automatic job waits for
         # ``threshold`` records past it (not one job per new record); in memory, so a restart retries
         self._failed_upto: dict[tuple[str, str], int] = {}
+        # rollback count per user: a job enqueued before a rollback that lands after it keeps
+        # its versions but does not make them current (the operator's choice stands)
+        self._rollbacks: dict[tuple[str, str], int] = {}
         self._publish = threading.Lock()  # lock order: _publish, then _lock
         self._closed = False
         self.stats = {"succeeded": 0, "failed": 0, "started": 0}
@@ -260,8 +265,20 @@ class AdaptationRunner:
         """Create and submit a job (call with _lock held, none in flight for the user)."""
         job = self.feedback.create_job(tenant, user, reason)
         self._inflight[(tenant, user)] = job["id"]
-        self._pool.submit(self._run, tenant, user, job["id"], self._erasures.get((tenant, user), 0))
+        key = (tenant, user)
+        self._pool.submit(self._run, tenant, user, job["id"], self._erasures.get(key, 0), self._rollbacks.get(key, 0))
         return job
+
+    @contextmanager
+    def rolling_back(self, tenant: str, user: str) -> Iterator[None]:
+        """Wrap a rollback of the user's adapters: a job enqueued before it does not publish
+        over it (its versions are stored, not made current; a job already publishing
+        finishes first, so the rollback is what stays current)."""
+        key = (tenant, user)
+        with self._publish:
+            with self._lock:
+                self._rollbacks[key] = self._rollbacks.get(key, 0) + 1
+            yield
 
     @contextmanager
     def erasing(self, tenant: str, user: str) -> Iterator[None]:
@@ -316,7 +333,7 @@ class AdaptationRunner:
                 return v.path, other
         return None, None
 
-    def _run(self, tenant: str, user: str, job_id: str, erasure: int) -> None:
+    def _run(self, tenant: str, user: str, job_id: str, erasure: int, rollbacks: int = 0) -> None:
         t0 = time.perf_counter()
         written: list[Path] = []
         upto: int | None = None
@@ -355,16 +372,21 @@ class AdaptationRunner:
             with self._publish:  # an erasure waits for this block, or this block sees it
                 with self._lock:
                     erased = self._erasures.get((tenant, user), 0) != erasure
+                    rolled_back = self._rollbacks.get((tenant, user), 0) != rollbacks
                 if erased:
                     self._discard_erased(tenant, user, written)
                     raise DataError("the user was erased while the job ran; its output was discarded")
-                # All checks passed: swap both in (reward first: serving reads only the policy).
-                self.store.set_current(tenant, user, "reward", rv.version)
-                self.store.set_current(tenant, user, "policy", pv.version)
-                written.clear()
-                if vec is not None and self.index is not None:
-                    self.index.upsert(tenant, user, vec)
-            if vec is not None and self.index is not None and self.index.path is not None:
+                if not rolled_back:
+                    # All checks passed: swap both in (reward first: serving reads only the policy).
+                    self.store.set_current(tenant, user, "reward", rv.version)
+                    self.store.set_current(tenant, user, "policy", pv.version)
+                    if vec is not None and self.index is not None:
+                        self.index.upsert(tenant, user, vec)
+                written.clear()  # kept either way: a rolled-back user can roll forward to them
+            if rolled_back:
+                log.warning("user %s/%s was rolled back while job %s ran: policy v%d / reward v%d stored, not "
+                            "made current", tenant, user, job_id, pv.version, rv.version)
+            elif vec is not None and self.index is not None and self.index.path is not None:
                 try:  # the version is live now; the vector is saved again at shutdown
                     self.index.save()
                 except Exception:  # noqa: BLE001
@@ -372,11 +394,11 @@ class AdaptationRunner:
             result = {"policy_version": pv.version, "reward_version": rv.version, "n_records": len(records),
                       "seconds": round(time.perf_counter() - t0, 3), "policy_init": str(init) if init is not None else "default",
                       "reward_final_loss": _last(reward.meta.get("losses")),
-                      "policy_final_loss": _last(policy.meta.get("losses"))}
+                      "policy_final_loss": _last(policy.meta.get("losses")), "published": not rolled_back}
             self.feedback.update_job(job_id, "succeeded", result=result)  # moves the watermark to upto
             succeeded = True
             self.stats["succeeded"] += 1
-            if self.on_new_version is not None:
+            if self.on_new_version is not None and not rolled_back:
                 self.on_new_version(tenant, user, result)
             log.info("adapted %s/%s -> policy v%d, reward v%d in %.1fs", tenant, user, pv.version, rv.version,
                      result["seconds"])

@@ -359,8 +359,9 @@ class Runtime:
         self.require_user(tenant, user)
         kinds = ["policy", "reward"] if kind == "both" else [kind]
         out = {}
-        for k in kinds:
-            out[k] = self.store.rollback(tenant, user, k, version)
+        with self.runner.rolling_back(tenant, user):  # a job in flight will not publish over it
+            for k in kinds:
+                out[k] = self.store.rollback(tenant, user, k, version)
         self.engine.evict(engine_key(tenant, user))
         self._expire_all()
         with self._lock:

@@ -312,6 +312,33 @@ def test_erasure_during_a_job_discards_its_output_even_after_new_feedback(client
     assert chat(client, "zed").json()["adapter"]["source"] != "own"
 
 
+def test_a_rollback_while_a_job_runs_is_not_published_over(client):
+    for i in range(4):  # threshold 2: v1, then v2
+        thumbs(client, "bob", i)
+        assert rt(client).runner.wait_idle(60)
+    assert client.get("/v1/users/bob", headers=A).json()["policy"]["current"] == 2
+    gate, entered = _gate(rt(client).personalizer, "adapt_policy")
+    thumbs(client, "bob", 4)
+    thumbs(client, "bob", 5)  # job 3 starts and waits inside the adaptation
+    assert entered.wait(20)
+    r = client.post("/v1/users/bob/rollback", json={"kind": "both", "version": 1}, headers=A)
+    assert r.status_code == 200 and r.json()["current"] == {"policy": 1, "reward": 1}, r.text
+    gate.set()
+    assert rt(client).runner.wait_idle(60)
+    info = client.get("/v1/users/bob", headers=A).json()
+    assert info["policy"]["current"] == 1 and info["reward"]["current"] == 1, info  # the rollback stands
+    assert 3 in [v["version"] for v in info["policy"]["versions"]]  # stored: bob can roll forward to it
+    latest = info["job"]["latest"]
+    assert latest["state"] == "succeeded" and latest["result"]["published"] is False, latest
+    assert info["feedback"]["new"] == 0  # its records are consumed: no job re-publishes them at once
+    assert chat(client, "bob").json()["adapter"]["version"] == 1
+    thumbs(client, "bob", 6)
+    thumbs(client, "bob", 7)  # new feedback after the rollback: its job publishes
+    assert rt(client).runner.wait_idle(60)
+    assert client.get("/v1/users/bob", headers=A).json()["policy"]["current"] == 4
+    assert chat(client, "bob").json()["adapter"]["version"] == 4
+
+
 # ------------------------------------------------------------------ 5. stale serving decisions
 def test_a_version_landing_while_a_decision_is_computed_is_not_cached_over(client):
     for i in range(2):
