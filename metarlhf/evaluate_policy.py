@@ -373,13 +373,9 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def check_eval_out(out: str | os.PathLike) -> None:
     """Raise ConfigError unless ``out`` (and its ``.png``) may be written by ``eval policy``."""
-    from metarlhf.io import check_result_files
+    from metarlhf.io import check_results_out
 
-    if Path(out).suffix.lower() == ".png":
-        raise ConfigError(f"out {str(out)!r}: the results JSON cannot end in .png (the plot goes next to it "
-                          "with that suffix)")
-    check_result_files({out: ("config", "rows")}, [Path(out).with_suffix(".png")],
-                       what="an earlier `eval policy` result")
+    check_results_out(out, ("config", "rows"), "an earlier `eval policy` result")
 
 
 def evaluate_policy(

@@ -130,7 +130,7 @@ def evaluate_reward(
     from tqdm import tqdm
 
     from metarlhf.data import group_by_user, load_records
-    from metarlhf.io import atomic_write_json, check_result_files
+    from metarlhf.io import atomic_write_json, check_results_out
     from metarlhf.meta import split_persona_users
     from metarlhf.reward import (
         R_KEY,
@@ -157,11 +157,8 @@ def evaluate_reward(
         raise ConfigError("no users to evaluate")
     if steps is not None and steps < 0:
         raise ConfigError(f"--steps must be >= 0, got {steps}")
-    if Path(out).suffix.lower() == ".png":
-        raise ConfigError(f"out {str(out)!r}: the results JSON cannot end in .png (the plot goes next to it "
-                          "with that suffix)")
-    check_result_files({out: ("methods", "users"), Path(out).with_name(Path(out).stem + ".detail.json"): ("per_user",)},
-                       [Path(out).with_suffix(".png")], what="an earlier `eval reward` result")
+    check_results_out(out, ("methods", "users"), "an earlier `eval reward` result",
+                      {_detail_path(out): ("per_user",)})
     init_dir = Path(init) if init is not None else SHIPPED_INIT_DIR
     if not (init_dir / "metarlhf.json").is_file():
         raise AdapterError(f"{init_dir}: no reward init (metarlhf.json missing)")
@@ -256,9 +253,15 @@ def evaluate_reward(
         "seconds_per_method": {m: round(v, 1) for m, v in timing.items()}, "scratch_adam_lr": SCRATCH_ADAM_LR,
         "linear": "L2 logistic regression, C=1, L-BFGS, frozen base encoder embeddings",
     }
-    atomic_write_json(out.with_name(out.stem + ".detail.json"), detail)
+    atomic_write_json(_detail_path(out), detail)
     _plot(summary, out.with_suffix(".png"))
     return summary
+
+
+def _detail_path(out: str | Path) -> Path:
+    """Where the per-user detail goes: ``<out stem>.detail.json`` next to ``out``."""
+    out = Path(out)
+    return out.with_name(out.stem + ".detail.json")
 
 
 def _plot(summary: dict[str, Any], path: Path) -> None:

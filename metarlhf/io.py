@@ -20,7 +20,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -113,40 +113,47 @@ def load_tensors(path: str | os.PathLike, device: str = "cpu") -> dict:
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def check_result_files(json_paths: dict[str | os.PathLike, tuple[str, ...]],
-                       png_paths: Sequence[str | os.PathLike] = (), what: str = "an earlier result") -> None:
-    """Raise :class:`ConfigError` unless each existing output file is one metarlhf may replace.
+def check_results_out(out: str | os.PathLike, keys: tuple[str, ...], what: str,
+                      extra_json: dict[Path, tuple[str, ...]] | None = None) -> None:
+    """Raise :class:`ConfigError` unless an evaluation may write its results JSON ``out``,
+    the plot ``out`` with suffix ``.png``, and the JSON files ``extra_json``.
 
-    ``json_paths`` maps a results JSON to the keys an earlier result of the same command has: an
-    existing file there must be a JSON object with all of them. Each of ``png_paths`` may only
-    replace a PNG. So ``--out`` naming a data file, a source file or anything else not written
-    by the command is refused before any work, not overwritten at the end.
+    Each file that exists must be an earlier output of the same command: a results JSON an
+    object with all of its ``keys``, the plot a PNG. So ``--out`` naming a data file, a source
+    file or anything else the command did not write is refused before any work, not
+    overwritten at the end.
     """
-    def refuse(path: Path, why: str) -> None:
+    out = Path(out)
+    if out.suffix.lower() == ".png":
+        raise ConfigError(f"out {str(out)!r}: the results JSON cannot end in .png (the plot goes next to it "
+                          "with that suffix)")
+
+    def is_json_with(need: tuple[str, ...]) -> Callable[[Path], bool]:
+        def ok(path: Path) -> bool:
+            try:
+                obj = json.loads(path.read_bytes())
+            except (OSError, ValueError):
+                return False
+            return isinstance(obj, dict) and all(k in obj for k in need)
+        return ok
+
+    def is_png(path: Path) -> bool:
+        with open(path, "rb") as f:
+            return f.read(len(PNG_MAGIC)) == PNG_MAGIC
+
+    checks = {out: (is_json_with(keys), "JSON"), out.with_suffix(".png"): (is_png, "PNG")}
+    checks.update({Path(p): (is_json_with(k), "JSON") for p, k in (extra_json or {}).items()})
+    for path, (ok, kind) in checks.items():
+        if not os.path.lexists(path):
+            continue
+        if path.is_symlink() or not path.is_file():
+            why = "it is not a regular file"
+        elif not ok(path):
+            why = f"it is not a {kind} file of that kind"
+        else:
+            continue
         raise ConfigError(f"refusing to replace {str(path)!r}: {why}, not {what}; choose another --out "
                           "or remove it first")
-
-    for raw, keys in json_paths.items():
-        path = Path(raw)
-        if not os.path.lexists(path):
-            continue
-        if path.is_symlink() or not path.is_file():
-            refuse(path, "it is not a regular file")
-        try:
-            obj = json.loads(path.read_bytes())
-        except (OSError, ValueError):
-            refuse(path, "it exists and is not JSON")
-        if not isinstance(obj, dict) or not all(k in obj for k in keys):
-            refuse(path, "it is a JSON file of another kind")
-    for raw in png_paths:
-        path = Path(raw)
-        if not os.path.lexists(path):
-            continue
-        if path.is_symlink() or not path.is_file():
-            refuse(path, "it is not a regular file")
-        with open(path, "rb") as f:
-            if f.read(len(PNG_MAGIC)) != PNG_MAGIC:
-                refuse(path, "it exists and is not a PNG")
 
 
 def _check_replaceable(target: Path, replaceable: Callable[[Path], bool] | None, new: set[str] | None,

@@ -263,9 +263,9 @@ class AdaptationRunner:
 
     def _start(self, tenant: str, user: str, reason: str) -> dict[str, Any]:
         """Create and submit a job (call with _lock held, none in flight for the user)."""
-        job = self.feedback.create_job(tenant, user, reason)
-        self._inflight[(tenant, user)] = job["id"]
         key = (tenant, user)
+        job = self.feedback.create_job(tenant, user, reason)
+        self._inflight[key] = job["id"]
         self._pool.submit(self._run, tenant, user, job["id"], self._erasures.get(key, 0), self._rollbacks.get(key, 0))
         return job
 
@@ -333,7 +333,7 @@ class AdaptationRunner:
                 return v.path, other
         return None, None
 
-    def _run(self, tenant: str, user: str, job_id: str, erasure: int, rollbacks: int = 0) -> None:
+    def _run(self, tenant: str, user: str, job_id: str, erasure: int, rollbacks: int) -> None:
         t0 = time.perf_counter()
         written: list[Path] = []
         upto: int | None = None

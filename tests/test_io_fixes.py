@@ -275,22 +275,23 @@ def test_deeply_nested_json_is_a_malformed_line(tmp_path):
 # -- eval --out: only an earlier result of the same command is replaced ---------------------
 
 
-def test_check_result_files_replaces_only_earlier_results(tmp_path):
-    from metarlhf.io import check_result_files
+def test_check_results_out_replaces_only_earlier_results(tmp_path):
+    from metarlhf.io import check_results_out
 
     earlier = tmp_path / "r.json"
     atomic_write_json(earlier, {"methods": {}, "users": 3})
-    check_result_files({earlier: ("methods", "users"), tmp_path / "missing.json": ("x",)})  # accepted
+    check_results_out(earlier, ("methods", "users"), "a result", {tmp_path / "missing.json": ("x",)})  # accepted
     other = tmp_path / "other.json"
     atomic_write_json(other, {"methods": {}})
     text = tmp_path / "notes.txt"
     text.write_text("my notes\n")
-    fake_png = tmp_path / "r.png"
-    fake_png.write_text("not a picture")
-    for paths, pngs in [({other: ("methods", "users")}, []), ({text: ("methods",)}, []),
-                        ({tmp_path: ("methods",)}, []), ({}, [fake_png])]:
+    for out, keys in [(other, ("methods", "users")), (text, ("methods",)), (tmp_path, ("methods",))]:
         with pytest.raises(ConfigError, match="refusing to replace"):
-            check_result_files(paths, pngs)
+            check_results_out(out, keys, "a result")
+    fake_png = tmp_path / "r.png"  # the plot's name next to r.json
+    fake_png.write_text("not a picture")
+    with pytest.raises(ConfigError, match="refusing to replace"):
+        check_results_out(earlier, ("methods", "users"), "a result")
     assert text.read_text() == "my notes\n" and fake_png.read_text() == "not a picture"
 
 
