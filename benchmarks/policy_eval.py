@@ -30,6 +30,7 @@ DEFAULTS = {
 
 def main(argv: list[str]) -> int:
     from metarlhf.cli import main as cli
+    from metarlhf.evaluate_policy import method_gaps
 
     args = list(argv)
     for flag, value in DEFAULTS.items():
@@ -44,18 +45,21 @@ def main(argv: list[str]) -> int:
     out = Path(args[args.index("--out") + 1])
     res = json.loads(out.read_text())
     targets = {}
+    all_gaps = method_gaps(res["rows"])  # meta - scratch, paired by user, with a 95% interval
     for explore in res["config"].get("explore", ["plain"]):  # both protocols reported, hints and plain
         summ = {(r["method"], r["k"]): r for r in res["summary"] if r.get("explore", "plain") == explore}
         t: dict = {}
         for m in ("meta", "scratch"):
             if (m, 16) in summ:
                 w = summ[(m, 16)]["win_rate"]
-                t[f"win_rate_{m}_k16"] = {"value": w, "target": ">= 0.75", "met": w >= 0.75}
-        gaps = {k: summ[("meta", k)]["win_rate"] - summ[("scratch", k)]["win_rate"]
-                for (m, k) in summ if m == "meta" and ("scratch", k) in summ}
+                t[f"win_rate_{m}_k16"] = {"value": w, "ci95": summ[(m, 16)].get("win_rate_ci95"),
+                                          "target": ">= 0.75", "met": w >= 0.75}
+        gaps = {int(key.split("/k")[1]): g for key, g in all_gaps.items() if key.startswith(explore + "/")}
         if gaps:
             t["meta_minus_scratch_win_rate"] = {
-                "by_k": gaps, "target": ">= 0.10 at each K", "met": all(g >= 0.10 for g in gaps.values())}
+                "by_k": {k: g["gap"] for k, g in gaps.items()},
+                "ci95_by_k": {k: g.get("ci95") for k, g in gaps.items()},
+                "target": ">= 0.10 at each K", "met": all(g["gap"] >= 0.10 for g in gaps.values())}
         targets[f"explore={explore}"] = t
     res["targets"] = targets
     res["command"] = "metarlhf " + shlex.join(cmd)

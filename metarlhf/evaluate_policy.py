@@ -43,7 +43,10 @@ the share of answers whose first five words open another answer of the same user
 decoding loop (:func:`repetition_loops`; ``base_loop_rate``), which the fluency drop misses,
 and ``sound_win_rate`` counts an answer that is a fluency drop *or* a loop as a loss. The JSON is
 rewritten after every (user, K, method) cell, so an interrupted run keeps what it
-measured; a PNG plots the average win rate against K per method.
+measured; a PNG plots the average win rate against K per method. Each row keeps its
+per-prompt ``outcomes``; the summary's ``win_rate_ci95`` is a bootstrap interval over the
+held-out prompts with the users fixed (:func:`bootstrap_ci`), and :func:`method_gaps` gives
+``meta`` minus ``scratch`` with a paired interval.
 """
 
 from __future__ import annotations
@@ -157,6 +160,54 @@ def win_rate(personal: Sequence[float], base: Sequence[float]) -> float:
     if len(personal) != len(base) or not personal:
         raise DataError("win_rate needs two equally long, non-empty reward lists")
     return sum(prompt_outcome(p, b) for p, b in zip(personal, base, strict=True)) / len(base)
+
+
+def bootstrap_ci(groups: Sequence[Sequence[float]], n_boot: int = 2000, level: float = 0.95,
+                 seed: int = 0) -> tuple[float, float]:
+    """Percentile interval of the mean of group means, prompts resampled within each group.
+
+    ``groups`` holds one list per user (its per-prompt outcomes, or per-prompt differences
+    between two methods). The users are kept fixed and each user's prompts are drawn with
+    replacement, so the interval says how far the average could move on other held-out
+    prompts for these users; it does not cover other users.
+    """
+    if not groups or any(not g for g in groups):
+        raise DataError("bootstrap_ci needs at least one non-empty group")
+    if not 0 < level < 1 or n_boot < 1:
+        raise ConfigError("bootstrap_ci needs 0 < level < 1 and n_boot >= 1")
+    rng = random.Random(seed)
+    means = []
+    for _ in range(n_boot):
+        means.append(statistics.mean(statistics.mean(rng.choices(g, k=len(g))) for g in groups))
+    means.sort()
+    tail = (1 - level) / 2
+    return means[int(tail * (n_boot - 1))], means[math.ceil((1 - tail) * (n_boot - 1))]
+
+
+def method_gaps(rows: Sequence[dict[str, Any]], a: str = "meta", b: str = "scratch") -> dict[str, dict[str, Any]]:
+    """Win rate of method ``a`` minus method ``b``, per (explore, K), with a paired 95% interval.
+
+    Rows of the two methods are paired by user; where every paired row holds its per-prompt
+    ``outcomes`` (same prompts, same base answers), the interval comes from
+    :func:`bootstrap_ci` on the per-prompt differences. Keys are ``"<explore>/k<K>"``.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    cells = sorted({(r.get("explore", "plain"), r["k"]) for r in rows if r["method"] == a})
+    for explore, k in cells:
+        def pick(m: str, explore: str = explore, k: int = k) -> dict[str, dict[str, Any]]:
+            return {r["user"]: r for r in rows if r["method"] == m and r.get("explore", "plain") == explore
+                    and r["k"] == k}
+        ra, rb = pick(a), pick(b)
+        users = sorted(set(ra) & set(rb))
+        if not users:
+            continue
+        gap: dict[str, Any] = {"users": len(users),
+                               "gap": statistics.mean(ra[u]["win_rate"] - rb[u]["win_rate"] for u in users)}
+        if all("outcomes" in ra[u] and "outcomes" in rb[u] for u in users):
+            diffs = [[x - y for x, y in zip(ra[u]["outcomes"], rb[u]["outcomes"], strict=True)] for u in users]
+            gap["ci95"] = list(bootstrap_ci(diffs))
+        out[f"{explore}/k{k}"] = gap
+    return out
 
 
 def base_nll(model: Any, tok: Any, prompts: Sequence[str], completions: Sequence[str], chunk: int = 8) -> float:
@@ -352,6 +403,9 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "k": k,
             "users": len(sel),
             "win_rate": statistics.mean(r["win_rate"] for r in sel),
+            # prompts resampled per user, users fixed (bootstrap_ci)
+            **({"win_rate_ci95": list(bootstrap_ci([r["outcomes"] for r in sel]))}
+               if all(r.get("outcomes") for r in sel) else {}),
             "mean_reward": statistics.mean(r["mean_reward"] for r in sel),
             "base_mean_reward": statistics.mean(r["base_mean_reward"] for r in sel),
             "adapt_s": statistics.mean(r["adapt_s"] for r in sel),
@@ -533,6 +587,7 @@ def evaluate_policy(
             "explore_s": round(explore_s, 2),
             "support_mean_reward": statistics.mean(user.reward(t.prompt, t.completion) for t in support),
             "win_rate": win_rate(pers_r, base_r),
+            "outcomes": [prompt_outcome(x, y) for x, y in zip(pers_r, base_r, strict=True)],  # per eval prompt
             "mean_reward": statistics.mean(pers_r),
             "base_mean_reward": statistics.mean(base_r),
             "adapt_s": round(adapt_s, 2),

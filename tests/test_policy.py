@@ -394,6 +394,8 @@ def test_cli_eval_policy_with_users_file(tmp_path, tiny_dir):
     assert all(0 <= r["loop_rate"] <= 1 and 0 <= r["sound_win_rate"] <= r["fluent_win_rate"] for r in res["rows"])
     assert 0 <= res["base_loop_rate"] <= 1 and "sound_win_rate" in res["summary"][0]
     assert all(len(r["answers"]) == 3 for r in res["rows"]) and len(res["base_answers"]) == 3
+    assert all(r["win_rate"] == pytest.approx(sum(r["outcomes"]) / 3) for r in res["rows"])
+    assert all(s["win_rate_ci95"][0] <= s["win_rate"] <= s["win_rate_ci95"][1] for s in res["summary"])
     assert math.isfinite(res["base_relevance"]) and "relevance" in res["summary"][0]
     assert {(s["method"], s["explore"], s["k"]) for s in res["summary"]} == {
         ("scratch", e, k) for e in ("hints", "plain") for k in (2, 4)}
@@ -421,6 +423,39 @@ def test_repetition_loops_and_win_rate_without():
     assert win_rate_without([2, 1, 3], [1, 1, 0], [False, False, True]) == pytest.approx((1 + 0.5 + 0) / 3)
     with pytest.raises(DataError):
         win_rate_without([1], [1, 2], [False])
+
+
+def test_bootstrap_ci_resamples_prompts_within_users():
+    from metarlhf.evaluate_policy import bootstrap_ci
+
+    assert bootstrap_ci([[1.0] * 5, [0.0] * 7]) == (0.5, 0.5)  # no spread within users: no width
+    lo, hi = bootstrap_ci([[0.0, 1.0] * 6])
+    wide_lo, wide_hi = bootstrap_ci([[0.0, 1.0] * 2])
+    assert lo < 0.5 < hi and wide_lo < lo and hi < wide_hi  # more prompts, a narrower interval
+    assert bootstrap_ci([[0.0, 1.0] * 6], seed=3) == bootstrap_ci([[0.0, 1.0] * 6], seed=3)
+    with pytest.raises(DataError):
+        bootstrap_ci([[1.0], []])
+    with pytest.raises(ConfigError):
+        bootstrap_ci([[1.0]], level=1.0)
+
+
+def test_method_gaps_pair_rows_by_user():
+    from metarlhf.evaluate_policy import method_gaps
+
+    def row(user, method, outcomes, k=16):
+        return {"user": user, "method": method, "explore": "adaptive", "k": k, "outcomes": outcomes,
+                "win_rate": sum(outcomes) / len(outcomes)}
+
+    rows = [row("a", "meta", [1, 1, 1, 1]), row("a", "scratch", [1, 1, 0, 0]),
+            row("b", "meta", [0, 0, 1, 1]), row("b", "scratch", [0, 0, 1, 1]),
+            row("c", "meta", [1, 1, 1, 1])]  # c has no scratch row: not paired
+    gaps = method_gaps(rows)
+    assert set(gaps) == {"adaptive/k16"} and gaps["adaptive/k16"]["users"] == 2
+    assert gaps["adaptive/k16"]["gap"] == pytest.approx(0.25)
+    lo, hi = gaps["adaptive/k16"]["ci95"]
+    assert 0 <= lo <= 0.25 <= hi <= 0.5  # b's differences are all 0, a's are 0 or 1
+    del rows[1]["outcomes"]
+    assert "ci95" not in method_gaps(rows)["adaptive/k16"]  # a gap, but no interval without outcomes
 
 
 def test_win_rate_counts_ties_as_half():

@@ -262,7 +262,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     _check_train_layers(args, base[0])
     result = evaluate_policy(users, prompts, cfg, base=base, out=args.out)
     for row in result["summary"]:
-        print(f"{row['method']:>8} {row['explore']:>5} K={row['k']:<3} win rate {row['win_rate']:.3f}  "
+        ci = "[{:.3f}, {:.3f}]".format(*row["win_rate_ci95"]) if "win_rate_ci95" in row else ""
+        print(f"{row['method']:>8} {row['explore']:>5} K={row['k']:<3} win rate {row['win_rate']:.3f} {ci} "
               f"mean reward {row['mean_reward']:+.3f} (base {row['base_mean_reward']:+.3f})  "
               f"adapt {row['adapt_s']:.1f} s")
     print(f"wrote {args.out}")
