@@ -196,6 +196,9 @@ class AdaptationRunner:
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="adapt")
         self._lock = threading.Lock()
         self._inflight: dict[tuple[str, str], str] = {}  # (tenant, user) -> job id
+        # jobs whose user was erased while they ran: still finishing (single flight), but not
+        # the user's job any more (their row is gone; they publish nothing)
+        self._orphans: set[str] = set()
         # erasure generation per user: odd while an erasure runs; a job publishes only if it is
         # unchanged since the job was enqueued (held with _publish around the swap)
         self._erasures: dict[tuple[str, str], int] = {}
@@ -215,8 +218,12 @@ class AdaptationRunner:
             return len(self._inflight)
 
     def inflight(self, tenant: str, user: str) -> str | None:
+        """The id of the user's job in flight, if any. A job whose user was erased while it
+        ran is not reported: it publishes nothing, and its row is gone (feedback given since
+        may start a job when it ends)."""
         with self._lock:
-            return self._inflight.get((tenant, user))
+            jid = self._inflight.get((tenant, user))
+            return None if jid in self._orphans else jid
 
     def wants_job(self, tenant: str, user: str, new: int) -> bool:
         """A cheap pre-check: whether ``new`` records past the watermark may call for a job now
@@ -288,6 +295,8 @@ class AdaptationRunner:
         with self._publish, self._lock:
             self._erasures[key] = self._erasures.get(key, 0) + 1  # odd: erasure in progress
             self._failed_upto.pop(key, None)
+            if key in self._inflight:
+                self._orphans.add(self._inflight[key])
         try:
             yield
         finally:
@@ -376,6 +385,11 @@ class AdaptationRunner:
                 if erased:
                     self._discard_erased(tenant, user, written)
                     raise DataError("the user was erased while the job ran; its output was discarded")
+                result = {"policy_version": pv.version, "reward_version": rv.version, "n_records": len(records),
+                          "seconds": round(time.perf_counter() - t0, 3),
+                          "policy_init": str(init) if init is not None else "default",
+                          "reward_final_loss": _last(reward.meta.get("losses")),
+                          "policy_final_loss": _last(policy.meta.get("losses")), "published": not rolled_back}
                 if not rolled_back:
                     # All checks passed: swap both in (reward first: serving reads only the policy).
                     self.store.set_current(tenant, user, "reward", rv.version)
@@ -383,6 +397,8 @@ class AdaptationRunner:
                     if vec is not None and self.index is not None:
                         self.index.upsert(tenant, user, vec)
                 written.clear()  # kept either way: a rolled-back user can roll forward to them
+                if self.on_new_version is not None and not rolled_back:  # under _publish: an erasure
+                    self.on_new_version(tenant, user, result)  # comes after it, not between
             if rolled_back:
                 log.warning("user %s/%s was rolled back while job %s ran: policy v%d / reward v%d stored, not "
                             "made current", tenant, user, job_id, pv.version, rv.version)
@@ -391,17 +407,12 @@ class AdaptationRunner:
                     self.index.save()
                 except Exception:  # noqa: BLE001
                     log.exception("user %s/%s: could not save the preference index", tenant, user)
-            result = {"policy_version": pv.version, "reward_version": rv.version, "n_records": len(records),
-                      "seconds": round(time.perf_counter() - t0, 3), "policy_init": str(init) if init is not None else "default",
-                      "reward_final_loss": _last(reward.meta.get("losses")),
-                      "policy_final_loss": _last(policy.meta.get("losses")), "published": not rolled_back}
             self.feedback.update_job(job_id, "succeeded", result=result)  # moves the watermark to upto
             succeeded = True
             self.stats["succeeded"] += 1
-            if self.on_new_version is not None and not rolled_back:
-                self.on_new_version(tenant, user, result)
-            log.info("adapted %s/%s -> policy v%d, reward v%d in %.1fs", tenant, user, pv.version, rv.version,
-                     result["seconds"])
+            if not rolled_back:  # a rolled-back job was logged above
+                log.info("adapted %s/%s -> policy v%d, reward v%d in %.1fs", tenant, user, pv.version, rv.version,
+                         result["seconds"])
         except Exception as e:  # noqa: BLE001 - any failure is recorded; previous version keeps serving
             for p in written:
                 shutil.rmtree(p, ignore_errors=True)
@@ -435,7 +446,7 @@ class AdaptationRunner:
         tried: the same records would fail the same way."""
         key = (tenant, user)
         with self._lock:
-            self._inflight.pop(key, None)
+            self._orphans.discard(self._inflight.pop(key, ""))
             if succeeded:
                 self._failed_upto.pop(key, None)
             elif upto:  # 0 or None: the job never started on records

@@ -299,7 +299,9 @@ def test_erasure_during_a_job_discards_its_output_even_after_new_feedback(client
     thumbs(client, "zed", 1, prompt="SECRET-2")
     assert entered.wait(20)
     assert client.delete("/v1/users/zed", headers=A).status_code == 204
-    thumbs(client, "zed", 0, prompt="new")  # the user comes back (below the threshold)
+    # the user comes back (below the threshold): the erased job is not theirs any more
+    assert thumbs(client, "zed", 0, prompt="new").json()["job"] is None
+    assert client.get("/v1/users/zed", headers=A).json()["job"]["in_flight"] is None
     r = client.post("/v1/users/zed/adapt", headers=A)  # the erased job is still finishing
     assert r.status_code == 400 and "retry in a moment" in r.json()["error"]["message"], r.text
     gate.set()
@@ -310,6 +312,22 @@ def test_erasure_during_a_job_discards_its_output_even_after_new_feedback(client
     assert rt(client).index.get("acme", "zed") is None
     assert rt(client).engine.evict("acme/zed") == 0  # the discarded v1 was validated (loaded): not resident
     assert chat(client, "zed").json()["adapter"]["source"] != "own"
+
+
+def test_an_erasure_right_after_a_job_publishes_leaves_no_trace_of_it(client):
+    R = rt(client)
+    gate, entered = _gate(R.runner, "on_new_version")  # the job has made v1 current
+    thumbs(client, "zed", 0)
+    thumbs(client, "zed", 1)
+    assert entered.wait(20)
+    eraser = threading.Thread(target=lambda: client.delete("/v1/users/zed", headers=A))
+    eraser.start()
+    eraser.join(1.0)  # the erasure waits for the job's publication to end, callback included
+    gate.set()
+    eraser.join(20)
+    assert not eraser.is_alive() and R.runner.wait_idle(60)
+    assert ("acme", "zed") not in R._changed  # the callback did not land after the erasure
+    assert client.get("/v1/users/zed", headers=A).status_code == 404
 
 
 def test_a_rollback_while_a_job_runs_is_not_published_over(client):
