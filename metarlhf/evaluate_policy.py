@@ -344,16 +344,20 @@ def _plot(result: dict[str, Any], path: Path) -> None:
             if not summ:
                 continue
             ax.bar(i, summ[0]["win_rate"], color=f"C{i % 10}", alpha=0.6)
+            if "win_rate_ci95" in summ[0]:  # 95% interval over prompts (users fixed)
+                lo, hi = summ[0]["win_rate_ci95"]
+                ax.errorbar(i, summ[0]["win_rate"], yerr=[[summ[0]["win_rate"] - lo], [hi - summ[0]["win_rate"]]],
+                            c="grey", capsize=4, lw=1)
             ax.text(i, 0.03, f"{summ[0]['win_rate']:.3f}", ha="center", fontsize=9)
             pts = [r["win_rate"] for r in result["rows"] if r["method"] == m and r.get("explore", "plain") == e]
             ax.scatter([i] * len(pts), pts, c="black", s=10, zorder=3)
         ax.set_xticks(range(len(cells)), [f"{m}\n{e}" for m, e in cells], fontsize=8)
         ax.axhline(0.75, ls="--", c="grey", lw=1, label="target 0.75")
         ax.axhline(0.5, ls=":", c="black", lw=1, label="base (tie)")
-        ax.set_ylabel(f"win rate vs base at K={ks[0]} (dots: users)")
-        ax.set_ylim(0, 1.05)
+        ax.set_ylabel(f"win rate vs base at K={ks[0]} (dots: users; bars: 95% CI)")
+        ax.set_ylim(0, 1.15)
         ax.set_title(f"policy personalization, {len(result['users'])} sim users, K={ks[0]}")
-        ax.legend(loc="lower right", fontsize=8)
+        ax.legend(loc="upper center", ncol=2, fontsize=8)  # above the dots, clear of the value labels
         fig.tight_layout()
         _save_png(fig, path)
         return
@@ -363,9 +367,12 @@ def _plot(result: dict[str, Any], path: Path) -> None:
             rows = sorted((r for r in result["summary"] if r["method"] == method
                            and r.get("explore", "plain") == explore), key=lambda r: r["k"])
             if rows:
-                ax.plot([r["k"] for r in rows], [r["win_rate"] for r in rows], marker="o",
-                        ls={"hints": "-", "adaptive": "-."}.get(explore, "--"),
-                        label=f"{method} (explore: {explore})")
+                line, = ax.plot([r["k"] for r in rows], [r["win_rate"] for r in rows], marker="o",
+                                ls={"hints": "-", "adaptive": "-."}.get(explore, "--"),
+                                label=f"{method} (explore: {explore})")
+                if all("win_rate_ci95" in r for r in rows):  # 95% interval over prompts (users fixed)
+                    ax.fill_between([r["k"] for r in rows], [r["win_rate_ci95"][0] for r in rows],
+                                    [r["win_rate_ci95"][1] for r in rows], color=line.get_color(), alpha=0.12)
     ax.axhline(0.75, ls="--", c="grey", lw=1, label="target 0.75")
     ax.axhline(0.5, ls=":", c="black", lw=1, label="base (tie)")
     ax.set_xlabel("K (thumbs)")
