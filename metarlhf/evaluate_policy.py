@@ -463,6 +463,7 @@ def evaluate_policy(
         load_init,
         resolve_base,
     )
+    from metarlhf.runtime import software_versions
 
     cfg = config or EvalConfig()
     if out is not None:
@@ -512,6 +513,7 @@ def evaluate_policy(
     base_relevance = statistics.mean(prompt_relevance(model, tok, eval_prompts, base_eval, nll_base_rows)) if many else None
     result: dict[str, Any] = {
         "config": asdict(cfg),
+        "software": software_versions(),  # the same seed on another torch/transformers samples differently
         "base_model": base_name,
         "users": [u.name for u in users],
         "families": {u.name: u.family for u in users},

@@ -142,7 +142,7 @@ def evaluate_reward(
         load_reward_model,
         records_accuracy,
     )
-    from metarlhf.runtime import describe_device
+    from metarlhf.runtime import describe_device, software_versions
 
     ks = sorted(set(ks or [4, 8, 16, 32]))
     methods = list(methods or METHODS)
@@ -241,6 +241,7 @@ def evaluate_reward(
         "methods": {m: {str(k): round(sum(v) / len(v), 4) for k, v in acc[m].items()} for m in methods},
         "users": len(users),
         "query_per_user": min(max_query, min(len(by_user[u]) - max(ks) - 1 for u in users)),
+        "software": software_versions(),
     }
     out = Path(out)
     atomic_write_json(out, summary)

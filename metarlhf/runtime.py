@@ -83,3 +83,20 @@ def describe_device(device: Any) -> str:
 
     dev = resolve_device(device) if isinstance(device, str) else torch.device(device)
     return torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+
+
+def software_versions() -> dict[str, str]:
+    """Versions of Python and of the libraries that decide the numbers (sampling, kernels),
+    for benchmark results: the same seed on another torch or transformers draws other samples."""
+    import platform
+    from importlib import metadata
+
+    import metarlhf
+
+    out = {"python": platform.python_version(), "metarlhf": metarlhf.__version__}
+    for dist in ("torch", "transformers", "peft"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = "not installed"
+    return out

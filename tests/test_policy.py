@@ -394,6 +394,7 @@ def test_cli_eval_policy_with_users_file(tmp_path, tiny_dir):
     assert all(0 <= r["loop_rate"] <= 1 and 0 <= r["sound_win_rate"] <= r["fluent_win_rate"] for r in res["rows"])
     assert 0 <= res["base_loop_rate"] <= 1 and "sound_win_rate" in res["summary"][0]
     assert all(len(r["answers"]) == 3 for r in res["rows"]) and len(res["base_answers"]) == 3
+    assert res["software"]["torch"] == torch.__version__ and "transformers" in res["software"]
     assert all(r["win_rate"] == pytest.approx(sum(r["outcomes"]) / 3) for r in res["rows"])
     assert all(s["win_rate_ci95"][0] <= s["win_rate"] <= s["win_rate_ci95"][1] for s in res["summary"])
     assert math.isfinite(res["base_relevance"]) and "relevance" in res["summary"][0]

@@ -66,10 +66,11 @@ def test_meta_train_adapt_eval_end_to_end(setup):
     assert main(["eval", "reward", "--data", str(data), "--holdout", "2", "--k", "4", "8", "--out", str(res),
                  "--init", str(init), "--encoder", str(enc), "--seeds", "1", "--query", "10"]) == 0
     r = json.loads(res.read_text())
-    assert set(r) == {"methods", "users", "query_per_user"}
+    assert set(r) == {"methods", "users", "query_per_user", "software"}
     assert set(r["methods"]) == {"base", "linear", "scratch", "meta"}
     assert set(r["methods"]["meta"]) == {"4", "8"} and r["users"] == 2 and r["query_per_user"] == 10
     assert all(0.0 <= v <= 1.0 for m in r["methods"].values() for v in m.values())
+    assert r["software"]["peft"] and r["software"]["python"].startswith("3.")
     assert res.with_suffix(".png").is_file()
 
 
