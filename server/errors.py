@@ -1,6 +1,8 @@
 """The one place where errors become HTTP responses.
 
-Every error body is ``{"error": {"type": ..., "message": ...}}``. Domain errors
+Every error body is ``{"error": {"type": ..., "message": ..., "param": ..., "code": ...}}``,
+OpenAI's shape: ``code`` repeats ``type`` (clients branch on either), ``param`` names the
+offending request field where one is known, else null. Domain errors
 (:mod:`metarlhf.errors`) map by class, never by message text:
 
 =====================  ======  ==============================================
@@ -12,7 +14,8 @@ AdapterError           422     an adapter that cannot be used
 NotFoundError          404     unknown user, completion, job or version (also
                                another tenant's: tenants are invisible)
 ModelError             500     model files missing or broken
-request validation     422     ``invalid_request`` (pydantic, unknown fields)
+request validation     422     ``invalid_request`` (pydantic, unknown fields);
+                       400     on the OpenAI routes (OPENAI_PATHS), as OpenAI
 ApiError               any     401 auth, 413 body too large, 429 overloaded
 any other exception    500     ``internal_error`` (a bug; logged with its traceback)
 =====================  ======  ==============================================
@@ -51,8 +54,12 @@ class ApiError(Exception):
         self.headers = headers or {}
 
 
-def error_body(type_: str, message: str) -> dict:
-    return {"error": {"type": type_, "message": message}}
+#: Routes that answer as OpenAI's API does: a request that fails validation is a 400 there.
+OPENAI_PATHS = ("/v1/chat/completions", "/v1/completions")
+
+
+def error_body(type_: str, message: str, param: str | None = None) -> dict:
+    return {"error": {"type": type_, "message": message, "param": param, "code": type_}}
 
 
 def status_of(e: MetaRLHFError) -> int:
@@ -76,16 +83,27 @@ def typed(e: BaseException) -> ApiError:
     return internal_error(e)
 
 
-def error_response(status: int, type_: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(error_body(type_, message), status_code=status, headers=headers)
+def error_response(status: int, type_: str, message: str, headers: dict[str, str] | None = None,
+                   param: str | None = None) -> JSONResponse:
+    return JSONResponse(error_body(type_, message, param), status_code=status, headers=headers)
+
+
+def _loc(err: dict) -> str:
+    return ".".join(str(x) for x in err.get("loc", ()) if x != "body")
 
 
 def _validation_message(e: RequestValidationError) -> str:
     parts = []
     for err in e.errors()[:5]:
-        loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
+        loc = _loc(err)
         parts.append(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")))
     return "; ".join(parts) or "invalid request"
+
+
+def _validation_param(e: RequestValidationError) -> str | None:
+    """The first failing field (``messages.0.role``), or None for a whole-body error."""
+    errors = e.errors()
+    return (_loc(errors[0]) or None) if errors else None
 
 
 def install(app: FastAPI) -> None:
@@ -104,7 +122,8 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, e: RequestValidationError) -> JSONResponse:
-        return error_response(422, "invalid_request", _validation_message(e))
+        status = 400 if request.url.path in OPENAI_PATHS else 422
+        return error_response(status, "invalid_request", _validation_message(e), param=_validation_param(e))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, e: StarletteHTTPException) -> JSONResponse:

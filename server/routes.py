@@ -87,13 +87,19 @@ def metrics(rt: RT, tenant: Tenant) -> PlainTextResponse:
 def sampling(body: GenerationFields, settings: Settings) -> tuple[SamplingParams, int]:
     """SamplingParams from OpenAI fields; invalid values raise ConfigError (400)."""
     n_tok = body.max_tokens if body.max_tokens is not None else body.max_completion_tokens
-    n_tok = settings.default_max_tokens if n_tok is None else n_tok
+    if n_tok is None:  # a smaller limit also caps the default, which the client never sent
+        n_tok = min(settings.default_max_tokens, settings.max_tokens_limit)
     if not 1 <= n_tok <= settings.max_tokens_limit:
         raise ConfigError(f"max_tokens must be in [1, {settings.max_tokens_limit}], got {n_tok}")
     if not 1 <= body.n <= settings.max_n:
         raise ConfigError(f"n must be in [1, {settings.max_n}], got {body.n}")
     if body.stream and body.n != 1:
         raise ConfigError("stream=true supports n=1 only")
+    n_prompts = len(body.prompts()) if isinstance(body, CompletionRequest) else 1
+    if body.stream and n_prompts != 1:
+        raise ConfigError(f"stream=true supports one prompt only, got {n_prompts}")
+    if n_prompts > settings.max_prompts:
+        raise ConfigError(f"a request takes at most {settings.max_prompts} prompts, got {n_prompts}")
     temperature = 1.0 if body.temperature is None else body.temperature
     top_p = 1.0 if body.top_p is None else body.top_p
     stop = body.stop if body.stop is not None else []
@@ -107,26 +113,35 @@ def engine_seed(seed: int | None, offset: int = 0) -> int | None:
 
 
 def requests_for(body: GenerationFields, settings: Settings, chat: bool) -> list[GenerationRequest]:
+    """One request per choice, in choice order: prompt i's j-th choice is number i * n + j
+    (as OpenAI numbers a list of prompts); choice c samples with ``seed + c``."""
     params, n = sampling(body, settings)
     msgs = None
     if chat:
         msgs = [{"role": m.engine_role(), "content": m.text()} for m in body.messages]  # type: ignore[attr-defined]
+    prompts = [None] if chat else body.prompts()  # type: ignore[attr-defined]
     out = []
-    for i in range(n):
-        p = params if i == 0 or params.seed is None else SamplingParams(
-            params.max_new_tokens, params.temperature, params.top_p, params.stop, engine_seed(body.seed, i))
+    for c in range(len(prompts) * n):
+        p = params if c == 0 or params.seed is None else SamplingParams(
+            params.max_new_tokens, params.temperature, params.top_p, params.stop, engine_seed(body.seed, c))
         if msgs is not None:
             out.append(GenerationRequest(messages=[dict(m) for m in msgs], params=p))
         else:
-            out.append(GenerationRequest(prompt=body.prompt, params=p))  # type: ignore[attr-defined]
+            out.append(GenerationRequest(prompt=prompts[c // n], params=p))
     return out
 
 
-def feedback_prompt(body: GenerationFields, chat: bool) -> str:
+def feedback_prompt(body: GenerationFields, chat: bool, choice: int = 0) -> str:
+    """The prompt that choice ``choice`` answers, as stored for feedback."""
     if not chat:
-        return body.prompt  # type: ignore[attr-defined]
+        return body.prompts()[choice // body.n]  # type: ignore[attr-defined]
     users = [m.text() for m in body.messages if m.role == "user"]  # type: ignore[attr-defined]
     return users[-1] if users else body.messages[-1].text()  # type: ignore[attr-defined]
+
+
+def fingerprint(info: dict) -> str:
+    """``system_fingerprint``: which adapter source and version served (e.g. ``user-v3``)."""
+    return f"{info['source']}-v{info.get('version') or info.get('neighbor_version') or 0}"
 
 
 def _generation_error(e: BaseException) -> ApiError:
@@ -150,16 +165,17 @@ async def _complete(body: GenerationFields, rt: Runtime, tenant: str, settings: 
     except Exception as e:
         raise _generation_error(e) from e
     if body.user is not None:  # every choice, so that feedback can name the one the user saw
-        prompt = feedback_prompt(body, chat)
         for i, r in enumerate(results):
-            await run_in_threadpool(rt.feedback.add_completion, tenant, body.user, choice_id(cid, i), prompt,
-                                    r.text, info)
+            await run_in_threadpool(rt.feedback.add_completion, tenant, body.user, choice_id(cid, i),
+                                    feedback_prompt(body, chat, i), r.text, info)
     rt.metrics.inc("generated_tokens_total", "completion tokens generated",
                    sum(r.completion_tokens for r in results))
     created = int(time.time())
-    usage = {"prompt_tokens": results[0].prompt_tokens, "completion_tokens": sum(r.completion_tokens for r in results),
-             "total_tokens": results[0].prompt_tokens + sum(r.completion_tokens for r in results)}
-    fp = f"{info['source']}-v{info.get('version') or info.get('neighbor_version') or 0}"
+    prompt_tokens = sum(r.prompt_tokens for r in results[::body.n])  # each prompt once, however many choices
+    completion_tokens = sum(r.completion_tokens for r in results)
+    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+             "total_tokens": prompt_tokens + completion_tokens}
+    fp = fingerprint(info)
     if chat:
         choices = [{"index": i, "message": {"role": "assistant", "content": r.text}, "finish_reason": r.finish_reason,
                     "logprobs": None} for i, r in enumerate(results)]
@@ -209,7 +225,8 @@ async def _stream(body: GenerationFields, req: GenerationRequest, rt: Runtime, t
         else:
             choice = {"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}
         return "data: " + json.dumps({"id": cid, "object": obj, "created": created, "model": model,
-                                      "choices": [choice], "adapter": info}) + "\n\n"
+                                      "choices": [choice], "system_fingerprint": fingerprint(info),
+                                      "adapter": info}) + "\n\n"
 
     async def events() -> AsyncIterator[str]:
         nonlocal info

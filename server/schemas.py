@@ -8,6 +8,7 @@ strict (``true`` is not 1) and number fields do not take booleans.
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 from pydantic import (
@@ -98,10 +99,26 @@ class GenerationFields(Strict):
                                    description="any int64; mapped to the engine's range [0, 2**63) by modulo")
     stream: bool = False
     stream_options: dict[str, Any] | None = None
-    # OpenAI fields that some clients always send: accepted only with their no-op values
+    # OpenAI fields that some clients always send (often as null): accepted only with their
+    # no-op values (NO_OPS), so that a client asking for something this server cannot do hears so
     presence_penalty: StrictFloat | None = Field(None, description="not supported: only 0 is accepted")
     frequency_penalty: StrictFloat | None = Field(None, description="not supported: only 0 is accepted")
-    logprobs: StrictBool | None = Field(None, description="not supported: only false is accepted")
+    logprobs: StrictBool | StrictInt | None = Field(None, description="not supported: only false / 0 is accepted")
+    top_logprobs: Any = None
+    logit_bias: Any = None
+    best_of: Any = None
+    echo: Any = None
+    suffix: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    parallel_tool_calls: Any = None
+    functions: Any = None
+    function_call: Any = None
+    response_format: Any = None
+    store: Any = None
+    metadata: Any = None
+    service_tier: Any = None
+    modalities: Any = None
 
     @field_validator("user")
     @classmethod
@@ -110,12 +127,36 @@ class GenerationFields(Strict):
 
     @model_validator(mode="after")
     def _no_op_only(self) -> GenerationFields:
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name) not in (None, 0):
-                raise ValueError(f"{name} is not supported (only 0 is accepted)")
-        if self.logprobs:
-            raise ValueError("logprobs is not supported (only false is accepted)")
+        for name, allowed in NO_OPS.items():
+            value = getattr(self, name)
+            if value is not None and not any(type(value) is type(a) and value == a for a in allowed):
+                shown = ", ".join(["null", *(json.dumps(a) for a in allowed)])
+                raise ValueError(f"{name} is not supported (accepted: {shown})")
         return self
+
+
+#: OpenAI request fields this server does not implement, with the values that ask for nothing
+#: (null is always accepted). Anything else in them is refused, as are fields OpenAI does not know.
+NO_OPS: dict[str, tuple[Any, ...]] = {
+    "presence_penalty": (0.0, 0),
+    "frequency_penalty": (0.0, 0),
+    "logprobs": (False, 0),
+    "top_logprobs": (0,),
+    "logit_bias": ({},),
+    "best_of": (1,),
+    "echo": (False,),
+    "suffix": ("",),
+    "tools": ([],),
+    "tool_choice": ("none",),
+    "parallel_tool_calls": (),
+    "functions": ([],),
+    "function_call": ("none",),
+    "response_format": ({"type": "text"},),
+    "store": (False,),
+    "metadata": ({},),
+    "service_tier": ("auto", "default"),
+    "modalities": (["text"],),
+}
 
 
 class ChatCompletionRequest(GenerationFields):
@@ -123,7 +164,18 @@ class ChatCompletionRequest(GenerationFields):
 
 
 class CompletionRequest(GenerationFields):
-    prompt: str
+    prompt: str | list[str] = Field(..., description="a prompt, or a list of prompts (each gets n choices: "
+                                    "choice i*n + j is prompt i's j-th); token-id prompts are not supported")
+
+    @field_validator("prompt")
+    @classmethod
+    def _some_prompt(cls, v: str | list[str]) -> str | list[str]:
+        if isinstance(v, list) and not v:
+            raise ValueError("prompt is an empty list")
+        return v
+
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
 
 
 class FeedbackRequest(Strict):

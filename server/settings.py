@@ -55,6 +55,7 @@ class Settings(BaseSettings):
     max_tokens_limit: int = Field(512, ge=1)
     default_max_tokens: int = Field(64, ge=1)
     max_n: int = Field(4, ge=1)
+    max_prompts: int = Field(16, ge=1, description="prompts in one /v1/completions request (a list)")
     max_body_bytes: int = Field(1 << 20, ge=1024)
 
     @field_validator("api_keys")

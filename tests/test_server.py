@@ -38,7 +38,8 @@ def adapt(c, user="alice", headers=A, n=2):
 def assert_error(r, status, type_=None):
     assert r.status_code == status, r.text
     body = r.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"type", "message"}
+    assert set(body) == {"error"} and set(body["error"]) == {"type", "message", "param", "code"}
+    assert body["error"]["code"] == body["error"]["type"]  # OpenAI's shape: clients branch on code
     if type_:
         assert body["error"]["type"] == type_
     return body["error"]["message"]
@@ -179,7 +180,7 @@ def test_prompt_over_the_context_limit(client):
 
 
 def test_unknown_fields_are_rejected(client):
-    assert_error(chat(client, frequency_penalty_typo=1), 422, "invalid_request")
+    assert_error(chat(client, frequency_penalty_typo=1), 400, "invalid_request")  # OpenAI's status
     r = client.post("/v1/feedback", json={"user_id": "a", "prompt": "p", "completion": "c", "rating": "up",
                                           "extra": 1}, headers=A)
     assert_error(r, 422, "invalid_request")
@@ -187,7 +188,7 @@ def test_unknown_fields_are_rejected(client):
 
 @pytest.mark.parametrize("bad", ["../x", "..", "a/b", "", "x" * 129, "sp ace"])
 def test_bad_user_ids_are_rejected(client, bad):
-    assert_error(chat(client, user=bad), 422, "invalid_request")
+    assert_error(chat(client, user=bad), 400, "invalid_request")
     r = client.post("/v1/feedback", json={"user_id": bad, "prompt": "p", "completion": "c", "rating": "up"}, headers=A)
     assert_error(r, 422, "invalid_request")
 

@@ -14,6 +14,7 @@ from metarlhf.engine import GenerationRequest, GenerationResult, SamplingParams
 from metarlhf.errors import ConfigError
 from metarlhf.retrieval import PreferenceIndex
 from server.batcher import Batcher
+from server.schemas import NO_OPS
 
 KEY_A = "sk-tenant-a-key"
 A = {"Authorization": f"Bearer {KEY_A}"}
@@ -43,7 +44,8 @@ def assert_error(r, status, type_=None):
     assert r.status_code == status, r.text
     assert r.headers["content-type"].startswith("application/json")
     body = r.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"type", "message"}
+    assert set(body) == {"error"} and set(body["error"]) == {"type", "message", "param", "code"}
+    assert body["error"]["code"] == body["error"]["type"]  # OpenAI's shape: clients branch on code
     if type_:
         assert body["error"]["type"] == type_, body
     return body["error"]["message"]
@@ -218,7 +220,8 @@ def test_a_stream_failing_after_its_first_chunk_ends_with_an_error_event(client,
     ("/v1/feedback", '{"user_id": "alice", "prompt": "p", "chosen": "c", "rejected": "\\udc00"}'),
 ])
 def test_lone_surrogates_are_rejected_with_a_typed_4xx(client, url, body):
-    msg = assert_error(client.post(url, content=body, headers=JSON), 422, "invalid_request")
+    status = 422 if url == "/v1/feedback" else 400  # the OpenAI routes answer as OpenAI does
+    msg = assert_error(client.post(url, content=body, headers=JSON), status, "invalid_request")
     assert "Unicode" in msg
 
 
@@ -449,12 +452,14 @@ def test_any_int64_seed_is_accepted_and_deterministic(client):
     assert sample(seed=-1) == sample(seed=-1)
     assert len(sample(seed=2**63 - 1, n=3)) == 3  # seed + i wraps instead of overflowing
     assert len(sample(seed=-(2**63), n=2)) == 2
-    assert_error(chat(client, seed=2**63), 422, "invalid_request")
+    assert_error(chat(client, seed=2**63), 400, "invalid_request")
 
 
 @pytest.mark.parametrize("field", ["max_tokens", "max_completion_tokens", "n", "seed", "temperature", "top_p"])
 def test_booleans_are_not_numbers(client, field):
-    assert_error(chat(client, **{field: True}), 422, "invalid_request")
+    r = chat(client, **{field: True})
+    assert_error(r, 400, "invalid_request")
+    assert r.json()["error"]["param"] == field
 
 
 def test_engine_seed_mapping():
@@ -468,9 +473,50 @@ def test_engine_seed_mapping():
 
 def test_no_op_values_of_unsupported_openai_fields_are_accepted(client):
     assert chat(client, presence_penalty=0, frequency_penalty=0.0, logprobs=False).status_code == 200
-    assert "presence_penalty" in assert_error(chat(client, presence_penalty=0.5), 422, "invalid_request")
-    assert "logprobs" in assert_error(chat(client, logprobs=True), 422, "invalid_request")
-    assert_error(chat(client, best_of=2), 422, "invalid_request")  # other unknown fields: still refused
+    # what the openai SDK and LangChain send for fields left unset: null, or the no-op value
+    nulls = {name: None for name in NO_OPS}
+    assert chat(client, **nulls).status_code == 200
+    assert chat(client, logit_bias={}, best_of=1, echo=False, tools=[], tool_choice="none",
+                response_format={"type": "text"}, top_logprobs=0, service_tier="auto").status_code == 200
+    r = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2, "logprobs": 0, "logit_bias": None,
+                                             "suffix": None, "echo": False}, headers=A)
+    assert r.status_code == 200, r.text
+    assert "presence_penalty" in assert_error(chat(client, presence_penalty=0.5), 400, "invalid_request")
+    assert "logprobs" in assert_error(chat(client, logprobs=True), 400, "invalid_request")
+    for bad in [{"logprobs": 1}, {"best_of": 2}, {"best_of": True}, {"logit_bias": {"50256": -100}},
+                {"tools": [{"type": "function", "function": {"name": "f"}}]}, {"echo": True},
+                {"response_format": {"type": "json_object"}}, {"parallel_tool_calls": False}]:
+        (name,) = bad
+        assert f"{name} is not supported" in assert_error(chat(client, **bad), 400, "invalid_request"), bad
+    assert_error(chat(client, frequency_penalty_typo=0), 400, "invalid_request")  # unknown fields: refused
+
+
+def test_a_list_of_prompts_gets_n_choices_each_in_openai_order(client):
+    r = client.post("/v1/completions", json={"prompt": ["one", "two", "three"], "n": 2, "max_tokens": 3,
+                                             "temperature": 0, "user": "lister"}, headers=A)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert [c["index"] for c in body["choices"]] == list(range(6))
+    single = [client.post("/v1/completions", json={"prompt": p, "max_tokens": 3, "temperature": 0},
+                          headers=A).json() for p in ("one", "two", "three")]
+    # greedy: choice i*n + j answers prompt i
+    assert [c["text"] for c in body["choices"]] == [s["choices"][0]["text"] for s in single for _ in range(2)]
+    assert body["usage"]["prompt_tokens"] == sum(s["usage"]["prompt_tokens"] for s in single)
+    assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"]
+    # each choice is stored with the prompt it answers, so rating choice 5 rates prompt "three"
+    r = client.post("/v1/feedback", json={"user_id": "lister", "completion_id": body["id"], "choice_index": 5,
+                                          "rating": "up"}, headers=A)
+    assert r.status_code == 202, r.text
+    records = rt(client).feedback.records("acme", "lister")
+    assert [(rec.prompt, rec.completion) for rec in records] == [("three", body["choices"][5]["text"])]
+    one = client.post("/v1/completions", json={"prompt": ["solo"], "max_tokens": 2, "stream": True}, headers=A)
+    assert one.status_code == 200
+    assert_error(client.post("/v1/completions", json={"prompt": ["a", "b"], "stream": True}, headers=A), 400,
+                 "invalid_config")
+    assert_error(client.post("/v1/completions", json={"prompt": []}, headers=A), 400, "invalid_request")
+    assert_error(client.post("/v1/completions", json={"prompt": [1, 2]}, headers=A), 400, "invalid_request")
+    assert "at most 16 prompts" in assert_error(
+        client.post("/v1/completions", json={"prompt": ["p"] * 17}, headers=A), 400, "invalid_config")
 
 
 # ------------------------------------------------------------------ feedback on one choice of an n > 1 response
