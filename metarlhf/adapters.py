@@ -63,17 +63,32 @@ def is_adapter_dir(path: str | os.PathLike, extra_names: Iterable[str] = ()) -> 
     return all(p.name in allowed and p.is_file() and not p.is_symlink() for p in path.iterdir())
 
 
-def _replaceable(path: Path, extra_names: Iterable[str]) -> bool:
-    return is_adapter_dir(path, extra_names) or not any(path.iterdir())  # an empty one holds nothing to lose
+def _stored_kind(path: Path) -> str | None:
+    try:
+        return _read_json_object(path / META_FILE).get("kind")
+    except (AdapterError, OSError):
+        return None
 
 
-def check_out(path: str | os.PathLike, extra_names: Iterable[str] = ()) -> None:
+def _replaceable(path: Path, extra_names: Iterable[str], kind: str | None) -> bool:
+    if not any(path.iterdir()):
+        return True  # an empty one holds nothing to lose
+    return is_adapter_dir(path, extra_names) and (kind is None or _stored_kind(path) == kind)
+
+
+def _what(kind: str | None) -> str:
+    return "an adapter directory" if kind is None else f"an adapter directory of kind {kind!r}"
+
+
+def check_out(path: str | os.PathLike, extra_names: Iterable[str] = (), kind: str | None = None) -> None:
     """Raise :class:`~metarlhf.errors.ConfigError` if :func:`save_adapter` would refuse ``path``.
 
     For commands to check ``--out`` before a long run: ``path`` must be missing, empty or
-    an adapter directory (see :func:`is_adapter_dir`), and not inside a file.
+    an adapter directory (see :func:`is_adapter_dir`), and not inside a file. With ``kind``
+    (what will be written there), an adapter directory of another kind is refused too:
+    ``adapt reward --out`` naming a meta-trained init or a policy adapter must not replace it.
     """
-    check_output_dir(path, lambda p: _replaceable(p, extra_names), what="an adapter directory")
+    check_output_dir(path, lambda p: _replaceable(p, extra_names, kind), what=_what(kind))
 
 
 def save_adapter(path: str | os.PathLike, adapter: Adapter, extra_files: dict[str, bytes] | None = None) -> Path:
@@ -82,7 +97,8 @@ def save_adapter(path: str | os.PathLike, adapter: Adapter, extra_files: dict[st
     ``extra_files`` (name -> bytes) are written into the same directory, inside the
     same atomic swap (e.g. a reward init's ``split.json``). Raises
     :class:`~metarlhf.errors.ConfigError` if ``path`` exists and is neither empty nor
-    an adapter directory (see :func:`is_adapter_dir`): nothing else is ever replaced.
+    an adapter directory (see :func:`is_adapter_dir`) of the same ``kind`` as ``adapter``
+    (its metadata's ``kind``, where it has one): nothing else is ever replaced.
     """
     path = Path(path)
     extra_files = extra_files or {}
@@ -92,7 +108,8 @@ def save_adapter(path: str | os.PathLike, adapter: Adapter, extra_files: dict[st
     meta = dict(adapter.meta)
     meta.setdefault("created_at", time.time())
     meta["format_version"] = FORMAT_VERSION
-    with atomic_dir(path, lambda p: _replaceable(p, extra_files), what="an adapter directory") as tmp:
+    kind = meta.get("kind")
+    with atomic_dir(path, lambda p: _replaceable(p, extra_files, kind), what=_what(kind)) as tmp:
         save_tensors(tmp / WEIGHTS_FILE, adapter.tensors, metadata={"format": "pt"})
         meta["sha256"] = sha256_file(tmp / WEIGHTS_FILE)
         (tmp / CONFIG_FILE).write_text(json.dumps(adapter.config, indent=2, sort_keys=True) + "\n")

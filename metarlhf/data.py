@@ -90,7 +90,10 @@ def parse_record(obj: object, default_user: str | None = None) -> Record:
         raise ValueError("field 'user_id' must be a non-empty string")
     check_text(user, "field 'user_id'", ValueError)
     if "chosen" in obj or "rejected" in obj:
-        return Pair(user, _str_field(obj, "prompt"), _str_field(obj, "chosen"), _str_field(obj, "rejected"))
+        pair = Pair(user, _str_field(obj, "prompt"), _str_field(obj, "chosen"), _str_field(obj, "rejected"))
+        if pair.chosen == pair.rejected:  # no preference to learn: its loss is log 2 whatever the model
+            raise ValueError("'chosen' and 'rejected' are the same text")
+        return pair
     if "completion" in obj:
         if "label" not in obj:
             raise ValueError("thumbs record needs a 'label'")

@@ -155,6 +155,12 @@ def base_fingerprint(model: Any) -> dict[str, Any]:
     return {k: getattr(cfg, k, None) for k in keys}
 
 
+#: Appended to a load failure: weights are read from safetensors only (``use_safetensors=True``),
+#: never from pickle-based ``pytorch_model.bin``, which can run code when loaded.
+SAFETENSORS_ONLY = (" (only *.safetensors weights are loaded, never pickle files such as pytorch_model.bin: "
+                    "convert them with transformers' save_pretrained(..., safe_serialization=True))")
+
+
 def load_policy(model_dir: str | os.PathLike | None = None, dtype: Any = None, device: str = "cpu") -> tuple:
     """Load ``(model, tokenizer)`` for the policy. ``None`` means the embedded SmolLM2."""
     import torch
@@ -164,10 +170,10 @@ def load_policy(model_dir: str | os.PathLike | None = None, dtype: Any = None, d
     try:
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype or torch.float32, local_files_only=True
+            path, dtype=dtype or torch.float32, local_files_only=True, use_safetensors=True
         ).to(device)
     except Exception as e:  # noqa: BLE001
-        raise ModelError(f"cannot load policy from {str(path)!r}: {e}") from e
+        raise ModelError(f"cannot load policy from {str(path)!r}: {e}{SAFETENSORS_ONLY}") from e
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     model.eval()
@@ -190,11 +196,12 @@ def load_encoder(model_dir: str | os.PathLike | None = None, device: str = "cpu"
                 raise ModelError(f"reward encoder at {str(path)!r} has {have} layers; cannot keep {num_layers}")
             kwargs["num_hidden_layers"] = num_layers
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        enc = AutoModel.from_pretrained(path, dtype=torch.float32, local_files_only=True, **kwargs).to(device)
+        enc = AutoModel.from_pretrained(path, dtype=torch.float32, local_files_only=True, use_safetensors=True,
+                                        **kwargs).to(device)
     except ModelError:
         raise
     except Exception as e:  # noqa: BLE001
-        raise ModelError(f"cannot load reward encoder from {str(path)!r}: {e}") from e
+        raise ModelError(f"cannot load reward encoder from {str(path)!r}: {e}{SAFETENSORS_ONLY}") from e
     if not hasattr(enc.config, "hidden_size"):
         raise ModelError(f"reward encoder at {str(path)!r} has no hidden_size; not an encoder")
     enc.eval()

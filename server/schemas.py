@@ -212,6 +212,8 @@ class FeedbackRequest(Strict):
                              + ", ".join(sorted(given | ({"choice_index"} if self.choice_index is not None else set()))))
         if self.chosen_index is not None and self.chosen_index == self.rejected_index:
             raise ValueError("chosen_index and rejected_index must name two different choices")
+        if self.chosen is not None and self.chosen == self.rejected:
+            raise ValueError("chosen and rejected are the same text: there is no preference to learn")
         return self
 
 

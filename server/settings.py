@@ -67,6 +67,16 @@ class Settings(BaseSettings):
             check_id(tenant, "tenant")
         return v
 
+    @field_validator("adapter_root")
+    @classmethod
+    def _root_is_a_directory(cls, v: str) -> str:
+        """Refused here, at start-up, rather than by SQLite after the models have loaded."""
+        path = Path(v)
+        blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+        if blocker is not None:
+            raise ValueError(f"adapter_root {v!r}: {str(blocker)!r} is a file, not a directory")
+        return v
+
     @field_validator("device")
     @classmethod
     def _device_name(cls, v: str) -> str:

@@ -537,3 +537,25 @@ def test_feedback_names_a_choice_of_an_n2_response_or_picks_one_over_the_other(c
                         ({"chosen_index": 0, "rating": "up"}, 422), ({"choice_index": -1, "rating": "up"}, 422)]:
         assert_error(client.post("/v1/feedback", json={"user_id": "alice", "completion_id": cid, **bad}, headers=A),
                      status)
+
+
+def test_a_lower_token_limit_caps_the_default_instead_of_failing_every_request(make_client):
+    c = make_client(max_tokens_limit=3, default_max_tokens=6)
+    r = c.post("/v1/completions", json={"prompt": "hello", "temperature": 0}, headers=A)
+    assert r.status_code == 200, r.text  # was: 400 "max_tokens must be in [1, 3], got 6", a value never sent
+    assert r.json()["usage"]["completion_tokens"] <= 3
+    assert_error(c.post("/v1/completions", json={"prompt": "hello", "max_tokens": 4}, headers=A), 400,
+                 "invalid_config")
+
+
+def test_a_pair_with_the_same_text_twice_is_refused(client):
+    r = client.post("/v1/feedback", json={"user_id": "alice", "prompt": "p", "chosen": "same", "rejected": "same"},
+                    headers=A)
+    assert "same text" in assert_error(r, 422, "invalid_request")
+
+
+def test_stream_chunks_carry_the_system_fingerprint(client):
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "stream": True, "user": "alice"}
+    with client.stream("POST", "/v1/chat/completions", json=body, headers=A) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    assert events and all(e["system_fingerprint"] == "base-v0" for e in events if e["choices"])

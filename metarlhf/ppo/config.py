@@ -47,10 +47,17 @@ class PPOConfig:
     save_every: int = field(default=10, metadata={"help": "checkpoint every N steps (0 = only at the end)"})
 
     def __post_init__(self) -> None:
-        positive = ["steps", "batch_size", "mini_batch_size", "ppo_epochs", "max_new_tokens", "max_prompt_tokens", "lora_r"]
+        positive = ["steps", "batch_size", "mini_batch_size", "ppo_epochs", "max_new_tokens", "max_prompt_tokens", "lora_r",
+                    "lora_alpha", "kl_horizon"]
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.save_every < 0:
+            raise ConfigError(f"save_every must be >= 0 (0 = only at the end), got {self.save_every}")
+        for f in fields(self):  # nan passes every comparison below as false, and inf trains to NaN weights
+            v = getattr(self, f.name)
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"{f.name} must be a finite number, got {v}")
         if self.mini_batch_size > self.batch_size:
             raise ConfigError(f"mini_batch_size ({self.mini_batch_size}) exceeds batch_size ({self.batch_size})")
         if not (MIN_PPO_TEMPERATURE <= self.temperature and math.isfinite(self.temperature)):

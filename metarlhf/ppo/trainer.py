@@ -760,7 +760,7 @@ def check_out_dir(out_dir: str | os.PathLike, lora: bool | None = None) -> Path:
             raise ConfigError(f"cannot write the file {str(out / name)!r}: a directory of that name exists")
     check_output_dir(out / "checkpoint", lambda p: all(f.name in CHECKPOINT_FILES for f in p.iterdir()))
     if lora is True:
-        check_out(out / "adapter")
+        check_out(out / "adapter", kind="policy")
     elif lora is False:
         check_output_dir(out / "model")  # its file names are the model's: checked again when saving
     return out
