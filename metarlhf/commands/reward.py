@@ -109,7 +109,7 @@ def _meta_train(args: argparse.Namespace) -> int:
     from metarlhf.meta import MetaTrainConfig, meta_train_reward
 
     device = device_from_args(args)
-    check_out(args.out)  # before hours of training, not when saving at the end
+    check_out(args.out, kind="reward_init")  # before hours of training, not when saving at the end
     cfg = MetaTrainConfig(
         algo=args.algo, first_order=args.first_order, inner=args.inner, inner_steps=args.inner_steps, inner_lr_head=args.inner_lr_head,
         inner_lr_bias=args.inner_lr_bias, inner_lr_z=args.inner_lr_z, basis_rank=args.basis_rank,
@@ -133,7 +133,7 @@ def _adapt(args: argparse.Namespace) -> int:
     from metarlhf.reward import adapt_reward
 
     device = device_from_args(args)
-    check_out(args.out)  # before the data and the model are read
+    check_out(args.out, kind="reward")  # before the data and the model are read
     support = support_records(args.data, args.user, args.k, seed=args.seed, skip_invalid=args.skip_invalid)
     t0 = time.perf_counter()
     adapter = adapt_reward(support, init=args.init, encoder=args.encoder, steps=args.steps, seed=args.seed,
@@ -156,6 +156,9 @@ def _eval(args: argparse.Namespace) -> int:
         users = [line.strip() for line in path.read_text().splitlines() if line.strip()]
         if not users:
             raise DataError(f"{path}: no user ids")
+        dup = sorted({u for u in users if users.count(u) > 1})
+        if dup:  # each would be scored twice and weigh twice in every mean
+            raise DataError(f"{path}: user ids listed more than once: {', '.join(dup[:5])}")
     result = evaluate_reward(args.data, args.out, users=users, holdout=args.holdout, ks=list(args.k),
                              init=args.init, encoder_dir=args.encoder, seeds=args.seeds, max_query=args.query,
                              steps=args.steps, methods=list(args.methods), device=device,
