@@ -6,6 +6,7 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from metarlhf.errors import ConfigError
@@ -85,9 +86,24 @@ def describe_device(device: Any) -> str:
     return torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
 
 
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else ``platform.processor()``, else "unknown"."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def software_versions() -> dict[str, str]:
-    """Versions of Python and of the libraries that decide the numbers (sampling, kernels),
-    for benchmark results: the same seed on another torch or transformers draws other samples."""
+    """What decides the numbers of a sampled benchmark, for its results: the versions of Python
+    and of the libraries (sampling, kernels), and the CPU's model and the vector kernels torch
+    picked for it. The same seed and versions on another CPU draw other samples (the session 7
+    policy evaluation reproduced to the answer on one machine and not on another)."""
     import platform
     from importlib import metadata
 
@@ -99,4 +115,12 @@ def software_versions() -> dict[str, str]:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
             out[dist] = "not installed"
+    out["cpu"] = cpu_model()
+    try:
+        import torch
+
+        out["cpu_capability"] = torch.backends.cpu.get_cpu_capability()  # e.g. AVX2, AVX512
+        out["torch_threads"] = str(torch.get_num_threads())
+    except (ImportError, AttributeError):
+        out["cpu_capability"] = "unknown"
     return out

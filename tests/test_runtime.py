@@ -36,3 +36,15 @@ def test_tune_malloc_stops_refaulting_freed_buffers():
 def test_tune_malloc_can_be_switched_off(monkeypatch):
     monkeypatch.setenv("METARLHF_TUNE_MALLOC", "0")
     assert tune_malloc() is False
+
+
+def test_software_versions_name_the_cpu_and_its_kernels():
+    import torch
+
+    from metarlhf.runtime import cpu_model, software_versions
+
+    sw = software_versions()
+    assert sw["torch"] == torch.__version__
+    assert sw["cpu"] == cpu_model() and sw["cpu"]
+    assert sw["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert int(sw["torch_threads"]) == torch.get_num_threads()
