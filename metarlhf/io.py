@@ -189,6 +189,15 @@ def check_output_dir(target: str | os.PathLike, replaceable: Callable[[Path], bo
             raise ConfigError(f"cannot write {str(target)!r}: {str(blocker)!r} is a file, not a directory")
 
 
+def check_apart(out: str | os.PathLike, side: str | os.PathLike, what: str, flag: str) -> None:
+    """Raise :class:`ConfigError` if directory ``side`` (a command's ``what``, set by ``flag``)
+    and ``out`` are the same or one lies inside the other: writing one would clobber the other."""
+    a, b = os.path.abspath(out), os.path.abspath(side)
+    if a == b or b.startswith(a + os.sep) or a.startswith(b + os.sep):
+        raise ConfigError(f"the {what} {str(side)!r} and the output {str(out)!r} must not be the same "
+                          f"or inside one another; choose another {flag}")
+
+
 def _aside(target: Path) -> Path:
     return target.with_name(f".{target.name}.old")
 

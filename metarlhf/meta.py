@@ -62,7 +62,7 @@ from typing import Any
 
 import torch
 
-from metarlhf.errors import ConfigError, DataError
+from metarlhf.errors import ConfigError, DataError, ModelError
 
 log = logging.getLogger(__name__)
 
@@ -237,8 +237,20 @@ class MetaTrainConfig:
                      "basis_rank", "basis_records"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.inner_lr_r < 0 or self.resid_l2 < 0:
-            raise ConfigError("inner_lr_r and resid_l2 must be >= 0")
+        for name in ("inner_lr_head", "inner_lr_bias", "inner_lr_lora", "inner_lr_z", "meta_lr", "lr_meta_lr"):
+            value = getattr(self, name)
+            if not (value > 0 and math.isfinite(value)):  # the inner rates are stored as logs
+                raise ConfigError(f"{name} must be a finite number > 0, got {value}")
+        for name in ("inner_lr_r", "resid_l2"):  # inner_lr_r = 0: no residual
+            value = getattr(self, name)
+            if not (value >= 0 and math.isfinite(value)):
+                raise ConfigError(f"{name} must be a finite number >= 0, got {value}")
+        if self.max_seconds is not None and not (self.max_seconds >= 0 and math.isfinite(self.max_seconds)):
+            raise ConfigError(f"max_seconds must be a finite number >= 0 (0: checkpoint before the first step; "
+                              f"leave it out for no limit), got {self.max_seconds}")
+        for name in ("holdout_test", "holdout_val"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.inner_lr_r > 0 and self.inner != "subspace":
             raise ConfigError("inner_lr_r (a residual outside the head subspace) needs inner='subspace'")
         if self.keep_basis and (self.inner != "subspace" or self.init_from is None):
@@ -384,6 +396,63 @@ def _load_adam_state(opt: torch.optim.Optimizer, names: list[str], tensors: dict
             }
 
 
+#: What :func:`meta_train_reward` writes into its checkpoint directory.
+CHECKPOINT_FILES = frozenset({"state.json", "state.safetensors", "metrics.jsonl"})
+
+
+def _is_checkpoint_dir(path: Path) -> bool:
+    """Whether directory ``path`` holds nothing but :data:`CHECKPOINT_FILES` (or interrupted
+    atomic writes of them, ``.<name>.<random>.tmp``)."""
+    for entry in path.iterdir():
+        name = entry.name
+        if name.startswith(".") and name.endswith(".tmp"):
+            name = name[1:].removesuffix(".tmp").rpartition(".")[0]
+        if name not in CHECKPOINT_FILES or entry.is_symlink() or not entry.is_file():
+            return False
+    return True
+
+
+def checkpoint_dir(out: str | Path, ckpt_dir: str | Path | None = None) -> Path:
+    """The checkpoint directory of :func:`meta_train_reward`: ``ckpt_dir``, or ``<out>.ckpt``."""
+    out = Path(out)
+    return Path(ckpt_dir) if ckpt_dir is not None else out.with_name(out.name + ".ckpt")
+
+
+def check_checkpoint_dir(out: str | Path, ckpt_dir: str | Path | None = None) -> Path:
+    """Raise :class:`ConfigError` unless :func:`meta_train_reward` may write its checkpoints to
+    ``ckpt_dir`` (default ``<out>.ckpt``): missing, empty, or holding only an earlier run's
+    ``state.json``, ``state.safetensors`` and ``metrics.jsonl``; not ``out``, inside it, or
+    holding it. Returns the checkpoint directory."""
+    from metarlhf.io import check_apart, check_output_dir
+
+    ckpt = checkpoint_dir(out, ckpt_dir)
+    check_apart(out, ckpt, "checkpoint directory", "--checkpoint-dir")
+    check_output_dir(ckpt, _is_checkpoint_dir, what="a `meta-train reward` checkpoint directory (state.json, "
+                                                   "state.safetensors, metrics.jsonl)")
+    return ckpt
+
+
+def _read_state(ckpt: Path) -> dict[str, Any]:
+    """The ``state.json`` of checkpoint ``ckpt``; DataError if missing, ModelError if unreadable or malformed."""
+    state_file = ckpt / "state.json"
+    if not state_file.is_file():
+        raise DataError(f"--resume: no checkpoint at {state_file}")
+    try:
+        state = json.loads(state_file.read_bytes().decode("utf-8"))
+    except (OSError, ValueError, RecursionError) as e:
+        raise ModelError(f"checkpoint {state_file} is unreadable: {e}") from e
+
+    def number(x: Any) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+    if not (isinstance(state, dict) and isinstance(state.get("config"), dict)
+            and all(number(state.get(k)) for k in ("step", "best_val", "best_step"))
+            and number(state.get("elapsed", 0.0)) and float(state["step"]).is_integer() and state["step"] >= 0):
+        raise ModelError(f"checkpoint {state_file} is malformed: expected an object with step, best_val, best_step "
+                         "and config, as `meta-train reward` writes")
+    return state
+
+
 def meta_train_reward(data: str | Path, out: str | Path, cfg: MetaTrainConfig, encoder_dir: str | Path | None = None,
                       resume: bool = False, ckpt_dir: str | Path | None = None, progress: bool = True,
                       device: str = "cpu", model: Any = None, skip_invalid: bool = False) -> dict[str, Any]:
@@ -424,7 +493,16 @@ def meta_train_reward(data: str | Path, out: str | Path, cfg: MetaTrainConfig, e
 
     t_start = time.perf_counter()
     out = Path(out)
-    ckpt = Path(ckpt_dir) if ckpt_dir is not None else out.with_name(out.name + ".ckpt")
+    ckpt = check_checkpoint_dir(out, ckpt_dir)  # before anything is read or written: never another's files
+    state = None
+    if resume:  # its state.json before the data and the model (the tensors need the model's parameters)
+        state = _read_state(ckpt)
+        volatile = ("steps", "max_seconds", "val_every", "ckpt_every")
+        saved = asdict(MetaTrainConfig()) | state["config"]  # options added since the checkpoint: defaults
+        if {k: v for k, v in saved.items() if k not in volatile} != {
+            k: v for k, v in asdict(cfg).items() if k not in volatile
+        }:
+            raise ConfigError(f"--resume: checkpoint {ckpt} was made with a different configuration")
     records, _ = load_records(data, skip_invalid=skip_invalid)
     users = group_by_user(records)
     split = split_persona_users(sorted(users), cfg.holdout_test, cfg.holdout_val, cfg.split_seed)
@@ -489,18 +567,19 @@ def meta_train_reward(data: str | Path, out: str | Path, cfg: MetaTrainConfig, e
     step, best_val, best_step = 0, -1.0, 0
     best: Params = {k: v.detach().clone() for k, v in learner.params.items()}
     best_lrs: Params = {k: v.detach().clone() for k, v in learner.log_lrs.items()}
-    if resume:
-        state_file = ckpt / "state.json"
-        if not state_file.is_file():
-            raise DataError(f"--resume: no checkpoint at {state_file}")
-        state = json.loads(state_file.read_text())
-        volatile = ("steps", "max_seconds", "val_every", "ckpt_every")
-        saved = asdict(MetaTrainConfig()) | state["config"]  # options added since the checkpoint: defaults
-        if {k: v for k, v in saved.items() if k not in volatile} != {
-            k: v for k, v in asdict(cfg).items() if k not in volatile
-        }:
-            raise ConfigError(f"--resume: checkpoint {ckpt} was made with a different configuration")
-        tensors = load_tensors(ckpt / "state.safetensors", device=str(dev))
+    if state is not None:
+        tensors_file = ckpt / "state.safetensors"
+        try:
+            tensors = load_tensors(tensors_file, device=str(dev))
+        except Exception as e:  # noqa: BLE001 - safetensors raises several types on bad files
+            raise ModelError(f"checkpoint {tensors_file} is unreadable: {e}") from e
+        want = {f"{prefix}.{k}": v for k, v in learner.params.items() for prefix in ("param", "best")}
+        want |= {f"{prefix}.{k}": v for k, v in learner.log_lrs.items() for prefix in ("log_lr", "best_log_lr")}
+        for key, v in want.items():
+            if key not in tensors or tuple(tensors[key].shape) != tuple(v.shape):
+                why = "lacks" if key not in tensors else f"holds another shape {tuple(tensors[key].shape)} of"
+                raise ModelError(f"checkpoint {tensors_file} {why} {key} (expected {tuple(v.shape)}): made with "
+                                 "another encoder?")
         with torch.no_grad():
             for k in learner.params:
                 learner.params[k].copy_(tensors[f"param.{k}"])
@@ -508,10 +587,19 @@ def meta_train_reward(data: str | Path, out: str | Path, cfg: MetaTrainConfig, e
             for k in learner.log_lrs:
                 learner.log_lrs[k].copy_(tensors[f"log_lr.{k}"])
                 best_lrs[k] = tensors[f"best_log_lr.{k}"]
+        for name, p in zip(names, [p for g in opt.param_groups for p in g["params"]], strict=True):
+            if f"opt.exp_avg.{name}" in tensors and not (
+                    f"opt.step.{name}" in tensors and f"opt.exp_avg_sq.{name}" in tensors
+                    and tuple(tensors[f"opt.exp_avg.{name}"].shape) == tuple(p.shape)
+                    and tuple(tensors[f"opt.exp_avg_sq.{name}"].shape) == tuple(p.shape)):
+                raise ModelError(f"checkpoint {tensors_file}: the optimiser state of {name} is incomplete or of "
+                                 "another shape")
         _load_adam_state(opt, names, tensors)
         if cfg.standardise and cfg.init_from is None:
+            if missing := [k for k in STATS_KEYS if f"stats.{k}" not in tensors]:
+                raise ModelError(f"checkpoint {tensors_file} lacks the feature statistics stats.{missing[0]}")
             model.check_feature_stats({k: tensors[f"stats.{k}"] for k in STATS_KEYS}, str(ckpt), load=True)
-        step, best_val, best_step = state["step"], state["best_val"], state["best_step"]
+        step, best_val, best_step = int(state["step"]), float(state["best_val"]), int(state["best_step"])
         t_start -= state.get("elapsed", 0.0)
         log.info("resumed from %s at step %d", ckpt, step)
     ckpt.mkdir(parents=True, exist_ok=True)

@@ -1288,8 +1288,10 @@ class MetaConfig:
             raise ConfigError("support_prompts + query_prompts must not exceed pool_prompts")
         if not 0 < self.reptile_eps <= 1:
             raise ConfigError(f"reptile_eps must be in (0, 1], got {self.reptile_eps}")
-        if not self.outer_lr > 0:
-            raise ConfigError(f"outer_lr must be > 0, got {self.outer_lr}")
+        for name in ("outer_lr", "sample_temperature"):
+            value = getattr(self, name)
+            if not (value > 0 and math.isfinite(value)):
+                raise ConfigError(f"{name} must be a finite number > 0, got {value}")
         if not 0 <= self.label_noise <= 0.5:
             raise ConfigError(f"label_noise must be in [0, 0.5], got {self.label_noise}")
         if self.task_a not in ("shared", "per-task"):
@@ -1393,6 +1395,161 @@ def _pool_path(work: Path) -> Path:
     return work / "pool.jsonl"
 
 
+#: What :func:`meta_train_policy` writes into its work directory: top-level names, and the
+#: files of ``checkpoint/`` and ``tasks/`` (as patterns). Interrupted atomic writes may also
+#: leave ``.<name>.<random>.tmp`` files of these names.
+WORK_FILES = re.compile(r"(pool\.jsonl|metrics\.jsonl)")
+WORK_CHECKPOINT_FILES = re.compile(r"(params\.safetensors|outer\.safetensors|state\.json)")
+WORK_TASK_FILES = re.compile(r"task_\d{5,}\.safetensors")
+
+
+def _written_by_us(entry: Path, names: re.Pattern[str]) -> bool:
+    """Whether ``entry`` is a regular file named by ``names`` or an interrupted atomic write of one."""
+    name = entry.name
+    if name.startswith(".") and name.endswith(".tmp"):
+        name = name[1:].removesuffix(".tmp").rpartition(".")[0]  # .<name>.<random>.tmp -> <name>
+    return bool(names.fullmatch(name)) and entry.is_file() and not entry.is_symlink()
+
+
+def _is_work_dir(path: Path) -> bool:
+    """Whether directory ``path`` holds nothing but what :func:`meta_train_policy` writes."""
+    for entry in path.iterdir():
+        if entry.name in ("checkpoint", "tasks"):
+            names = WORK_CHECKPOINT_FILES if entry.name == "checkpoint" else WORK_TASK_FILES
+            if entry.is_symlink() or not entry.is_dir() or not all(_written_by_us(f, names) for f in entry.iterdir()):
+                return False
+        elif not _written_by_us(entry, WORK_FILES):
+            return False
+    return True
+
+
+def work_dir(out: str | os.PathLike, work: str | os.PathLike | None = None) -> Path:
+    """The work directory of :func:`meta_train_policy`: ``work``, or ``<out>.work``."""
+    out = Path(out)
+    return Path(work) if work is not None else out.with_name(out.name + ".work")
+
+
+def check_work_dir(out: str | os.PathLike, work: str | os.PathLike | None = None) -> Path:
+    """Raise :class:`ConfigError` unless :func:`meta_train_policy` may use its work directory.
+
+    It must be missing, empty, or hold only what an earlier run wrote (``pool.jsonl``,
+    ``metrics.jsonl``, ``checkpoint/``, ``tasks/``): a run deletes ``metrics.jsonl`` and
+    ``tasks/`` and replaces the others, so a directory with other files is never used. It
+    must not be ``out``, inside it, or hold it. Returns the work directory.
+    """
+    from metarlhf.io import check_apart, check_output_dir
+
+    work_p = work_dir(out, work)
+    check_apart(out, work_p, "work directory", "--work")
+    check_output_dir(work_p, _is_work_dir, what="a `meta-train policy` work directory (pool.jsonl, metrics.jsonl, "
+                                                "checkpoint/, tasks/)")
+    return work_p
+
+
+def _read_pool(path: Path) -> list[dict[str, Any]]:
+    """The entries of ``pool.jsonl``; DataError naming the file and line if one is malformed."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: unreadable: {e}; remove it to sample a new pool") from e
+    pool = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            p = json.loads(line)
+        except (ValueError, RecursionError) as e:
+            raise DataError(f"{path}:{lineno}: invalid JSON ({e}); remove the file to sample a new pool") from e
+        if not (isinstance(p, dict) and isinstance(p.get("prompt"), str) and isinstance(p.get("completions"), list)
+                and all(isinstance(c, str) for c in p["completions"])):
+            raise DataError(f"{path}:{lineno}: not a pool entry (an object with a 'prompt' and a list of "
+                            "'completions'); remove the file to sample a new pool")
+        pool.append(p)
+    return pool
+
+
+def _read_checkpoint(ckpt: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any] | None] | None:
+    """``(state, params, outer)`` of the checkpoint in ``ckpt`` (``outer`` None if absent), None if
+    it has no ``state.json``. ModelError naming the file if one is unreadable or malformed."""
+    from metarlhf.io import load_tensors
+
+    state_file = ckpt / "state.json"
+    if not state_file.is_file():
+        return None
+    try:
+        state = json.loads(state_file.read_bytes().decode("utf-8"))
+    except (OSError, ValueError, RecursionError) as e:
+        raise ModelError(f"checkpoint {state_file} is unreadable: {e}") from e
+    if not (isinstance(state, dict) and isinstance(state.get("step"), int) and not isinstance(state["step"], bool)
+            and state["step"] >= 0 and isinstance(state.get("config", {}), dict)
+            and isinstance(state.get("adapt_config", {}), dict)
+            and isinstance(state.get("wall_s", 0.0), (int, float))):
+        raise ModelError(f"checkpoint {state_file} is malformed: expected an object with a step count, as "
+                         "`meta-train policy` writes")
+    tensors = {}
+    for name in ("params.safetensors", "outer.safetensors"):
+        path = ckpt / name
+        if name == "outer.safetensors" and not path.is_file():
+            continue
+        try:
+            tensors[name] = load_tensors(path)
+        except Exception as e:  # noqa: BLE001 - safetensors raises several types on bad files
+            raise ModelError(f"checkpoint {path} is unreadable: {e}") from e
+    return state, tensors["params.safetensors"], tensors.get("outer.safetensors")
+
+
+def _check_resume(ckpt: Path, state: dict[str, Any], cfg: MetaConfig, acfg: AdaptConfig) -> None:
+    """ConfigError unless the checkpoint's settings allow resuming with ``cfg`` and ``acfg``."""
+    if state.get("algo") != cfg.algo:
+        raise ConfigError(f"checkpoint in {ckpt} is for algo {state.get('algo')!r}, not {cfg.algo!r}")
+
+    def recipe(d: dict[str, Any]) -> dict[str, Any]:
+        return {f"adapt_config.{k}": v for k, v in d.items()}
+
+    # checkpoints before task_a were "shared"; before adapt_config, the recipe is unchecked
+    # settings added since a checkpoint was written held their defaults then (e.g. contrast_weight = 0)
+    saved_recipe = {**asdict(AdaptConfig()), **state["adapt_config"]} if "adapt_config" in state else {}
+    old = {"task_a": "shared", **state.get("config", {}), **recipe(saved_recipe)}
+    now = {**asdict(cfg), **recipe(asdict(acfg))}
+    changed = [k for k in (*RESUME_FIXED, *recipe(asdict(acfg))) if k in old and old[k] != now[k]]
+    if changed:
+        raise ConfigError(f"checkpoint in {ckpt} was made with other settings: "
+                          + ", ".join(f"{k}={old[k]!r} (now {now[k]!r})" for k in changed))
+
+
+def check_meta_train(
+    prompts: Sequence[str],
+    users: Sequence[Any],
+    out: str | os.PathLike,
+    work: str | os.PathLike | None = None,
+    config: MetaConfig | None = None,
+    adapt_config: AdaptConfig | None = None,
+    resume: bool = False,
+) -> tuple[Path, tuple[dict[str, Any], dict[str, Any], dict[str, Any] | None] | None]:
+    """The checks of :func:`meta_train_policy` that need no model, for a command to run
+    before it loads one: users and prompts, the work directory (:func:`check_work_dir`),
+    and the files an earlier run left there (``pool.jsonl``; with ``resume``, the
+    checkpoint, its settings and ``metrics.jsonl``). Reads, never writes.
+
+    Returns the work directory and, with ``resume``, the checkpoint read
+    (``(state, params, outer)``, or None where there is none).
+    """
+    cfg = config or MetaConfig()
+    acfg = adapt_config or AdaptConfig()
+    if not users:
+        raise ConfigError("meta-training needs at least one simulated user")
+    if len(prompts) < cfg.pool_prompts:
+        raise DataError(f"need at least {cfg.pool_prompts} prompts (pool_prompts), got {len(prompts)}")
+    work_p = check_work_dir(out, work)
+    if _pool_path(work_p).is_file():
+        _read_pool(_pool_path(work_p))
+    checkpoint = _read_checkpoint(work_p / "checkpoint") if resume else None
+    if checkpoint is not None:
+        _check_resume(work_p / "checkpoint", checkpoint[0], cfg, acfg)
+        _read_losses(work_p / "metrics.jsonl")
+    return work_p, checkpoint
+
+
 def sample_pool(
     model: Any, tok: Any, prompts: Sequence[str], cfg: MetaConfig, work: Path, precision: str = "auto"
 ) -> list[tuple[str, list[str]]]:
@@ -1401,7 +1558,7 @@ def sample_pool(
 
     path = _pool_path(work)
     if path.is_file():
-        pool = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        pool = _read_pool(path)
         if [p["prompt"] for p in pool] == list(prompts) and all(
             len(p["completions"]) == cfg.samples_per_prompt and p.get("explore", "plain") == cfg.explore
             for p in pool
@@ -1437,21 +1594,20 @@ def meta_train_policy(
 
     ``work`` (default ``<out>.work``) holds ``pool.jsonl``, ``metrics.jsonl``,
     ``checkpoint/`` and (``subspace``) ``tasks/``. With ``resume`` the run continues from
-    the checkpoint; without it, earlier metrics and task files are discarded.
+    the checkpoint; without it, earlier metrics and task files are discarded. A work
+    directory holding anything else is refused (:func:`check_work_dir`), and so are
+    unreadable files of an earlier run, before the model is loaded (:func:`check_meta_train`).
     """
     import torch
     from tqdm import tqdm
 
-    from metarlhf.io import atomic_write_json, load_tensors, save_tensors
+    from metarlhf.io import atomic_write_json, save_tensors
 
     cfg = config or MetaConfig()
     acfg = adapt_config or AdaptConfig()
-    if not users:
-        raise ConfigError("meta-training needs at least one simulated user")
-    if len(prompts) < cfg.pool_prompts:
-        raise DataError(f"need at least {cfg.pool_prompts} prompts (pool_prompts), got {len(prompts)}")
     out = Path(out)
-    work = Path(work) if work is not None else out.with_name(out.name + ".work")
+    # before anything is loaded or written: a work dir with files of others, or unreadable files, is refused
+    work, checkpoint = check_meta_train(prompts, users, out, work, cfg, acfg, resume)
     work.mkdir(parents=True, exist_ok=True)
     ckpt = work / "checkpoint"
     t0 = time.perf_counter()
@@ -1465,31 +1621,22 @@ def meta_train_policy(
         fresh = [p.detach().clone() for p in params]  # peft's default init (subspace: every task starts here)
         tasks_dir = work / "tasks"
         outer = torch.optim.Adam(params, lr=cfg.outer_lr) if cfg.algo == "fomaml" else None
-        if resume and (ckpt / "state.json").is_file():
-            state = json.loads((ckpt / "state.json").read_text())
-            if state.get("algo") != cfg.algo:
-                raise ConfigError(f"checkpoint in {ckpt} is for algo {state.get('algo')!r}, not {cfg.algo!r}")
-            def recipe(d: dict[str, Any]) -> dict[str, Any]:
-                return {f"adapt_config.{k}": v for k, v in d.items()}
-
-            # checkpoints before task_a were "shared"; before adapt_config, the recipe is unchecked
-            # settings added since a checkpoint was written held their defaults then (e.g. contrast_weight = 0)
-            saved_recipe = {**asdict(AdaptConfig()), **state["adapt_config"]} if "adapt_config" in state else {}
-            old = {"task_a": "shared", **state.get("config", {}), **recipe(saved_recipe)}
-            now = {**asdict(cfg), **recipe(asdict(acfg))}
-            changed = [k for k in (*RESUME_FIXED, *recipe(asdict(acfg))) if k in old and old[k] != now[k]]
-            if changed:
-                raise ConfigError(f"checkpoint in {ckpt} was made with other settings: "
-                                  + ", ".join(f"{k}={old[k]!r} (now {now[k]!r})" for k in changed))
-            saved = load_tensors(ckpt / "params.safetensors")
+        if checkpoint is not None:
+            state, saved, ost = checkpoint
+            for n, p in zip(names, params, strict=True):
+                if n not in saved or tuple(saved[n].shape) != tuple(p.shape):
+                    why = "lacks" if n not in saved else f"holds another shape {tuple(saved[n].shape)} of"
+                    raise ModelError(f"checkpoint {ckpt / 'params.safetensors'} {why} {n} "
+                                     f"(this model's is {tuple(p.shape)}): made on another base model?")
             with torch.no_grad():
                 for n, p in zip(names, params, strict=True):
                     p.copy_(saved[n])
-            if outer is not None and (ckpt / "outer.safetensors").is_file():
-                ost = load_tensors(ckpt / "outer.safetensors")
+            if outer is not None and ost is not None:
                 for n, p in zip(names, params, strict=True):
                     if f"m.{n}" not in ost:  # never stepped (a layer below train_layers): no Adam state
                         continue
+                    if f"step.{n}" not in ost or f"v.{n}" not in ost:
+                        raise ModelError(f"checkpoint {ckpt / 'outer.safetensors'} lacks the Adam state of {n}")
                     outer.state[p] = {"step": ost[f"step.{n}"], "exp_avg": ost[f"m.{n}"].to(p.device),
                                       "exp_avg_sq": ost[f"v.{n}"].to(p.device)}  # Adam's step count stays on the CPU
             start, wall_before = int(state["step"]), float(state.get("wall_s", 0.0))
@@ -1613,7 +1760,22 @@ def meta_train_policy(
 
 
 def _read_losses(path: Path) -> list[float]:
+    """The loss per meta-step in ``metrics.jsonl``; DataError naming the file and line if malformed."""
     if not path.is_file():
         return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [round(r.get("query_loss", r["support_loss_last"]), 5) for r in rows]
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: unreadable: {e}") from e
+    losses = []
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+            loss = r.get("query_loss", r["support_loss_last"])
+            losses.append(round(float(loss), 5))
+        except (ValueError, RecursionError, TypeError, KeyError, AttributeError) as e:
+            raise DataError(f"{path}:{lineno}: not a metrics row of `meta-train policy` ({e!r}); rerun "
+                            "without --resume to start afresh") from e
+    return losses

@@ -183,11 +183,11 @@ def _users(names: str | None, users_file: str | None, default: tuple[str, ...]) 
 def cmd_meta_train(args: argparse.Namespace) -> int:
     from metarlhf.adapters import check_out
     from metarlhf.data import read_prompts
-    from metarlhf.policy import AdaptConfig, MetaConfig, meta_train_policy
+    from metarlhf.policy import AdaptConfig, MetaConfig, check_meta_train, meta_train_policy
     from metarlhf.simusers import HELDOUT_USERS, TRAIN_USERS
 
     device = device_from_args(args)
-    check_out(args.out)  # before the model is loaded and trained, not when saving at the end
+    check_out(args.out, kind="policy_init")  # before the model is loaded and trained, not when saving at the end
     if args.users and not args.allow_heldout:
         heldout = [n.strip() for n in args.users.split(",") if n.strip() in HELDOUT_USERS]
         if heldout:
@@ -207,6 +207,9 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
     users = _users(args.users, args.users_file, TRAIN_USERS) if (args.users or args.users_file) else _users(
         None, None, TRAIN_USERS)
     prompts = read_prompts(args.prompts, limit=args.offset + cfg.pool_prompts)[args.offset:]
+    # before the model is loaded: too few prompts, a --work holding other files, unreadable files of a
+    # run to resume (meta_train_policy checks again; it only reads)
+    check_meta_train(prompts, users, args.out, args.work, cfg, acfg, resume=args.resume)
     base = _base(args, device)
     _check_train_layers(args, base[0])
     t0 = time.perf_counter()
@@ -222,7 +225,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     from metarlhf.policy import AdaptConfig, adapt_policy
 
     device = device_from_args(args)
-    check_out(args.out)  # before the data and the model are read
+    check_out(args.out, kind="policy")  # before the data and the model are read
     support = support_records(args.data, args.user, args.k, seed=args.seed, skip_invalid=args.skip_invalid)
     cfg = AdaptConfig(steps=args.steps, lr=args.lr, beta=args.beta, kto_weight=args.kto_weight,
                       sft_weight=args.sft_weight, pair_weight=args.pair_weight, train_layers=_train_layers(args),

@@ -54,10 +54,6 @@ class PPOConfig:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.save_every < 0:
             raise ConfigError(f"save_every must be >= 0 (0 = only at the end), got {self.save_every}")
-        for f in fields(self):  # nan passes every comparison below as false, and inf trains to NaN weights
-            v = getattr(self, f.name)
-            if isinstance(v, float) and not math.isfinite(v):
-                raise ConfigError(f"{f.name} must be a finite number, got {v}")
         if self.mini_batch_size > self.batch_size:
             raise ConfigError(f"mini_batch_size ({self.mini_batch_size}) exceeds batch_size ({self.batch_size})")
         if not (MIN_PPO_TEMPERATURE <= self.temperature and math.isfinite(self.temperature)):
@@ -79,6 +75,10 @@ class PPOConfig:
             raise ConfigError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
         if self.reward_clip is not None and self.reward_clip <= 0:
             raise ConfigError(f"reward_clip must be > 0, got {self.reward_clip}")
+        for f in fields(self):  # what the checks above let through: nan compares false, and inf trains to NaN weights
+            v = getattr(self, f.name)
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"{f.name} must be a finite number, got {v}")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PPOConfig:
