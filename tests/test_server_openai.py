@@ -63,6 +63,22 @@ def test_errors_become_openai_exceptions(server):
     with pytest.raises(openai.AuthenticationError):
         client(url, key="sk-not-a-valid-key").chat.completions.create(
             model="m", messages=[{"role": "user", "content": "x"}])
+    # a request that fails validation is a 400, as OpenAI answers it (was a 422: UnprocessableEntityError)
+    with pytest.raises(openai.BadRequestError) as e:
+        client(url).chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}],
+                                            extra_body={"not_an_openai_field": 1})
+    assert e.value.code == "invalid_request" and e.value.param == "not_an_openai_field"
+    with pytest.raises(openai.BadRequestError, match="logit_bias is not supported"):
+        client(url).chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}],
+                                            logit_bias={"1": 5})
+
+
+def test_what_langchain_sends_is_served(server):
+    """LangChain's OpenAI (text) class sends prompt as a list and logit_bias as null."""
+    url, _ = server
+    r = client(url).completions.create(model="metarlhf", prompt=["Once upon", "Hello"], max_tokens=3,
+                                       temperature=0, extra_body={"logit_bias": None, "best_of": 1})
+    assert [c.index for c in r.choices] == [0, 1] and all(isinstance(c.text, str) for c in r.choices)
 
 
 def test_feedback_then_personalised_completion(server):
