@@ -273,11 +273,14 @@ def safe_stream_end(text: str, stops: Sequence[str], final: bool) -> int:
     """How many characters of the decoded ``text`` a stream may emit now."""
     if final:
         return len(text)
-    end = len(text) - stop_holdback(text, stops)
-    # A trailing U+FFFD is an incomplete multi-byte character: wait for the next token.
+    # A trailing U+FFFD is an incomplete multi-byte character: wait for the next token. It is
+    # taken off first, so that what is left can end in a stop string's prefix ("ok" of "ok😀",
+    # while the emoji is half decoded) and be held back too; before, "ok" went out and the stop
+    # cut it from the final text.
+    end = len(text)
     while end > 0 and text[end - 1] == "\ufffd":
         end -= 1
-    return end
+    return end - stop_holdback(text[:end], stops)
 
 
 # ---------------------------------------------------------------------------------------
@@ -866,7 +869,10 @@ class MultiAdapterEngine:
         """Yield text deltas for one request as tokens are decoded.
 
         The request is validated and its adapter loaded before this returns, so errors
-        (``ConfigError``, ``AdapterError``) are raised here, not mid-stream. Stop strings
+        (``ConfigError``, ``AdapterError``) are raised here, not mid-stream; the one exception
+        is an adapter evicted from the cache *and* removed from disk before the first
+        ``next()``, whose reload fails there (the slot is taken at the first ``next()``, so a
+        generator that is never started holds none). Stop strings
         are never emitted (text that might start one is held back). The generator's
         return value (``StopIteration.value``) is the final ``GenerationResult``.
         """
@@ -981,6 +987,8 @@ class MultiAdapterEngine:
                 return
         if len(r.out) >= r.params.max_new_tokens:
             r.finish = "length"
+            # the cut can fall inside a multi-byte character, which decodes to U+FFFD: drop it
+            r.text = r.text.rstrip("\ufffd")
 
     def close(self) -> None:
         """Remove the engine's hooks from the model (stacked backend)."""

@@ -138,6 +138,10 @@ def test_stop_helpers():
     assert safe_stream_end("hello EN", ["END"], final=False) == 6
     assert safe_stream_end("hello EN", ["END"], final=True) == 8
     assert safe_stream_end("caf\ufffd", [], final=False) == 3
+    # a stop string's prefix before a half-decoded character is held back as well
+    assert safe_stream_end("ok\ufffd", ["ok\U0001F600"], final=False) == 0
+    assert safe_stream_end("so ok\ufffd\ufffd", ["ok\U0001F600"], final=False) == 3
+    assert safe_stream_end("so ok\ufffd", ["zz"], final=False) == 5
 
 
 # --- validation ---------------------------------------------------------------------------
@@ -614,3 +618,45 @@ def test_cache_keyword_refuses_a_forward_without_one():
 
     with pytest.raises(ConfigError, match="neither"):
         cache_keyword(NoCache())
+
+
+def _scripted(text):
+    """A tiny engine whose model writes ``text`` then EOS, whatever the prompt."""
+    model, tok = fresh_model()
+    script = tok(text)["input_ids"] + [tok.eos_token_id]
+    step = {"n": 0}
+
+    def force(mod, inp, out):
+        k = min(step["n"], len(script) - 1)
+        step["n"] += 1
+        out = torch.full_like(out, -1e4)
+        out[..., script[k]] = 0.0
+        return out
+
+    model.lm_head.register_forward_hook(force)
+    return MultiAdapterEngine(model, tok, BASE_NAME, capacity=2), tok, script, step
+
+
+def _stream(eng, step, **params):
+    step["n"] = 0
+    deltas = []
+    res = eng.generate([GenerationRequest(prompt="p", params=SamplingParams(temperature=0, **params),
+                                          on_text=deltas.append)])[0]
+    return deltas, res
+
+
+def test_streams_never_send_what_a_multibyte_stop_string_later_cuts():
+    eng, tok, script, step = _scripted("Hi ok\U0001F600 end")
+    deltas, res = _stream(eng, step, stop=["ok\U0001F600"], max_new_tokens=32)
+    assert res.text == "Hi " and res.finish_reason == "stop"
+    # every delta stays a prefix of the final text (before the fix, "ok" was sent, then cut)
+    assert "".join(deltas) == res.text
+
+
+def test_a_length_cut_inside_a_character_leaves_no_replacement_character():
+    eng, tok, script, step = _scripted("Hi \u4e2d\u6587 ok")
+    cut = next(n for n in range(1, len(script)) if tok.decode(script[:n]).endswith("\ufffd"))
+    deltas, res = _stream(eng, step, max_new_tokens=cut)
+    assert res.finish_reason == "length" and res.completion_tokens == cut
+    assert "\ufffd" not in res.text and res.text == tok.decode(script[:cut]).rstrip("\ufffd")
+    assert "".join(deltas) == res.text
