@@ -625,7 +625,9 @@ def meta_train_reward(data: str | Path, out: str | Path, cfg: MetaTrainConfig, e
                               cfg.val_k, cfg.val_query, cfg.inner_steps, cfg.inner, seed=12345, resid_l2=cfg.resid_l2)
 
     bar = tqdm(total=cfg.steps, initial=step, disable=not progress, desc=f"meta-train {cfg.algo}")
-    with open(metrics_path, "a") as mf:
+    # a fresh run starts its own metrics (it replaces an earlier run's checkpoint there too);
+    # a resumed one carries on the file
+    with open(metrics_path, "a" if state is not None else "w") as mf:
         if step == 0:  # the starting point, for reference
             mf.write(json.dumps({"step": 0, "val_acc": round(validate(), 4)}) + "\n")
         while step < cfg.steps:

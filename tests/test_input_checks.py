@@ -121,3 +121,16 @@ def test_eval_reward_refuses_a_users_file_that_lists_an_id_twice(tmp_path, capsy
                "--out", str(tmp_path / "r.json")])
     assert rc == 2 and "more than once: alice" in capsys.readouterr().err
     assert not (tmp_path / "r.json").exists()
+
+
+def test_generate_refuses_a_system_message_without_a_chat(capsys):
+    assert main(["generate", "--prompt", "Once", "--system", "be brief"]) == 2
+    assert "--system goes with --message" in capsys.readouterr().err
+
+
+def test_eval_policy_refuses_an_init_that_no_method_uses(tmp_path, capsys):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"q{i}"}) + "\n" for i in range(4)))
+    rc = main(["eval", "policy", "--prompts", str(prompts), "--methods", "scratch", "--init", str(tmp_path / "x"),
+               "--k", "2", "--out", str(tmp_path / "r.json")])
+    assert rc == 2 and "--init is the init of method 'meta'" in capsys.readouterr().err

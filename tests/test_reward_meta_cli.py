@@ -84,6 +84,11 @@ def test_resume_continues_step_count(setup):
     assert json.loads((out / "metarlhf.json").read_text())["steps"] == 4
     # resuming a finished run with a different algorithm is refused
     assert _meta_train(tmp, enc, data, out, "--resume", "--algo", "fomaml") == 2
+    # a fresh run into the same checkpoint directory starts its own metrics (it appended to the old ones)
+    rows = lambda: [json.loads(line) for line in (tmp / "init.ckpt" / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    assert [r["step"] for r in rows()].count(0) == 2  # the first run's start, and its resume's: one file
+    assert _meta_train(tmp, enc, data, out) == 0
+    assert [r["step"] for r in rows()].count(0) == 1
 
 
 def test_meta_train_subspace_adapt_eval(setup):

@@ -34,7 +34,10 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from metarlhf.engine import AdapterRef, GenerationRequest, MultiAdapterEngine, SamplingParams
+    from metarlhf.errors import ConfigError
 
+    if args.system is not None and args.message is None:
+        raise ConfigError("--system goes with --message (a chat); a raw --prompt has no system message")
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             stop=args.stop, seed=args.seed)
     if args.message is not None:

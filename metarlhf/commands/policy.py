@@ -259,6 +259,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         kl_weight=args.kl_weight, contrast_weight=args.contrast_weight, distill_samples=args.distill_samples,
         distill_hints=args.distill_hints, round_prompts=args.round_prompts,
     )
+    if args.init is not None and not any(m.split("+")[0] == "meta" for m in cfg.methods):
+        raise ConfigError(f"--init is the init of method 'meta' (and meta+...), which --methods {args.methods!r} "
+                          "does not run; add meta to --methods or leave --init out")
     n_train = -(-max(cfg.ks) // cfg.samples_per_prompt)
     prompts = read_prompts(args.prompts, limit=args.offset + n_train + cfg.eval_prompts)[args.offset:]
     base = _base(args, device)
