@@ -987,8 +987,6 @@ class MultiAdapterEngine:
                 return
         if len(r.out) >= r.params.max_new_tokens:
             r.finish = "length"
-            # the cut can fall inside a multi-byte character, which decodes to U+FFFD: drop it
-            r.text = r.text.rstrip("\ufffd")
 
     def close(self) -> None:
         """Remove the engine's hooks from the model (stacked backend)."""
