@@ -207,6 +207,7 @@ class SQLiteFeedbackStore(FeedbackStore):
         self._closed = False
         self._wconn = self._connect()
         self._migrate(self._wconn)
+        self._check_usable(self._wconn)
         self._writer = threading.Thread(target=self._write_loop, name="feedback-writer", daemon=True)
         self._writer.start()
         self.commits = 0  # transactions committed (for metrics / benchmarks)
@@ -224,6 +225,19 @@ class SQLiteFeedbackStore(FeedbackStore):
         conn.execute("PRAGMA foreign_keys=ON")
         conn.row_factory = sqlite3.Row
         return conn
+
+    def _check_usable(self, conn: sqlite3.Connection) -> None:
+        """ConfigError at start-up, not a failure at the first write: the file must take a
+        write lock (not read-only) and pass SQLite's quick integrity check."""
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("ROLLBACK")
+            problems = [r[0] for r in conn.execute("PRAGMA quick_check").fetchall()]
+        except sqlite3.Error as e:
+            raise ConfigError(f"feedback database {str(self.path)!r} cannot be written: {e}") from e
+        if problems != ["ok"]:
+            raise ConfigError(f"feedback database {str(self.path)!r} is corrupted (PRAGMA quick_check: "
+                              f"{'; '.join(map(str, problems[:3]))}); restore it from a backup")
 
     def _reader(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)

@@ -44,9 +44,16 @@ def current_umask() -> int:
 
 
 def _make_parent(path: Path) -> None:
-    """Create ``path``'s parent directories; a ConfigError if a component is a file."""
+    """Create ``path``'s parent directories, each made durable in its own parent (fsync), so
+    that a power loss cannot drop a new directory and the file renamed into it; a
+    ConfigError if a component is a file."""
+    missing = [d for d in [path.parent, *path.parent.parents] if not os.path.lexists(d)]
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        for d in reversed(missing):  # outermost first
+            d.mkdir(exist_ok=True)
+            fsync_dir(d.parent)
+        if not path.parent.is_dir():
+            raise NotADirectoryError(path.parent)
     except (FileExistsError, NotADirectoryError) as e:
         blocker = next((p for p in [path.parent, *path.parent.parents] if p.is_file()), path.parent)
         raise ConfigError(f"cannot write {str(path)!r}: {str(blocker)!r} is a file, not a directory") from e

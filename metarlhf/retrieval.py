@@ -66,6 +66,11 @@ class PreferenceIndex:
     def __len__(self) -> int:
         return sum(len(v) for v in self._vecs.values())
 
+    def keys(self) -> list[tuple[str, str]]:
+        """Every indexed ``(tenant, user)``."""
+        with self._lock:
+            return [(t, u) for t, users in self._vecs.items() for u in users]
+
     def _check(self, vec: np.ndarray) -> np.ndarray:
         v = np.asarray(vec, dtype=np.float32).reshape(-1)
         if v.shape != (self.dim,):

@@ -10,8 +10,16 @@ Layout (see docs/architecture.md)::
   Only after the rename is ``CURRENT`` rewritten (temp + fsync + rename): the swap to
   the new version is atomic.
 * Version numbers only grow: the next version is one more than the largest that was
-  ever written (kept in ``<kind>/LAST``), so a deleted or pruned number is never reused
-  and a cache keyed by ``(user, version)`` can never serve stale weights.
+  ever written (kept in ``<kind>/LAST``), so a pruned number is never reused and a cache
+  keyed by ``(user, version)`` can never serve stale weights. Erasing a user removes
+  ``LAST`` with the rest, so a user created again starts at v1: whoever caches by
+  version must forget the user on erasure (the server evicts the user's engine cache
+  and its known-bad versions).
+* ``save``, ``set_current``, ``rollback`` and ``prune`` of one user and kind hold one
+  lock: a rollback between a save's version check and its prune could otherwise leave
+  ``CURRENT`` naming a version the prune removed.
+* A tombstone (``<user>~deleted``) left by a crash during an erasure is removed when the
+  store is opened.
 * The newest ``keep`` versions are kept; older ones are removed after a successful
   save. The serving version is never removed.
 * :meth:`AdapterStore.resolve` returns the serving version after verifying it (sha256
@@ -30,6 +38,8 @@ import logging
 import os
 import re
 import shutil
+import threading
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,6 +86,26 @@ class AdapterStore:
             raise ConfigError(f"keep must be an int >= 1, got {keep!r}")
         self.root = Path(root)
         self.keep = keep
+        self._locks: defaultdict[tuple[str, str, str], threading.RLock] = defaultdict(threading.RLock)
+        self._locks_guard = threading.Lock()
+        self._sweep_tombstones()
+
+    def _lock(self, tenant: str, user: str, kind: str) -> threading.RLock:
+        with self._locks_guard:
+            return self._locks[(tenant, user, kind)]
+
+    def _sweep_tombstones(self) -> None:
+        """Finish erasures a crash cut short: remove every ``<user>~deleted`` directory."""
+        base = self.root / "users"
+        if not base.is_dir():
+            return
+        for t in base.iterdir():
+            if not t.is_dir() or t.is_symlink():
+                continue
+            for d in t.iterdir():
+                if d.name.endswith("~deleted") and d.is_dir() and not d.is_symlink():
+                    log.warning("removing %s, left by an erasure that was cut short", d)
+                    shutil.rmtree(d, ignore_errors=True)
 
     # -- paths ---------------------------------------------------------------------------
     def user_dir(self, tenant: str, user: str) -> Path:
@@ -132,46 +162,58 @@ class AdapterStore:
     def save(self, tenant: str, user: str, kind: str, adapter: Adapter, make_current: bool = True) -> Version:
         """Write ``adapter`` as the next version and (by default) point ``CURRENT`` at it.
 
-        Not safe for two concurrent writers of the same user and kind: the server's
-        job runner is single-flight per user.
+        Holds the user's and kind's lock, so two writers (or a writer and a rollback) of
+        the same user and kind take turns; the server's job runner is single-flight per user.
         """
         d = self.kind_dir(tenant, user, kind)
-        n = self._last(tenant, user, kind) + 1
-        target = d / f"v{n}"
-        adapter.meta = {**adapter.meta, "kind": adapter.meta.get("kind", kind), "version": n}
-        save_adapter(target, adapter)
-        atomic_write_bytes(d / "LAST", f"{n}\n".encode())
-        if make_current:
-            self.set_current(tenant, user, kind, n)
-        self.prune(tenant, user, kind)
+        with self._lock(tenant, user, kind):
+            n = self._last(tenant, user, kind) + 1
+            target = d / f"v{n}"
+            adapter.meta = {**adapter.meta, "kind": adapter.meta.get("kind", kind), "version": n}
+            save_adapter(target, adapter)
+            atomic_write_bytes(d / "LAST", f"{n}\n".encode())
+            if make_current:
+                self.set_current(tenant, user, kind, n)
+            self.prune(tenant, user, kind)
         return Version(tenant, user, kind, n, target)
 
     def set_current(self, tenant: str, user: str, kind: str, version: int) -> None:
         """Point ``CURRENT`` at an existing version (used for rollback)."""
-        if version not in self.versions(tenant, user, kind):
-            raise NotFoundError(f"user {user!r} has no {kind} adapter v{version}")
-        atomic_write_bytes(self.kind_dir(tenant, user, kind) / "CURRENT", f"v{int(version)}\n".encode())
+        with self._lock(tenant, user, kind):
+            if version not in self.versions(tenant, user, kind):
+                raise NotFoundError(f"user {user!r} has no {kind} adapter v{version}")
+            atomic_write_bytes(self.kind_dir(tenant, user, kind) / "CURRENT", f"v{int(version)}\n".encode())
+
+    def rollback_target(self, tenant: str, user: str, kind: str, version: int | None = None) -> int:
+        """The version :meth:`rollback` would serve (NotFoundError if there is none); writes nothing."""
+        vs = self.versions(tenant, user, kind)
+        if version is not None:
+            if version not in vs:
+                raise NotFoundError(f"user {user!r} has no {kind} adapter v{version}")
+            return version
+        cur = self.current(tenant, user, kind)
+        older = [v for v in vs if cur is None or v < cur]
+        if not older:
+            raise NotFoundError(f"user {user!r} has no {kind} adapter older than v{cur} to roll back to")
+        return older[-1]
 
     def rollback(self, tenant: str, user: str, kind: str, version: int | None = None) -> int:
         """Serve ``version`` again, or the newest one older than the current if None."""
-        if version is None:
-            cur = self.current(tenant, user, kind)
-            older = [v for v in self.versions(tenant, user, kind) if cur is None or v < cur]
-            if not older:
-                raise NotFoundError(f"user {user!r} has no {kind} adapter older than v{cur} to roll back to")
-            version = older[-1]
-        self.set_current(tenant, user, kind, version)
+        with self._lock(tenant, user, kind):
+            version = self.rollback_target(tenant, user, kind, version)
+            self.set_current(tenant, user, kind, version)
         return version
 
     def prune(self, tenant: str, user: str, kind: str) -> list[int]:
         """Remove all but the newest ``keep`` versions (never the current one)."""
-        cur = self.current(tenant, user, kind)
-        vs = self.versions(tenant, user, kind)
-        doomed = [v for v in vs[: max(0, len(vs) - self.keep)] if v != cur]
-        for v in doomed:
-            shutil.rmtree(self.path(tenant, user, kind, v), ignore_errors=True)
-        if doomed:
-            fsync_dir(self.kind_dir(tenant, user, kind))
+        with self._lock(tenant, user, kind):
+            cur = self.current(tenant, user, kind)
+            vs = self.versions(tenant, user, kind)
+            doomed = [v for v in vs[: max(0, len(vs) - self.keep)] if v != cur]
+            for v in doomed:
+                shutil.rmtree(self.path(tenant, user, kind, v), ignore_errors=True)
+            if doomed:
+                fsync_dir(self.kind_dir(tenant, user, kind))
         return doomed
 
     def delete_user(self, tenant: str, user: str) -> bool:

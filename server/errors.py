@@ -122,7 +122,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, e: RequestValidationError) -> JSONResponse:
-        status = 400 if request.url.path in OPENAI_PATHS else 422
+        status = 400 if request.url.path.endswith(OPENAI_PATHS) else 422  # also under a --root-path
         return error_response(status, "invalid_request", _validation_message(e), param=_validation_param(e))
 
     @app.exception_handler(StarletteHTTPException)

@@ -106,7 +106,13 @@ class Runtime:
         self.feedback.close()
 
     def _rebuild_index(self) -> None:
-        """Add users that have an adapter but no vector (e.g. the index file was lost)."""
+        """Add users that have an adapter but no vector (e.g. the index file was lost), and
+        drop vectors of users that have neither feedback nor adapters (an erasure cut short
+        after the index was saved, or an index file older than an erasure)."""
+        stale = [(t, u) for t, u in self.index.keys()
+                 if not (self.feedback.user_exists(t, u) or self.store.user_dir(t, u).exists())]
+        for t, u in stale:
+            self.index.remove(t, u)
         added = 0
         for tenant, user in self.store.users():
             if self.index.get(tenant, user) is not None or self.store.current(tenant, user, "policy") is None:
@@ -117,10 +123,13 @@ class Runtime:
                 added += 1
             except DataError:
                 continue
-        if added:
+        if added or stale:
             self.index.save()
             self._expire_all()  # cold-start decisions made meanwhile may have missed a neighbour
+        if added:
             log.info("preference index: rebuilt %d user vector(s) from stored feedback", added)
+        if stale:
+            log.warning("preference index: dropped %d vector(s) of users with no feedback or adapters", len(stale))
 
     def _install_gauges(self) -> None:
         m = self.metrics
@@ -358,25 +367,35 @@ class Runtime:
     def rollback(self, tenant: str, user: str, kind: str, version: int | None) -> dict[str, Any]:
         self.require_user(tenant, user)
         kinds = ["policy", "reward"] if kind == "both" else [kind]
-        out = {}
         with self.runner.rolling_back(tenant, user):  # a job in flight will not publish over it
-            for k in kinds:
-                out[k] = self.store.rollback(tenant, user, k, version)
-        self.engine.evict(engine_key(tenant, user))
-        self._expire_all()
-        with self._lock:
-            self._changed[(tenant, user)] = time.time()
-        return out
+            # every kind's target first: "both" with one kind lacking the version changes neither
+            targets = {k: self.store.rollback_target(tenant, user, k, version) for k in kinds}
+            try:
+                for k, v in targets.items():
+                    self.store.set_current(tenant, user, k, v)
+            finally:  # whatever was written is served from now on
+                self.engine.evict(engine_key(tenant, user))
+                self._expire_all()
+                with self._lock:
+                    self._changed[(tenant, user)] = time.time()
+        return targets
 
     def delete_user(self, tenant: str, user: str) -> None:
+        """Erase the user. The preference vector goes first: after a crash midway the rest is
+        still there to find (``require_user``) and erase again, and no other user is served
+        the erased user's adapter as a neighbour meanwhile."""
         self.require_user(tenant, user)
+        key = engine_key(tenant, user)
         with self.runner.erasing(tenant, user):  # a job of the user in flight will not publish
-            self.feedback.delete_user(tenant, user)
-            self.store.delete_user(tenant, user)
-            self.engine.evict(engine_key(tenant, user))
             if self.index.remove(tenant, user):
                 self.index.save()
+            self.feedback.delete_user(tenant, user)
+            self.store.delete_user(tenant, user)
+            self.engine.evict(key)
         self._expire_all()
         with self._lock:
             self._pref_cache.pop((tenant, user), None)
             self._changed.pop((tenant, user), None)
+            # a user created again numbers versions from v1: a v1 that failed to load before the
+            # erasure (its files deleted under a queued request, say) must not shadow the new one
+            self._bad = {b for b in self._bad if b[0] != key}
