@@ -40,7 +40,7 @@ $PY -c "import torch, transformers, peft; print('torch', torch.__version__, 'cud
 
 if [[ $WHAT == tiny || $WHAT == all ]]; then
   stage gpu-tests 240 $PY -m pytest -q -m gpu -p no:cacheprovider \
-    tests/test_policy_device.py tests/test_engine_models.py tests/test_ppo.py
+    tests/test_policy_device.py tests/test_engine_models.py tests/test_ppo.py tests/test_reward_device.py
   # SmolLM2's width and depth (576, 30 layers; 18 heads, 9 KV heads here) with the tiny tokenizer
   stage ppo-vs-trl 300 $PY benchmarks/ppo_vs_trl.py --device cuda --precision fp32 --hidden 576 --layers 30 \
     --batch-size 32 --mini-batch-size 8 --response-length 48 --steps 3 --warmup 1 --out "$OUT/ppo_vs_trl_gpu.json"

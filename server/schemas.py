@@ -2,7 +2,8 @@
 
 Every string in a request must be encodable as UTF-8: JSON allows escapes of lone
 surrogates (``"\\ud800"``), which no tokenizer, database or response can carry, so they
-are refused here (422 ``invalid_request``) rather than failing later. Integer fields are
+are refused here (``invalid_request``: 400 on the completion routes, as OpenAI, 422
+elsewhere) rather than failing later. Integer fields are
 strict (``true`` is not 1) and number fields do not take booleans.
 """
 

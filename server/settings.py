@@ -34,7 +34,7 @@ class Settings(BaseSettings):
                         "(CUDA if available), cpu, cuda or cuda:N; the reward model stays on the CPU")
     model_name: str = Field("metarlhf", description="`model` reported in responses")
     adapter_root: str = Field("adapters", description="adapter store root (users/<tenant>/<user>/<kind>/v<N>)")
-    feedback_url: str | None = Field(None, description="sqlite:///path or postgresql://...; "
+    feedback_url: str | None = Field(None, description="sqlite:///path (postgresql:// is not implemented); "
                                      "None = <adapter_root>/feedback.db")
     sqlite_synchronous: str = Field("FULL", description="SQLite synchronous pragma (FULL: fsync every commit)")
     index_path: str | None = Field(None, description="preference index file; None = <adapter_root>/preferences.safetensors")
