@@ -294,3 +294,37 @@ def test_ppo_step_on_cuda_with_bf16_autocast():
     m = trainer.step(PROMPTS * 2)
     assert math.isfinite(m["reward"]) and math.isfinite(m["pg_loss"])
     assert next(trainer.model.parameters()).device.type == "cuda"
+
+
+def test_rollouts_sample_exactly_the_distribution_ppo_scores():
+    """A policy whose generation_config carries a repetition penalty (or min_new_tokens...):
+    generate applied it, the PPO log-probs did not, so ratios and KL were off-policy."""
+    import torch.nn.functional as F
+    from transformers import GenerationConfig
+
+    model, tok = tiny_policy(seed=0)
+    model.generation_config.repetition_penalty = 1.3
+    model.generation_config.min_new_tokens = 4
+    tr = PPOTrainer(model, tok, lambda p, c: [0.0] * len(p), small_config(batch_size=4, mini_batch_size=2,
+                                                                          max_new_tokens=10))
+    prompts = ["hi", "write a story about cats", "2+2", "x"]
+    enc = tr.encode_prompts(prompts)
+    ctx = enc["input_ids"].shape[1]
+    torch.manual_seed(1)
+    b = tr.rollout(prompts)
+    assert model.generation_config.repetition_penalty == 1.3  # the policy's own settings are kept for saving
+    plain = GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tr.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(1)
+    g = tr.model.generate(**enc, generation_config=plain, do_sample=True, max_new_tokens=10, temperature=1.0, top_k=0,
+                          top_p=1.0, output_scores=True, return_dict_in_generate=True, repetition_penalty=1.0,
+                          min_new_tokens=0)
+    assert torch.equal(g.sequences[:, ctx:], b.input_ids[:, ctx:])
+    sampled = torch.gather(F.log_softmax(torch.stack(g.scores, 1).float(), -1), 2,
+                           b.input_ids[:, ctx:].unsqueeze(-1)).squeeze(-1) * b.mask
+    assert (b.logprobs - sampled).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("bad", [{"missing_eos_penalty": -5.0}, {"adaptive_kl": True, "kl_coef": 0.0}])
+def test_ppo_settings_that_reward_truncation_or_freeze_beta_are_refused(bad):
+    with pytest.raises(ConfigError):
+        PPOConfig(**bad)

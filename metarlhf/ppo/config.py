@@ -75,6 +75,11 @@ class PPOConfig:
             raise ConfigError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
         if self.reward_clip is not None and self.reward_clip <= 0:
             raise ConfigError(f"reward_clip must be > 0, got {self.reward_clip}")
+        if self.missing_eos_penalty is not None and self.missing_eos_penalty < 0:
+            raise ConfigError(f"missing_eos_penalty must be >= 0 (it is subtracted: < 0 rewards truncation), "
+                              f"got {self.missing_eos_penalty}")
+        if self.adaptive_kl and self.kl_coef <= 0:
+            raise ConfigError("adaptive_kl needs kl_coef > 0: the controller scales beta, and 0 stays 0")
         for f in fields(self):  # what the checks above let through: nan compares false, and inf trains to NaN weights
             v = getattr(self, f.name)
             if isinstance(v, float) and not math.isfinite(v):

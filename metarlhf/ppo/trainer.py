@@ -12,7 +12,8 @@ import logging
 import os
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -380,13 +381,36 @@ class PPOTrainer:
                   max_length=self.config.max_prompt_tokens, add_special_tokens=False)
         return {"input_ids": enc["input_ids"].to(self.device), "attention_mask": enc["attention_mask"].to(self.device)}
 
+    @contextmanager
+    def _plain_sampling(self) -> Iterator[None]:
+        """Sample from softmax(logits / T) and nothing else. A policy's generation_config.json
+        may carry repetition_penalty, min_new_tokens, no_repeat_ngram_size...; ``generate``
+        would apply them, but the log-probs PPO uses (``response_forward``) do not, so the
+        ratios and the KL would be off-policy. Passing ``generation_config=`` to ``generate``
+        is not enough (transformers merges the model's defaults back in), so the model's own
+        config is swapped for one with only the special token ids, and restored after."""
+        from transformers import GenerationConfig
+
+        # the causal LM inside whatever wraps it (peft, a value head): every module that has one
+        # (its own attribute, not one a wrapper forwards)
+        owners = [m for m in self.model.modules() if isinstance(vars(m).get("generation_config"), GenerationConfig)]
+        saved = [m.generation_config for m in owners]
+        for m, g in zip(owners, saved, strict=True):
+            m.generation_config = GenerationConfig(bos_token_id=g.bos_token_id, eos_token_id=g.eos_token_id,
+                                                   pad_token_id=g.pad_token_id)
+        try:
+            yield
+        finally:
+            for m, g in zip(owners, saved, strict=True):
+                m.generation_config = g
+
     # -- stage 1 ---------------------------------------------------------------------
     @torch.no_grad()
     def rollout(self, prompts: list[str]) -> Rollout:
         cfg = self.config
         enc = self.encode_prompts(prompts)
         ctx = enc["input_ids"].shape[1]
-        with self._autocast():
+        with self._autocast(), self._plain_sampling():
             out = self.model.generate(
                 **enc, do_sample=True, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                 top_k=0, top_p=1.0, pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.eos_token_id,
@@ -509,8 +533,8 @@ class PPOTrainer:
             for k, v in st.items():
                 tensors[f"optim.{name_of[id(p)]}.{k}"] = torch.as_tensor(v).detach()
         tensors["rng.torch"] = torch.get_rng_state()
-        if torch.cuda.is_available():
-            tensors["rng.cuda"] = torch.cuda.get_rng_state()
+        if torch.device(self.device).type == "cuda":  # the device sampling runs on, not the current one
+            tensors["rng.cuda"] = torch.cuda.get_rng_state(torch.device(self.device))
         return tensors
 
     def base_model_record(self, base_model_name: str | None = None) -> dict[str, Any]:
@@ -596,8 +620,8 @@ class PPOTrainer:
                     st["step"] = st["step"].cpu()
                 self.optimizer.state[p] = st
         torch.set_rng_state(tensors["rng.torch"])
-        if "rng.cuda" in tensors and torch.cuda.is_available():
-            torch.cuda.set_rng_state(tensors["rng.cuda"])
+        if "rng.cuda" in tensors and torch.device(self.device).type == "cuda":
+            torch.cuda.set_rng_state(tensors["rng.cuda"], torch.device(self.device))
         self.step_count = int(state["step"])
         self.kl_coef = float(state["kl_coef"])
         return self.step_count
