@@ -29,12 +29,13 @@ DEFAULTS = {
 
 
 def main(argv: list[str]) -> int:
+    from metarlhf.cli import build_parser
     from metarlhf.cli import main as cli
     from metarlhf.evaluate_policy import method_gaps
 
     args = list(argv)
     for flag, value in DEFAULTS.items():
-        if flag not in args:
+        if not any(a == flag or a.startswith(flag + "=") for a in args):  # --out x and --out=x alike
             args += [flag, value]
     cmd = ["eval", "policy", *args]
     print("command: metarlhf " + shlex.join(cmd), flush=True)
@@ -42,7 +43,7 @@ def main(argv: list[str]) -> int:
     rc = cli(cmd)
     if rc != 0:
         return rc
-    out = Path(args[args.index("--out") + 1])
+    out = Path(build_parser().parse_args(cmd).out)  # where the CLI wrote, however --out was spelled
     res = json.loads(out.read_text())
     targets = {}
     all_gaps = method_gaps(res["rows"])  # meta - scratch, paired by user, with a 95% interval

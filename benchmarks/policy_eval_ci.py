@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 def rescore(result: dict[str, Any]) -> list[dict[str, Any]]:
     """The result's rows with ``outcomes`` rebuilt from the stored answers."""
     from metarlhf.cli import build_parser
-    from metarlhf.data import read_prompts
+    from metarlhf.data import prompts_after
     from metarlhf.errors import DataError
     from metarlhf.evaluate_policy import prompt_outcome, win_rate
     from metarlhf.simusers import get_users
@@ -39,7 +39,7 @@ def rescore(result: dict[str, Any]) -> list[dict[str, Any]]:
     if args.users_file:
         raise DataError("users from a --users-file cannot be rebuilt here")
     n_train, n_eval = result["n_train_prompts"], result["n_eval_prompts"]
-    prompts = read_prompts(args.prompts, limit=args.offset + n_train + n_eval)[args.offset + n_train:]
+    prompts = prompts_after(args.prompts, args.offset, n_train + n_eval)[n_train:]
     base = result["base_answers"]
     if len(prompts) != n_eval or len(base) != n_eval:
         raise DataError(f"expected {n_eval} held-out prompts and base answers, got {len(prompts)} / {len(base)}")

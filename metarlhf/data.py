@@ -287,6 +287,26 @@ def split_users(user_ids: Iterable[str], holdout: int, seed: int = 0) -> tuple[l
     return [u for u in ids if u not in set(held)], held
 
 
+def prompts_after(path: str | Path, offset: int, n: int) -> list[str]:
+    """Up to ``n`` prompts of ``path`` from index ``offset`` on, leaving out any whose text is
+    among the first ``offset`` (the ones meta-training and the pilots draw from) or repeats an
+    earlier one: prompts held out for evaluation are never prompts seen before the offset.
+    (In the HH-RLHF test file, prompts 1034 and 1035 repeat earlier ones.)"""
+    limit = offset + n
+    while True:
+        every = read_prompts(path, limit=limit)
+        seen, out = set(every[:offset]), []
+        for prompt in every[offset:]:
+            if prompt not in seen:
+                seen.add(prompt)
+                out.append(prompt)
+                if len(out) == n:
+                    return out
+        if len(every) < limit:  # the file has no more
+            return out
+        limit += max(n, 64)
+
+
 def read_prompts(path: str | Path, limit: int | None = None) -> list[str]:
     """Prompts from HH-RLHF dialogues (first ``Human:`` turn) or JSONL ``{"prompt": ...}``.
 

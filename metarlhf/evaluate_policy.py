@@ -45,8 +45,12 @@ and ``sound_win_rate`` counts an answer that is a fluency drop *or* a loop as a 
 rewritten after every (user, K, method) cell, so an interrupted run keeps what it
 measured; a PNG plots the average win rate against K per method. Each row keeps its
 per-prompt ``outcomes``; the summary's ``win_rate_ci95`` is a bootstrap interval over the
-held-out prompts with the users fixed (:func:`bootstrap_ci`), and :func:`method_gaps` gives
-``meta`` minus ``scratch`` with a paired interval.
+held-out prompts with the users fixed (:func:`bootstrap_ci`), ``win_rate_ci95_users``
+resamples the users as well (wider with few users), and :func:`method_gaps` gives ``meta``
+minus ``scratch`` with a paired interval. The base answers of ``win_rate`` are sampled with
+the same seed as the personalized ones (``seed + 1``: common random numbers, which tend to
+favour a small consistent gain); ``win_rate_vs_resample`` scores the personalized answers
+against a second, independent base sample (``seed + 2``, ``base_resample_answers``).
 """
 
 from __future__ import annotations
@@ -163,13 +167,15 @@ def win_rate(personal: Sequence[float], base: Sequence[float]) -> float:
 
 
 def bootstrap_ci(groups: Sequence[Sequence[float]], n_boot: int = 2000, level: float = 0.95,
-                 seed: int = 0) -> tuple[float, float]:
+                 seed: int = 0, resample_groups: bool = False) -> tuple[float, float]:
     """Percentile interval of the mean of group means, prompts resampled within each group.
 
     ``groups`` holds one list per user (its per-prompt outcomes, or per-prompt differences
     between two methods). The users are kept fixed and each user's prompts are drawn with
     replacement, so the interval says how far the average could move on other held-out
-    prompts for these users; it does not cover other users.
+    prompts for these users; it does not cover other users. With ``resample_groups`` the
+    users are drawn with replacement too (a two-stage bootstrap): how far it could move for
+    other users like these, a wider interval with few users.
     """
     if not groups or any(not g for g in groups):
         raise DataError("bootstrap_ci needs at least one non-empty group")
@@ -178,7 +184,8 @@ def bootstrap_ci(groups: Sequence[Sequence[float]], n_boot: int = 2000, level: f
     rng = random.Random(seed)
     means = []
     for _ in range(n_boot):
-        means.append(statistics.mean(statistics.mean(rng.choices(g, k=len(g))) for g in groups))
+        drawn = rng.choices(groups, k=len(groups)) if resample_groups else groups
+        means.append(statistics.mean(statistics.mean(rng.choices(g, k=len(g))) for g in drawn))
     means.sort()
     tail = (1 - level) / 2
     return means[int(tail * (n_boot - 1))], means[math.ceil((1 - tail) * (n_boot - 1))]
@@ -410,9 +417,14 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "k": k,
             "users": len(sel),
             "win_rate": statistics.mean(r["win_rate"] for r in sel),
-            # prompts resampled per user, users fixed (bootstrap_ci)
-            **({"win_rate_ci95": list(bootstrap_ci([r["outcomes"] for r in sel]))}
+            # prompts resampled per user, users fixed (bootstrap_ci); and users resampled too
+            **({"win_rate_ci95": list(bootstrap_ci([r["outcomes"] for r in sel])),
+                "win_rate_ci95_users": list(bootstrap_ci([r["outcomes"] for r in sel], resample_groups=True))}
                if all(r.get("outcomes") for r in sel) else {}),
+            # against a second, independently seeded base sample (the headline base answers
+            # share the personalized answers' sampling seed)
+            **({"win_rate_vs_resample": statistics.mean(r["win_rate_vs_resample"] for r in sel)}
+               if all("win_rate_vs_resample" in r for r in sel) else {}),
             "mean_reward": statistics.mean(r["mean_reward"] for r in sel),
             "base_mean_reward": statistics.mean(r["base_mean_reward"] for r in sel),
             "adapt_s": statistics.mean(r["adapt_s"] for r in sel),
@@ -525,6 +537,7 @@ def evaluate_policy(
         "base_repeat_opening_rate": statistics.mean(repeated_openings(base_eval)),
         "base_loop_rate": statistics.mean(repetition_loops(base_eval)),
         "base_answers": base_eval,
+        "base_resample_answers": resample,  # seed + 2: the base for win_rate_vs_resample
         "rows": [],
         "summary": [],
     }
@@ -555,6 +568,7 @@ def evaluate_policy(
             support = thumbs[:k]
             support_hints = hint_log[explore][:k]
         base_r = [user.reward(p, c) for p, c in zip(eval_prompts, base_eval, strict=True)]
+        resample_r = [user.reward(p, c) for p, c in zip(eval_prompts, resample, strict=True)]
         scorer, rm_s = None, 0.0
         if method.uses_reward:
             if (user.name, k, explore) not in scorers:
@@ -597,6 +611,7 @@ def evaluate_policy(
             "support_mean_reward": statistics.mean(user.reward(t.prompt, t.completion) for t in support),
             "win_rate": win_rate(pers_r, base_r),
             "outcomes": [prompt_outcome(x, y) for x, y in zip(pers_r, base_r, strict=True)],  # per eval prompt
+            "win_rate_vs_resample": win_rate(pers_r, resample_r),  # base answers drawn with seed + 2
             "mean_reward": statistics.mean(pers_r),
             "base_mean_reward": statistics.mean(base_r),
             "adapt_s": round(adapt_s, 2),

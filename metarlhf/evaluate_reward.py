@@ -17,8 +17,9 @@ Encoder embeddings that do not depend on the support set (base encoder, and the
 meta-init's LoRA when its inner loop adapts the head or its subspace only) are computed once per
 record and reused across K and seeds; that changes nothing in the numbers.
 
-Output: ``out`` is ``{"methods": {m: {K: acc}}, "users": n, "query_per_user": q}``,
-with ``<out>.png`` (accuracy vs K) and ``<out stem>.detail.json`` (per-user numbers,
+Output: ``out`` is ``{"methods": {m: {K: acc}}, "users": n, "query_per_user": q,
+"software": {...}}`` (the last: :func:`metarlhf.runtime.software_versions`, what decided the
+numbers), with ``<out>.png`` (accuracy vs K) and ``<out stem>.detail.json`` (per-user numbers,
 timings, the split) next to it.
 """
 

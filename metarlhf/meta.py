@@ -82,7 +82,11 @@ def inner_update(params: Params, grads: Params, lrs: Params) -> Params:
 
 
 def reptile_meta_grad(theta: Params, phis: list[Params]) -> Params:
-    """Reptile's meta-gradient: mean over tasks of θ - φ_task (descending it moves θ toward φ). Pure."""
+    """Reptile's meta-gradient: mean over tasks of θ - φ_task (descending it moves θ toward φ). Pure.
+
+    Only what the inner loop adapts moves: a parameter outside it has φ = θ and gets exactly
+    0, so with ``inner`` head or subspace a Reptile init is the base encoder with a learned
+    head (MAML / Meta-SGD also train the shared parameters through the query loss)."""
     return {k: torch.stack([theta[k].detach() - phi[k].detach() for phi in phis]).mean(0) for k in theta}
 
 
@@ -514,6 +518,11 @@ def meta_train_reward(data: str | Path, out: str | Path, cfg: MetaTrainConfig, e
         model = load_reward_model(encoder_dir, adapter_dir=None, config=cfg.reward_config(), device=device)
     elif (why := model.config.encoder_mismatch(cfg.reward_config())) is not None:
         raise ConfigError(f"the model passed is set up differently from the configuration: {why}")
+    second_order = cfg.algo == "maml" or (cfg.algo == "metasgd" and not cfg.first_order)
+    if cfg.inner == "all" and second_order:
+        # the gradient goes through the encoder's backward, which SDPA's fused CPU kernel
+        # cannot differentiate again ("derivative ... not implemented"): plain attention can
+        model.peft.get_base_model().set_attn_implementation("eager")
     dev = model.device
     model.set_params(model.fresh_params(cfg.seed))  # never start from a shipped init
     torch.manual_seed(cfg.seed)

@@ -301,6 +301,9 @@ def load_users_file(path: str | Path) -> dict[str, SimUser]:
     if not isinstance(table, dict) or not table:
         raise DataError(f"{path}: must define a non-empty dict USERS = {{name: f(prompt, completion) -> float}}")
     users: dict[str, SimUser] = {}
+    clash = sorted(n for n in table if n in USERS)
+    if clash:  # it would replace the built-in user under the same name, in results and guards alike
+        raise DataError(f"{path}: USERS names {clash} are built-in simulated users; give them other names")
     for name, fn in table.items():
         if not isinstance(name, str) or not name:
             raise DataError(f"{path}: USERS keys must be non-empty strings, got {name!r}")

@@ -134,3 +134,35 @@ def test_eval_policy_refuses_an_init_that_no_method_uses(tmp_path, capsys):
     rc = main(["eval", "policy", "--prompts", str(prompts), "--methods", "scratch", "--init", str(tmp_path / "x"),
                "--k", "2", "--out", str(tmp_path / "r.json")])
     assert rc == 2 and "--init is the init of method 'meta'" in capsys.readouterr().err
+
+
+def test_held_out_prompts_never_repeat_a_prompt_before_the_offset(tmp_path):
+    from metarlhf.data import prompts_after
+
+    f = tmp_path / "p.jsonl"
+    texts = ["a", "b", "c", "a", "d", "d", "e", "f"]  # index 3 repeats 0; index 5 repeats 4
+    f.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts))
+    assert prompts_after(f, 3, 3) == ["d", "e", "f"]
+    assert prompts_after(f, 3, 10) == ["d", "e", "f"]  # the file runs out
+    assert prompts_after(f, 0, 4) == ["a", "b", "c", "d"]
+
+
+def test_policy_eval_benchmark_honours_flag_equals_value(tmp_path, monkeypatch):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("policy_eval_bench", Path(__file__).parents[1] / "benchmarks" /
+                                                  "policy_eval.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    seen = {}
+
+    def fake_cli(cmd):
+        seen["cmd"] = cmd
+        return 2
+
+    monkeypatch.setattr("metarlhf.cli.main", fake_cli)
+    assert bench.main(["--prompts=mine.jsonl", "--out=mine.json", "--k", "16"]) == 2
+    # no default --prompts / --out appended after the user's (argparse keeps the last one)
+    assert sum(a.startswith("--prompts") for a in seen["cmd"]) == 1
+    assert sum(a.startswith("--out") for a in seen["cmd"]) == 1

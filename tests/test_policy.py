@@ -397,6 +397,12 @@ def test_cli_eval_policy_with_users_file(tmp_path, tiny_dir):
     assert res["software"]["torch"] == torch.__version__ and "transformers" in res["software"]
     assert all(r["win_rate"] == pytest.approx(sum(r["outcomes"]) / 3) for r in res["rows"])
     assert all(s["win_rate_ci95"][0] <= s["win_rate"] <= s["win_rate_ci95"][1] for s in res["summary"])
+    # users resampled too: at least as wide as with the users fixed
+    assert all(s["win_rate_ci95_users"][0] <= s["win_rate_ci95"][0] + 1e-9 and
+               s["win_rate_ci95_users"][1] >= s["win_rate_ci95"][1] - 1e-9 for s in res["summary"])
+    # against an independent second base sample, which the result keeps
+    assert len(res["base_resample_answers"]) == 3 and res["base_resample_answers"] != res["base_answers"]
+    assert all(0 <= r["win_rate_vs_resample"] <= 1 for r in res["rows"]) and "win_rate_vs_resample" in res["summary"][0]
     assert math.isfinite(res["base_relevance"]) and "relevance" in res["summary"][0]
     assert {(s["method"], s["explore"], s["k"]) for s in res["summary"]} == {
         ("scratch", e, k) for e in ("hints", "plain") for k in (2, 4)}

@@ -136,3 +136,13 @@ def test_subspace_warm_start_from_an_init(setup):
     # another split is refused before any training
     assert _meta_train(tmp, enc, data, tmp / "third", "--inner", "subspace", "--basis-rank", "2",
                        "--init-from", str(first), "--split-seed", "1") == 2
+
+
+@pytest.mark.parametrize("algo", ["maml", "metasgd"])
+def test_second_order_meta_training_through_the_whole_encoder_runs(setup, algo):
+    """--inner all differentiates the encoder's backward again: SDPA's fused CPU kernel cannot
+    ("derivative ... not implemented"), so the encoder switches to plain attention."""
+    tmp, enc, data = setup
+    out = tmp / f"init_all_{algo}"
+    assert _meta_train(tmp, enc, data, out, "--inner", "all", "--algo", algo, "--steps", "1") == 0
+    assert json.loads((out / "metarlhf.json").read_text())["inner"] == "all"

@@ -84,6 +84,7 @@ def test_load_users_file(tmp_path):
         ("USERS = {'a': 3}\n", "not callable"),
         ("USERS = {'a': lambda p, c: 'nope'}\n", "must return a number"),
         ("USERS = {'a': lambda p: 1.0}\n", "must return a number"),
+        ("USERS = {'numbered': lambda p, c: 1.0}\n", "built-in simulated users"),  # would replace the held-out one
     ],
 )
 def test_load_users_file_errors(tmp_path, text, match):

@@ -243,7 +243,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from metarlhf.data import read_prompts
+    from metarlhf.data import prompts_after
     from metarlhf.evaluate_policy import EvalConfig, check_eval_out, evaluate_policy
     from metarlhf.simusers import HELDOUT_USERS
 
@@ -263,7 +263,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ConfigError(f"--init is the init of method 'meta' (and meta+...), which --methods {args.methods!r} "
                           "does not run; add meta to --methods or leave --init out")
     n_train = -(-max(cfg.ks) // cfg.samples_per_prompt)
-    prompts = read_prompts(args.prompts, limit=args.offset + n_train + cfg.eval_prompts)[args.offset:]
+    prompts = prompts_after(args.prompts, args.offset, n_train + cfg.eval_prompts)
     base = _base(args, device)
     _check_train_layers(args, base[0])
     result = evaluate_policy(users, prompts, cfg, base=base, out=args.out)
