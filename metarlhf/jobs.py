@@ -380,7 +380,10 @@ class AdaptationRunner:
                     log.warning("user %s/%s: no preference vector: %s", tenant, user, e)
             with self._publish:  # an erasure waits for this block, or this block sees it
                 with self._lock:
-                    erased = self._erasures.get((tenant, user), 0) != erasure
+                    cur = self._erasures.get((tenant, user), 0)
+                    # changed since the job started, or odd: an erasure is in progress right now
+                    # (a job enqueued during it saw the odd count already)
+                    erased = cur != erasure or cur % 2 == 1
                     rolled_back = self._rollbacks.get((tenant, user), 0) != rollbacks
                 if erased:
                     self._discard_erased(tenant, user, written)
@@ -392,11 +395,18 @@ class AdaptationRunner:
                           "policy_final_loss": _last(policy.meta.get("losses")), "published": not rolled_back}
                 if not rolled_back:
                     # All checks passed: swap both in (reward first: serving reads only the policy).
+                    # If the policy's swap fails, the reward's is undone before the new files go.
+                    old_reward = self.store.current(tenant, user, "reward")
                     self.store.set_current(tenant, user, "reward", rv.version)
-                    self.store.set_current(tenant, user, "policy", pv.version)
-                    if vec is not None and self.index is not None:
-                        self.index.upsert(tenant, user, vec)
-                written.clear()  # kept either way: a rolled-back user can roll forward to them
+                    try:
+                        self.store.set_current(tenant, user, "policy", pv.version)
+                    except BaseException:
+                        if old_reward is not None:
+                            self.store.set_current(tenant, user, "reward", old_reward)
+                        raise
+                written.clear()  # live (or kept for rolling forward): never removed from here on
+                if not rolled_back and vec is not None and self.index is not None:
+                    self.index.upsert(tenant, user, vec)
                 if self.on_new_version is not None and not rolled_back:  # under _publish: an erasure
                     self.on_new_version(tenant, user, result)  # comes after it, not between
             if rolled_back:

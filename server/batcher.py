@@ -49,6 +49,7 @@ class Batcher:
         self._pending = 0
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._stopped = False
         self.batches = 0
         self.rows = 0
 
@@ -63,6 +64,7 @@ class Batcher:
             self._thread.start()
 
     def stop(self) -> None:
+        self._stopped = True
         if self._thread is not None:
             self._q.put(None)
             self._thread.join(timeout=30)
@@ -89,6 +91,8 @@ class Batcher:
 
     async def submit_many(self, requests: list[Any]) -> list[Any]:
         """Queue all requests (admitted together or not at all) and await their results."""
+        if self._stopped:  # no worker will take them
+            raise Overloaded("the server is shutting down")
         self._admit(len(requests))
         loop = asyncio.get_running_loop()
         futs = [loop.create_future() for _ in requests]
@@ -117,17 +121,36 @@ class Batcher:
                     stop = True
                     break
                 batch.append(nxt)
+            self._run(batch)
+            if stop:
+                return
+
+    def _run(self, batch: list[tuple[Any, Any, Any]]) -> None:
+        """One batch: every row's future gets its result or an exception, and its slot back,
+        whatever fails here (a metrics hook, a short result list, a closed event loop): the
+        worker thread must outlive it, or every later caller would wait forever."""
+        results: list[Any]
+        try:
             t0 = time.perf_counter()
             results = self._generate([req for req, _, _ in batch])
+            if len(results) != len(batch):
+                raise RuntimeError(f"the engine returned {len(results)} results for {len(batch)} rows")
             self.batches += 1
             self.rows += len(batch)
             if self.on_batch is not None:
-                self.on_batch(len(batch), time.perf_counter() - t0)
+                try:
+                    self.on_batch(len(batch), time.perf_counter() - t0)
+                except Exception:  # noqa: BLE001 - metrics must not fail generations
+                    log.exception("batcher: on_batch hook failed")
+        except BaseException as e:  # noqa: BLE001 - handed to every row of the batch
+            results = [e] * len(batch)
+        finally:
             self._done(len(batch))
-            for (_, fut, loop), res in zip(batch, results, strict=True):
+        for (_, fut, loop), res in zip(batch, results, strict=True):
+            try:
                 loop.call_soon_threadsafe(_resolve, fut, res)
-            if stop:
-                return
+            except RuntimeError:  # the caller's event loop is closed: nobody waits for this row
+                pass
 
 
     def _generate(self, reqs: list[Any]) -> list[Any]:

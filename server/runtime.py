@@ -154,6 +154,9 @@ class Runtime:
     def _on_new_version(self, tenant: str, user: str, result: dict[str, Any]) -> None:
         with self._lock:
             self._expire_user(tenant, user)
+            # this version just passed validation, so it is not bad: a number marked bad before an
+            # erasure (a request still queued when the files went) is reused by the returning user
+            self._bad.discard((engine_key(tenant, user), result["policy_version"]))
             # the user's vector and version changed: cold-start users of the tenant may now
             # have (or have a newer) neighbour
             self._tenant_gen[tenant] += 1

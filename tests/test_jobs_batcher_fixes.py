@@ -1,0 +1,117 @@
+"""Job runner and batcher fixes from the session 14 review: a job enqueued during an
+erasure, a publish that fails halfway, a returning user's known-bad v1, a batcher worker
+that must survive a failing hook, a submit after stop."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+import torch
+
+from metarlhf.adapters import Adapter
+from metarlhf.feedback_store import FeedbackInput, SQLiteFeedbackStore
+from metarlhf.jobs import AdaptationRunner
+from metarlhf.retrieval import PreferenceIndex
+from metarlhf.store import AdapterStore
+from server.batcher import Batcher, Overloaded
+from server.runtime import engine_key
+
+
+def _ad(kind: str) -> Adapter:
+    return Adapter({"x.lora_A.weight": torch.ones(2, 2)}, {"r": 2}, {"kind": kind, "base_model": "tiny"})
+
+
+class FakePersonalizer:
+    policy_base = "tiny"
+    embed_dim = 4
+
+    def adapt_reward(self, records):
+        return _ad("reward")
+
+    def adapt_policy(self, records, init):
+        return _ad("policy")
+
+    def embed(self, prompts, completions):
+        return np.array([[1.0, float(len(p)), 0.0, 1.0] for p in prompts], dtype=np.float32)
+
+
+@pytest.fixture
+def runner(tmp_path):
+    fb = SQLiteFeedbackStore(tmp_path / "fb.sqlite")
+    store = AdapterStore(tmp_path / "ad")
+    index = PreferenceIndex(4)
+    r = AdaptationRunner(fb, store, FakePersonalizer(), index, threshold=2)
+    yield r, fb, store, index
+    r.close()
+    fb.close()
+
+
+def _thumbs(fb, user, *ids):
+    for i in ids:
+        fb.store_feedback("t", user, FeedbackInput("thumbs", f"p{i}", completion="c", label=1), None, None)
+
+
+def test_a_job_enqueued_during_an_erasure_never_publishes(runner):
+    r, fb, store, index = runner
+    with r.erasing("t", "u"):  # feedback racing the erasure, and a job enqueued while it runs
+        _thumbs(fb, "u", 0, 1)
+        assert r.maybe_enqueue("t", "u") is not None
+        r.wait_idle(10)
+        assert fb.latest_job("t", "u")["state"] == "failed"  # was: succeeded, published inside the erasure
+        assert store.current("t", "u", "policy") is None and index.get("t", "u") is None
+
+
+def test_a_publish_that_fails_halfway_leaves_the_previous_versions_serving(runner):
+    r, fb, store, _ = runner
+    _thumbs(fb, "u", 0, 1)
+    r.maybe_enqueue("t", "u")
+    r.wait_idle(10)
+    assert store.current("t", "u", "reward") == 1
+    real = store.set_current
+
+    def full_disk(tenant, user, kind, version):
+        if kind == "policy":
+            raise OSError(28, "No space left on device")
+        return real(tenant, user, kind, version)
+
+    store.set_current = full_disk
+    _thumbs(fb, "u", 2, 3)
+    r.maybe_enqueue("t", "u")
+    r.wait_idle(10)
+    assert fb.latest_job("t", "u")["state"] == "failed"
+    cur = store.current("t", "u", "reward")
+    # was: reward CURRENT -> v2, and v2 removed with the failed job's files
+    assert cur == 1 and store.path("t", "u", "reward", cur).is_dir()
+
+
+def test_a_published_version_is_never_shadowed_by_an_old_bad_mark(client):
+    rt = client.app.state.runtime
+    key = engine_key("acme", "zoe")
+    rt._bad.add((key, 1))  # marked after an erasure by a request still queued when the files went
+    rt._on_new_version("acme", "zoe", {"policy_version": 1})
+    assert (key, 1) not in rt._bad
+
+
+class _Engine:
+    def generate(self, reqs):
+        return [r * 10 for r in reqs]
+
+
+def test_the_batcher_survives_a_failing_hook_and_refuses_work_after_stop():
+    def bad_hook(rows, seconds):
+        raise ZeroDivisionError("metrics")
+
+    b = Batcher(_Engine(), max_batch=4, wait_s=0.001, limit=8, on_batch=bad_hook)
+    b.start()
+
+    async def go():
+        return await asyncio.wait_for(b.submit_many([1, 2]), 5)
+
+    assert asyncio.run(go()) == [10, 20]  # was: the worker died with the hook, callers hung
+    assert asyncio.run(go()) == [10, 20] and b.depth == 0
+    b.stop()
+    with pytest.raises(Overloaded, match="shutting down"):
+        asyncio.run(go())  # was: queued with no worker, waited forever
+    assert b.depth == 0
