@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from metarlhf.errors import ConfigError
+from metarlhf.errors import ConfigError, ModelError
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,30 @@ def current_umask() -> int:
     return mask
 
 
+def file_in_the_way(path: str | os.PathLike) -> Path | None:
+    """The first of ``path`` and its parents that exists and is not a directory, or None."""
+    path = Path(path)
+    return next((p for p in (path, *path.parents) if os.path.lexists(p) and not p.is_dir()), None)
+
+
+def temp_target_name(name: str) -> str:
+    """The file an atomic write's temp file ``.<name>.<random>.tmp`` stands for (left by an
+    interrupted write); any other name is returned as it is."""
+    if name.startswith(".") and name.endswith(".tmp"):
+        return name[1:].removesuffix(".tmp").rpartition(".")[0]
+    return name
+
+
+def check_tensors(tensors: dict[str, Any], shapes: dict[str, tuple[int, ...]], path: str | os.PathLike,
+                  hint: str) -> None:
+    """ModelError unless every name of ``shapes`` is in ``tensors`` with that shape (a
+    checkpoint ``path`` read back for resuming; ``hint`` says what a mismatch suggests)."""
+    for key, shape in shapes.items():
+        if key not in tensors or tuple(tensors[key].shape) != tuple(shape):
+            why = "lacks" if key not in tensors else f"holds another shape {tuple(tensors[key].shape)} of"
+            raise ModelError(f"checkpoint {path} {why} {key} (expected {tuple(shape)}): {hint}")
+
+
 def _make_parent(path: Path) -> None:
     """Create ``path``'s parent directories, each made durable in its own parent (fsync), so
     that a power loss cannot drop a new directory and the file renamed into it; a
@@ -55,7 +79,7 @@ def _make_parent(path: Path) -> None:
         if not path.parent.is_dir():
             raise NotADirectoryError(path.parent)
     except (FileExistsError, NotADirectoryError) as e:
-        blocker = next((p for p in [path.parent, *path.parent.parents] if p.is_file()), path.parent)
+        blocker = file_in_the_way(path.parent) or path.parent
         raise ConfigError(f"cannot write {str(path)!r}: {str(blocker)!r} is a file, not a directory") from e
 
 
@@ -191,7 +215,7 @@ def check_output_dir(target: str | os.PathLike, replaceable: Callable[[Path], bo
     target = Path(target)
     _check_replaceable(target, replaceable, None, what)
     if not os.path.lexists(target):
-        blocker = next((p for p in target.parents if os.path.lexists(p) and not p.is_dir()), None)
+        blocker = file_in_the_way(target.parent)
         if blocker is not None:
             raise ConfigError(f"cannot write {str(target)!r}: {str(blocker)!r} is a file, not a directory")
 

@@ -407,13 +407,10 @@ CHECKPOINT_FILES = frozenset({"state.json", "state.safetensors", "metrics.jsonl"
 def _is_checkpoint_dir(path: Path) -> bool:
     """Whether directory ``path`` holds nothing but :data:`CHECKPOINT_FILES` (or interrupted
     atomic writes of them, ``.<name>.<random>.tmp``)."""
-    for entry in path.iterdir():
-        name = entry.name
-        if name.startswith(".") and name.endswith(".tmp"):
-            name = name[1:].removesuffix(".tmp").rpartition(".")[0]
-        if name not in CHECKPOINT_FILES or entry.is_symlink() or not entry.is_file():
-            return False
-    return True
+    from metarlhf.io import temp_target_name
+
+    return all(temp_target_name(e.name) in CHECKPOINT_FILES and e.is_file() and not e.is_symlink()
+               for e in path.iterdir())
 
 
 def checkpoint_dir(out: str | Path, ckpt_dir: str | Path | None = None) -> Path:
@@ -481,7 +478,7 @@ def meta_train_reward(data: str | Path, out: str | Path, cfg: MetaTrainConfig, e
 
     from metarlhf.adapters import save_adapter
     from metarlhf.data import group_by_user, load_records
-    from metarlhf.io import atomic_write_json, load_tensors, save_tensors
+    from metarlhf.io import atomic_write_json, check_tensors, load_tensors, save_tensors
     from metarlhf.reward import (
         BASIS_KEY,
         HEAD_KEYS,
@@ -582,13 +579,9 @@ def meta_train_reward(data: str | Path, out: str | Path, cfg: MetaTrainConfig, e
             tensors = load_tensors(tensors_file, device=str(dev))
         except Exception as e:  # noqa: BLE001 - safetensors raises several types on bad files
             raise ModelError(f"checkpoint {tensors_file} is unreadable: {e}") from e
-        want = {f"{prefix}.{k}": v for k, v in learner.params.items() for prefix in ("param", "best")}
-        want |= {f"{prefix}.{k}": v for k, v in learner.log_lrs.items() for prefix in ("log_lr", "best_log_lr")}
-        for key, v in want.items():
-            if key not in tensors or tuple(tensors[key].shape) != tuple(v.shape):
-                why = "lacks" if key not in tensors else f"holds another shape {tuple(tensors[key].shape)} of"
-                raise ModelError(f"checkpoint {tensors_file} {why} {key} (expected {tuple(v.shape)}): made with "
-                                 "another encoder?")
+        want = {f"{prefix}.{k}": v.shape for k, v in learner.params.items() for prefix in ("param", "best")}
+        want |= {f"{prefix}.{k}": v.shape for k, v in learner.log_lrs.items() for prefix in ("log_lr", "best_log_lr")}
+        check_tensors(tensors, want, tensors_file, "made with another encoder?")
         with torch.no_grad():
             for k in learner.params:
                 learner.params[k].copy_(tensors[f"param.{k}"])

@@ -1405,10 +1405,9 @@ WORK_TASK_FILES = re.compile(r"task_\d{5,}\.safetensors")
 
 def _written_by_us(entry: Path, names: re.Pattern[str]) -> bool:
     """Whether ``entry`` is a regular file named by ``names`` or an interrupted atomic write of one."""
-    name = entry.name
-    if name.startswith(".") and name.endswith(".tmp"):
-        name = name[1:].removesuffix(".tmp").rpartition(".")[0]  # .<name>.<random>.tmp -> <name>
-    return bool(names.fullmatch(name)) and entry.is_file() and not entry.is_symlink()
+    from metarlhf.io import temp_target_name
+
+    return bool(names.fullmatch(temp_target_name(entry.name))) and entry.is_file() and not entry.is_symlink()
 
 
 def _is_work_dir(path: Path) -> bool:
@@ -1601,7 +1600,7 @@ def meta_train_policy(
     import torch
     from tqdm import tqdm
 
-    from metarlhf.io import atomic_write_json, save_tensors
+    from metarlhf.io import atomic_write_json, check_tensors, save_tensors
 
     cfg = config or MetaConfig()
     acfg = adapt_config or AdaptConfig()
@@ -1623,11 +1622,8 @@ def meta_train_policy(
         outer = torch.optim.Adam(params, lr=cfg.outer_lr) if cfg.algo == "fomaml" else None
         if checkpoint is not None:
             state, saved, ost = checkpoint
-            for n, p in zip(names, params, strict=True):
-                if n not in saved or tuple(saved[n].shape) != tuple(p.shape):
-                    why = "lacks" if n not in saved else f"holds another shape {tuple(saved[n].shape)} of"
-                    raise ModelError(f"checkpoint {ckpt / 'params.safetensors'} {why} {n} "
-                                     f"(this model's is {tuple(p.shape)}): made on another base model?")
+            check_tensors(saved, {n: p.shape for n, p in zip(names, params, strict=True)},
+                          ckpt / "params.safetensors", "made on another base model?")
             with torch.no_grad():
                 for n, p in zip(names, params, strict=True):
                     p.copy_(saved[n])

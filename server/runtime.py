@@ -109,8 +109,7 @@ class Runtime:
         """Add users that have an adapter but no vector (e.g. the index file was lost), and
         drop vectors of users that have neither feedback nor adapters (an erasure cut short
         after the index was saved, or an index file older than an erasure)."""
-        stale = [(t, u) for t, u in self.index.keys()
-                 if not (self.feedback.user_exists(t, u) or self.store.user_dir(t, u).exists())]
+        stale = [(t, u) for t, u in self.index.keys() if not self.user_known(t, u)]
         for t, u in stale:
             self.index.remove(t, u)
         added = 0
@@ -346,8 +345,12 @@ class Runtime:
         return f"{prefix}-{secrets.token_hex(12)}"
 
     # -- users ---------------------------------------------------------------------------
+    def user_known(self, tenant: str, user: str) -> bool:
+        """Whether the user has feedback, completions, jobs or adapters stored."""
+        return self.feedback.user_exists(tenant, user) or self.store.user_dir(tenant, user).exists()
+
     def require_user(self, tenant: str, user: str) -> None:
-        if not (self.feedback.user_exists(tenant, user) or self.store.user_dir(tenant, user).exists()):
+        if not self.user_known(tenant, user):
             raise NotFoundError(f"user {user!r} not found")
 
     def user_info(self, tenant: str, user: str) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from metarlhf.errors import ConfigError
+from metarlhf.io import file_in_the_way
 from metarlhf.runtime import parse_device
 from metarlhf.store import check_id
 
@@ -71,8 +72,7 @@ class Settings(BaseSettings):
     @classmethod
     def _root_is_a_directory(cls, v: str) -> str:
         """Refused here, at start-up, rather than by SQLite after the models have loaded."""
-        path = Path(v)
-        blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+        blocker = file_in_the_way(v)
         if blocker is not None:
             raise ValueError(f"adapter_root {v!r}: {str(blocker)!r} is a file, not a directory")
         return v
