@@ -58,7 +58,7 @@ def main() -> int:
         r = dict(r)
         name = r.pop("name")
         cfg = EvalConfig(ks=args.k, eval_prompts=args.eval_prompts, methods=args.methods.split(","),
-                         explore=args.explore, **r)
+                         explore=args.explore, allow_seen=True, **r)  # pilots run on training users
         t0 = time.perf_counter()
         got = evaluate_policy(users, prompts, cfg, base=(model, tok), progress=False)
         run = {"recipe": name, "params": r, "users": names, "summary": got["summary"],

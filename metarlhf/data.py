@@ -24,6 +24,7 @@ A file that cannot be read at all (I/O error, corrupted gzip) is always a DataEr
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import logging
 import random
@@ -305,6 +306,36 @@ def prompts_after(path: str | Path, offset: int, n: int) -> list[str]:
         if len(every) < limit:  # the file has no more
             return out
         limit += max(n, 64)
+
+
+def text_digest(texts: Iterable[str]) -> str:
+    """sha256 (hex) of a sequence of texts, order included: two runs that read the same
+    prompts (or records) in the same order have the same digest, whatever file they came from."""
+    h = hashlib.sha256()
+    for t in texts:
+        b = t.encode("utf-8", "surrogatepass")
+        h.update(len(b).to_bytes(8, "little"))
+        h.update(b)
+    return h.hexdigest()
+
+
+def prompt_digests(prompts: Iterable[str]) -> list[str]:
+    """A short digest (16 hex digits of sha256) per distinct prompt, sorted: what a policy
+    init records of the prompts it was meta-trained on, so an evaluation can tell whether
+    its held-out prompts are among them without the prompts themselves."""
+    return sorted({hashlib.sha256(p.encode("utf-8", "surrogatepass")).hexdigest()[:16] for p in prompts})
+
+
+def records_digest(records: Iterable[Record]) -> str:
+    """:func:`text_digest` of ``records`` (their fields, in order): a resumed meta-training
+    run checks with it that it reads the data its checkpoint was trained on."""
+    fields: list[str] = []
+    for r in records:
+        if isinstance(r, Thumbs):
+            fields += ["t", r.user_id, r.prompt, r.completion, str(r.label)]
+        else:
+            fields += ["p", r.user_id, r.prompt, r.chosen, r.rejected]
+    return text_digest(fields)
 
 
 def read_prompts(path: str | Path, limit: int | None = None) -> list[str]:

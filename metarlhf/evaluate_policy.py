@@ -98,6 +98,7 @@ class EvalConfig:
     distill_samples: int = 0  # extra self-generated thumbs up in the liked style (AdaptConfig.distill_samples)
     distill_hints: int = 1
     round_prompts: int = 2  # adaptive exploration: prompts per round after the first
+    allow_seen: bool = False  # evaluate users / prompts an init was meta-trained on (check_init_overlap)
 
     def __post_init__(self) -> None:
         if not self.explore or any(e not in EXPLORE_MODES for e in self.explore):
@@ -451,6 +452,48 @@ def check_eval_out(out: str | os.PathLike) -> None:
     check_results_out(out, ("config", "rows"), "an earlier `eval policy` result")
 
 
+def init_overlap(meta: dict[str, Any], users: Sequence[str], prompts: Sequence[str]) -> dict[str, Any]:
+    """What an evaluation shares with the meta-training of an init (its metadata ``meta``):
+    ``users``, the evaluated users among its ``train_users``; ``prompts``, how many of the
+    evaluation's distinct prompts are among its ``prompt_digests`` (None: the init does not
+    record them; inits made before session 15 do not)."""
+    from metarlhf.data import prompt_digests
+
+    seen = set(meta.get("train_users") or [])
+    digests = meta.get("prompt_digests")
+    shared = None if not isinstance(digests, list) else len(set(prompt_digests(prompts)) & set(digests))
+    return {"users": [u for u in users if u in seen], "prompts": shared}
+
+
+def check_init_overlap(cfg: EvalConfig, users: Sequence[str], prompts: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """:func:`init_overlap` of each init the methods use (read from its metadata only, so a
+    command can call it before it loads a model). ConfigError if an init was meta-trained on
+    an evaluated user or prompt, unless ``cfg.allow_seen``: the figure would measure
+    training, not few-shot personalization. An init that cannot be read is left to
+    :func:`metarlhf.policy.load_init` to report."""
+    from metarlhf.adapters import read_meta
+    from metarlhf.errors import AdapterError
+    from metarlhf.policy import DEFAULT_INIT_DIR
+
+    out: dict[str, dict[str, Any]] = {}
+    for init in dict.fromkeys(parse_method(m).init for m in cfg.methods):
+        if init == "scratch":
+            continue
+        path = (cfg.meta_init or DEFAULT_INIT_DIR) if init == "meta" else init
+        try:
+            meta = read_meta(path)
+        except AdapterError:
+            continue
+        got = out[init] = init_overlap(meta, users, prompts)
+        if not cfg.allow_seen and (got["users"] or got["prompts"]):
+            what = [f"user(s) {', '.join(got['users'])}"] if got["users"] else []
+            what += [f"{got['prompts']} of the evaluation's prompts"] if got["prompts"] else []
+            raise ConfigError(f"init {init!r} ({path}) was meta-trained on {' and '.join(what)}: that measures "
+                              "training, not few-shot personalization; evaluate others (--users, --offset), or "
+                              "pass --allow-seen to do it anyway")
+    return out
+
+
 def evaluate_policy(
     users: Sequence[Any],
     prompts: Sequence[str],
@@ -489,6 +532,7 @@ def evaluate_policy(
                         f"{cfg.eval_prompts} held out), got {len(prompts)}")
     train_prompts = list(prompts[:n_train])
     eval_prompts = list(prompts[n_train:n_train + cfg.eval_prompts])
+    overlap = check_init_overlap(cfg, [u.name for u in users], train_prompts + eval_prompts)
     t_start = time.perf_counter()
     model, tok, base_name = resolve_base(base)
     methods = [parse_method(m) for m in cfg.methods]
@@ -531,6 +575,7 @@ def evaluate_policy(
         "families": {u.name: u.family for u in users},
         "n_train_prompts": n_train,
         "n_eval_prompts": len(eval_prompts),
+        "init_overlap": overlap,  # users / prompts each init was meta-trained on (check_init_overlap)
         "exploration_hints": hint_log,
         "base_resample_fluency_drop_rate": resample_drop,  # the drop rate of base itself (another sample)
         "base_relevance": base_relevance,  # nats/token: prompt_relevance of the base answers

@@ -477,7 +477,7 @@ def meta_train_reward(data: str | Path, out: str | Path, cfg: MetaTrainConfig, e
     from tqdm import tqdm
 
     from metarlhf.adapters import save_adapter
-    from metarlhf.data import group_by_user, load_records
+    from metarlhf.data import group_by_user, load_records, records_digest
     from metarlhf.io import atomic_write_json, check_tensors, load_tensors, save_tensors
     from metarlhf.reward import (
         BASIS_KEY,
@@ -507,6 +507,14 @@ def meta_train_reward(data: str | Path, out: str | Path, cfg: MetaTrainConfig, e
     records, _ = load_records(data, skip_invalid=skip_invalid)
     users = group_by_user(records)
     split = split_persona_users(sorted(users), cfg.holdout_test, cfg.holdout_val, cfg.split_seed)
+    # what the run learns from and validates on: every user's records but the test users'
+    data_sha256 = records_digest(r for u in sorted(users) if u not in split["test"] for r in users[u])
+    if state is not None:  # a checkpoint written before these were recorded is not checked on them
+        if state.get("split") not in (None, split):
+            raise ConfigError(f"--resume: checkpoint {ckpt} was made with another user split (other users in --data)")
+        if state.get("data_sha256") not in (None, data_sha256):
+            raise ConfigError(f"--resume: checkpoint {ckpt} was trained on other records (--data changed); resume "
+                              "with the same data, or rerun without --resume")
     need = max(cfg.k_choices) + 1
     small = [u for u in split["train"] if len(users[u]) < need]
     if small:
@@ -617,7 +625,7 @@ def meta_train_reward(data: str | Path, out: str | Path, cfg: MetaTrainConfig, e
         save_tensors(ckpt / "state.safetensors", t)
         atomic_write_json(ckpt / "state.json", {"step": step, "best_val": best_val, "best_step": best_step,
                                                  "config": asdict(cfg), "elapsed": time.perf_counter() - t_start,
-                                                 "split": split})
+                                                 "split": split, "data_sha256": data_sha256})
 
     def validate() -> float:
         if not split["val"]:
@@ -679,7 +687,8 @@ def meta_train_reward(data: str | Path, out: str | Path, cfg: MetaTrainConfig, e
     final_lrs = best_lrs  # fixed (maml, fomaml, reptile) or learned (metasgd) inner lrs
     meta = {"kind": INIT_KIND, "name": f"meta-{cfg.algo}", "init": "meta", "algo": cfg.algo, "inner": cfg.inner,
             "inner_steps": cfg.inner_steps, "steps": step, "best_step": best_step, "val_acc": best_val,
-            "meta_config": asdict(cfg), "split": split, "data": str(data), "wall_seconds": round(wall, 1)}
+            "meta_config": asdict(cfg), "split": split, "data": str(data), "data_sha256": data_sha256,
+            "wall_seconds": round(wall, 1)}
     if cfg.init_from is not None:  # the warm start's own provenance, so the total cost stays visible
         from metarlhf.adapters import read_meta
 

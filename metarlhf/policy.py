@@ -100,7 +100,7 @@ from pathlib import Path
 from typing import Any
 
 from metarlhf.adapters import Adapter, load_adapter, save_adapter
-from metarlhf.data import Pair, Record, Thumbs
+from metarlhf.data import Pair, Record, Thumbs, prompt_digests, text_digest
 from metarlhf.errors import AdapterError, ConfigError, DataError, ModelError
 from metarlhf.models import DEFAULT_POLICY_NAME, model_name, shipped_init_dir
 from metarlhf.runtime import model_device
@@ -1497,10 +1497,19 @@ def _read_checkpoint(ckpt: Path) -> tuple[dict[str, Any], dict[str, Any], dict[s
     return state, tensors["params.safetensors"], tensors.get("outer.safetensors")
 
 
-def _check_resume(ckpt: Path, state: dict[str, Any], cfg: MetaConfig, acfg: AdaptConfig) -> None:
-    """ConfigError unless the checkpoint's settings allow resuming with ``cfg`` and ``acfg``."""
+def _check_resume(ckpt: Path, state: dict[str, Any], cfg: MetaConfig, acfg: AdaptConfig,
+                  prompts_sha256: str | None = None, users: Sequence[str] | None = None) -> None:
+    """ConfigError unless the checkpoint's settings allow resuming with ``cfg`` and ``acfg``,
+    on the same pool prompts (``prompts_sha256``, :func:`metarlhf.data.text_digest`) and the
+    same users, in order (checkpoints written before either was recorded are not checked on it)."""
     if state.get("algo") != cfg.algo:
         raise ConfigError(f"checkpoint in {ckpt} is for algo {state.get('algo')!r}, not {cfg.algo!r}")
+    if prompts_sha256 is not None and state.get("prompts_sha256") not in (None, prompts_sha256):
+        raise ConfigError(f"checkpoint in {ckpt} was trained on other prompts (another --prompts file or --offset); "
+                          "resume with the same ones, or rerun without --resume")
+    if users is not None and state.get("users") not in (None, list(users)):
+        raise ConfigError(f"checkpoint in {ckpt} was trained on users {', '.join(map(str, state['users']))}, "
+                          f"not {', '.join(users)}; resume with the same --users, or rerun without --resume")
 
     def recipe(d: dict[str, Any]) -> dict[str, Any]:
         return {f"adapt_config.{k}": v for k, v in d.items()}
@@ -1544,7 +1553,8 @@ def check_meta_train(
         _read_pool(_pool_path(work_p))
     checkpoint = _read_checkpoint(work_p / "checkpoint") if resume else None
     if checkpoint is not None:
-        _check_resume(work_p / "checkpoint", checkpoint[0], cfg, acfg)
+        _check_resume(work_p / "checkpoint", checkpoint[0], cfg, acfg, text_digest(prompts[: cfg.pool_prompts]),
+                      [u.name for u in users])
         _read_losses(work_p / "metrics.jsonl")
     return work_p, checkpoint
 
@@ -1588,8 +1598,13 @@ def meta_train_policy(
     base: Any = None,
     resume: bool = False,
     progress: bool = True,
+    source: dict[str, Any] | None = None,
 ) -> Adapter:
     """Meta-train a policy LoRA init over simulated ``users`` and save it to ``out``.
+
+    The init records what it was trained on: the users, the pool prompts' digest and a
+    short digest per prompt (``prompt_digests``, for :func:`metarlhf.evaluate_policy.evaluate_policy`
+    to find held-out prompts among them) and ``source`` (e.g. the prompts file and offset).
 
     ``work`` (default ``<out>.work``) holds ``pool.jsonl``, ``metrics.jsonl``,
     ``checkpoint/`` and (``subspace``) ``tasks/``. With ``resume`` the run continues from
@@ -1612,6 +1627,7 @@ def meta_train_policy(
     t0 = time.perf_counter()
     model, tok, base_name = resolve_base(base)
     pool = sample_pool(model, tok, list(prompts[: cfg.pool_prompts]), cfg, work, acfg.precision)
+    prompts_sha256 = text_digest(p for p, _ in pool)
     ref_cache: dict[tuple[str, str], float] = {}
     start, wall_before = 0, 0.0
     with lora_attached(model, None, cfg.seed) as pm:
@@ -1721,7 +1737,9 @@ def meta_train_policy(
                     if ost:
                         save_tensors(ckpt / "outer.safetensors", ost)
                 atomic_write_json(ckpt / "state.json", {"step": step + 1, "algo": cfg.algo, "wall_s": row["wall_s"],
-                                                        "config": asdict(cfg), "adapt_config": asdict(acfg)})
+                                                        "config": asdict(cfg), "adapt_config": asdict(acfg),
+                                                        "prompts_sha256": prompts_sha256,
+                                                        "users": [u.name for u in users]})
         subspace_info = None
         if cfg.algo == "subspace":
             files = [tasks_dir / f"task_{i:05d}.safetensors" for i in range(1, cfg.meta_steps + 1)]
@@ -1744,6 +1762,9 @@ def meta_train_policy(
         "inner_steps": cfg.inner_steps,
         "train_users": [u.name for u in users],
         "n_prompts": len(pool),
+        "prompts_sha256": prompts_sha256,
+        "prompt_digests": prompt_digests(p for p, _ in pool),
+        **({"source": source} if source is not None else {}),
         "losses": _read_losses(work / "metrics.jsonl"),
         "meta_config": asdict(cfg),
         "adapt_config": asdict(acfg),

@@ -110,6 +110,19 @@ def test_policy_work_dir_of_an_earlier_run_is_accepted(policy_run, tmp_path):
     assert [r["step"] for r in rows] == [1, 2]
 
 
+def test_policy_resume_on_other_prompts_is_refused_before_the_model_loads(policy_run, tmp_path, capsys, monkeypatch):
+    root, tiny, prompts, _ = policy_run
+    work = _copy_work(policy_run, tmp_path)
+    before = _snapshot(work)
+    _no_model_load(monkeypatch)
+    assert _policy(root, tiny, prompts, work, "--resume", "--meta-steps", "2", "--offset", "1",
+                   out=tmp_path / "o") == 2
+    assert "other prompts" in capsys.readouterr().err
+    assert _snapshot(work) == before and not (tmp_path / "o").exists()
+    init = json.loads((root / "init" / "metarlhf.json").read_text())
+    assert init["source"] == {"prompts": str(prompts), "offset": 0} and len(init["prompt_digests"]) == 2
+
+
 def test_policy_corrupted_pool_is_a_data_error_and_kept(policy_run, tmp_path, capsys):
     root, tiny, prompts, _ = policy_run
     work = _copy_work(policy_run, tmp_path)
@@ -240,6 +253,24 @@ def test_reward_checkpoint_dir_of_an_earlier_run_is_accepted(reward_run, tmp_pat
     shutil.copytree(reward_run[3], ckpt)
     assert _reward(reward_run, tmp_path / "o", ckpt, "--resume", "--steps", "2") == 0
     assert json.loads((tmp_path / "o" / "metarlhf.json").read_text())["steps"] == 2
+
+
+def test_reward_resume_on_changed_data_is_refused_and_kept(reward_run, tmp_path, capsys):
+    root, enc, data, _ = reward_run
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(reward_run[3], ckpt)
+    state = json.loads((ckpt / "state.json").read_text())
+    assert len(state["data_sha256"]) == 64
+    other = _write_personas(tmp_path / "personas", seed=1)  # the same users, other records
+    before = _snapshot(ckpt)
+    assert main(["meta-train", "reward", "--data", str(other), "--out", str(tmp_path / "o"), "--encoder", str(enc),
+                 "--checkpoint-dir", str(ckpt), *REWARD_ARGS, "--resume", "--steps", "2"]) == 2
+    assert "other records" in capsys.readouterr().err
+    (other / "user5.jsonl.gz").unlink()  # one user fewer: another split
+    assert main(["meta-train", "reward", "--data", str(other), "--out", str(tmp_path / "o"), "--encoder", str(enc),
+                 "--checkpoint-dir", str(ckpt), *REWARD_ARGS, "--resume", "--steps", "2"]) == 2
+    assert "split" in capsys.readouterr().err
+    assert _snapshot(ckpt) == before and not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("bad", [

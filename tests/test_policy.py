@@ -8,7 +8,7 @@ import torch
 from metarlhf import policy as P
 from metarlhf.adapters import load_adapter, save_adapter
 from metarlhf.cli import main
-from metarlhf.data import Pair
+from metarlhf.data import Pair, prompt_digests, text_digest
 from metarlhf.errors import AdapterError, ConfigError, DataError
 from metarlhf.io import load_tensors
 from metarlhf.simusers import get_users
@@ -211,6 +211,20 @@ def test_meta_train_reptile_writes_init_and_resumes(tmp_path):
                         resume=True, progress=False)
     rows = [json.loads(x) for x in (work / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    # the init records what it was trained on
+    init = load_adapter(tmp_path / "init", expect_kind="policy_init")
+    assert init.meta["train_users"] == ["bullets", "concise-15", "casual"]
+    assert init.meta["prompt_digests"] == prompt_digests(prompts[:8]) and len(init.meta["prompt_digests"]) == 8
+    assert init.meta["prompts_sha256"] == text_digest(prompts[:8])
+    # resuming on other prompts (another file or offset) or other users would mix two runs: refused
+    cfg6 = P.MetaConfig(meta_steps=6, pool_prompts=8, max_new_tokens=6, checkpoint_every=1)
+    with pytest.raises(ConfigError, match="other prompts"):
+        P.meta_train_policy(prompts[1:], users, tmp_path / "init", config=cfg6, adapt_config=kto, base=(model, tok),
+                            resume=True, progress=False)
+    with pytest.raises(ConfigError, match="trained on users"):
+        P.meta_train_policy(prompts, users[:2], tmp_path / "init", config=cfg6, adapt_config=kto, base=(model, tok),
+                            resume=True, progress=False)
+    assert [json.loads(x)["step"] for x in (work / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
     # resuming with another adaptation recipe (here the fluency anchor) would mix two recipes: refused
     with pytest.raises(ConfigError, match="adapt_config.kl_weight"):
         P.meta_train_policy(prompts, users, tmp_path / "init", config=cfg4, base=(model, tok), resume=True,
@@ -578,3 +592,38 @@ def test_eval_and_cli_defaults_follow_the_adaptation_recipe():
     assert (adapt.steps, adapt.lr) == (d.steps, d.lr)
     ev = groups["eval"].choices["policy"].parse_args(["--prompts", "p", "--out", "o"])
     assert (ev.steps, ev.lr) == (d.steps, d.lr)
+
+
+def test_eval_refuses_users_and_prompts_the_init_was_meta_trained_on(tmp_path, tiny_dir, capsys, monkeypatch):
+    from metarlhf.evaluate_policy import EvalConfig, check_init_overlap
+
+    model, tok = tiny_policy()
+    prompts = [f"question {i}?" for i in range(12)]
+    cfg = P.MetaConfig(meta_steps=1, pool_prompts=4, max_new_tokens=4, checkpoint_every=1, support_prompts=2,
+                       query_prompts=1)
+    P.meta_train_policy(prompts, get_users(["bullets"]), tmp_path / "init", config=cfg, base=(model, tok),
+                        progress=False)
+    ev = EvalConfig(ks=[2], eval_prompts=2, methods=["meta", "scratch"], meta_init=str(tmp_path / "init"))
+    assert check_init_overlap(ev, ["casual"], prompts[6:9]) == {"meta": {"users": [], "prompts": 0}}
+    with pytest.raises(ConfigError, match="user\\(s\\) bullets"):
+        check_init_overlap(ev, ["bullets", "casual"], prompts[6:9])
+    with pytest.raises(ConfigError, match="2 of the evaluation's prompts"):
+        check_init_overlap(ev, ["casual"], prompts[2:5])
+    allowed = EvalConfig(**{**vars(ev), "allow_seen": True})
+    assert check_init_overlap(allowed, ["bullets"], prompts[2:5]) == {"meta": {"users": ["bullets"], "prompts": 2}}
+    # an init without prompt digests (made before they were recorded): prompts unknown, users still checked
+    meta_file = tmp_path / "init" / "metarlhf.json"
+    meta = json.loads(meta_file.read_text())
+    del meta["prompt_digests"]
+    meta_file.write_text(json.dumps(meta))
+    assert check_init_overlap(ev, ["casual"], prompts[:3]) == {"meta": {"users": [], "prompts": None}}
+    # the command refuses before it loads the model
+    import metarlhf.commands.policy as cp
+
+    monkeypatch.setattr(cp, "_base", lambda *a, **k: pytest.fail("the model was loaded first"))
+    pf = tmp_path / "prompts.jsonl"
+    pf.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    rc = main(["eval", "policy", "--users", "bullets", "--k", "2", "--prompts", str(pf), "--offset", "6",
+               "--eval-prompts", "2", "--init", str(tmp_path / "init"), "--policy", str(tiny_dir),
+               "--out", str(tmp_path / "r.json")])
+    assert rc == 2 and "--allow-seen" in capsys.readouterr().err and not (tmp_path / "r.json").exists()

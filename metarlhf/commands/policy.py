@@ -94,6 +94,8 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
     p.add_argument("--samples-per-prompt", type=_positive, default=2)
     p.add_argument("--methods", default="meta,scratch", help="comma-separated: meta, scratch, or adapter dirs")
     p.add_argument("--init", default=None, help="adapter dir used for method 'meta' (default: shipped)")
+    p.add_argument("--allow-seen", action="store_true",
+                   help="evaluate users or prompts an init was meta-trained on (refused by default)")
     p.add_argument("--steps", type=_positive, default=AdaptConfig.steps)
     p.add_argument("--lr", type=float, default=AdaptConfig.lr, help="Adam lr (AdaptConfig default)")
     p.add_argument("--max-new-tokens", type=_positive, default=48)
@@ -214,7 +216,8 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
     _check_train_layers(args, base[0])
     t0 = time.perf_counter()
     adapter = meta_train_policy(prompts, users, args.out, work=args.work, config=cfg, adapt_config=acfg,
-                                base=base, resume=args.resume)
+                                base=base, resume=args.resume,
+                                source={"prompts": str(args.prompts), "offset": args.offset})
     print(f"wrote {args.out} ({args.algo}, {cfg.meta_steps} meta-steps over {len(users)} users, "
           f"{time.perf_counter() - t0:.0f} s this run, {adapter.meta['wall_s']} s total)")
     return 0
@@ -244,7 +247,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from metarlhf.data import prompts_after
-    from metarlhf.evaluate_policy import EvalConfig, check_eval_out, evaluate_policy
+    from metarlhf.evaluate_policy import EvalConfig, check_eval_out, check_init_overlap, evaluate_policy
     from metarlhf.simusers import HELDOUT_USERS
 
     check_eval_out(args.out)  # before the model is loaded, not after the whole evaluation
@@ -257,13 +260,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
         explore=list(dict.fromkeys(args.explore)), plain_every=args.plain_every, kto_weight=args.kto_weight,
         sft_weight=args.sft_weight, pair_weight=args.pair_weight, train_layers=_train_layers(args),
         kl_weight=args.kl_weight, contrast_weight=args.contrast_weight, distill_samples=args.distill_samples,
-        distill_hints=args.distill_hints, round_prompts=args.round_prompts,
+        distill_hints=args.distill_hints, round_prompts=args.round_prompts, allow_seen=args.allow_seen,
     )
     if args.init is not None and not any(m.split("+")[0] == "meta" for m in cfg.methods):
         raise ConfigError(f"--init is the init of method 'meta' (and meta+...), which --methods {args.methods!r} "
                           "does not run; add meta to --methods or leave --init out")
     n_train = -(-max(cfg.ks) // cfg.samples_per_prompt)
     prompts = prompts_after(args.prompts, args.offset, n_train + cfg.eval_prompts)
+    # before the model is loaded: an init meta-trained on these users or prompts
+    check_init_overlap(cfg, [u.name for u in users], prompts[: n_train + cfg.eval_prompts])
     base = _base(args, device)
     _check_train_layers(args, base[0])
     result = evaluate_policy(users, prompts, cfg, base=base, out=args.out)
