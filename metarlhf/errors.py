@@ -38,6 +38,12 @@ class ConfigError(MetaRLHFError):
     type = "invalid_config"
 
 
+class Cancelled(MetaRLHFError):
+    """Work stopped on request before it finished (e.g. an adaptation when the server shuts down)."""
+
+    type = "cancelled"
+
+
 class NotFoundError(MetaRLHFError):
     """A user, adapter version, job or completion that does not exist."""
 

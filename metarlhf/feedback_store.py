@@ -159,6 +159,10 @@ class FeedbackStore:
     def get_completion(self, tenant: str, user: str, completion_id: str) -> dict[str, Any]:
         raise NotImplementedError
 
+    def delete_completions(self, tenant: str, user: str, completion_ids: list[str]) -> int:
+        """Remove the user's completions of these ids; returns how many were removed."""
+        raise NotImplementedError
+
     def records(self, tenant: str, user: str, limit: int | None = None) -> list[Record]:
         raise NotImplementedError
 
@@ -477,6 +481,14 @@ class SQLiteFeedbackStore(FeedbackStore):
         self._write(lambda conn: conn.execute(
             "INSERT INTO completions (id, tenant, user_id, prompt, completion, adapter, created_at) "
             "VALUES (?, ?, ?, ?, ?, ?, ?)", (completion_id, tenant, user, prompt, completion, json.dumps(adapter), now)))
+
+    def delete_completions(self, tenant: str, user: str, completion_ids: list[str]) -> int:
+        if not completion_ids:
+            return 0
+        marks = ",".join("?" * len(completion_ids))
+        return self._write(lambda conn: conn.execute(
+            f"DELETE FROM completions WHERE tenant=? AND user_id=? AND id IN ({marks})",
+            (tenant, user, *completion_ids)).rowcount)
 
     def get_completion(self, tenant: str, user: str, completion_id: str) -> dict[str, Any]:
         """A served completion of this tenant's user; :class:`NotFoundError` otherwise."""

@@ -35,6 +35,7 @@ the policy (never the serving engine's), tests inject small fakes.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import shutil
@@ -50,7 +51,7 @@ import numpy as np
 
 from metarlhf.adapters import Adapter
 from metarlhf.data import Pair, Record, Thumbs
-from metarlhf.errors import ConfigError, DataError, MetaRLHFError, NotFoundError
+from metarlhf.errors import Cancelled, ConfigError, DataError, MetaRLHFError, NotFoundError
 from metarlhf.feedback_store import SQLiteFeedbackStore
 from metarlhf.retrieval import PreferenceIndex, preference_vector
 from metarlhf.store import AdapterStore
@@ -66,7 +67,8 @@ class Personalizer(Protocol):
 
     def adapt_reward(self, records: Sequence[Record]) -> Adapter: ...
 
-    def adapt_policy(self, records: Sequence[Record], init: str | Path | None) -> Adapter: ...
+    def adapt_policy(self, records: Sequence[Record], init: str | Path | None,
+                     should_stop: Callable[[], bool] | None = None) -> Adapter: ...
 
     def embed(self, prompts: list[str], completions: list[str]) -> np.ndarray: ...  # [n, d]
 
@@ -150,12 +152,13 @@ class DefaultPersonalizer:
         with self._reward_lock:
             return adapt_reward(records, init=self.reward_init, encoder=self.reward_model, steps=self.reward_steps)
 
-    def adapt_policy(self, records: Sequence[Record], init: str | Path | None) -> Adapter:
+    def adapt_policy(self, records: Sequence[Record], init: str | Path | None,
+                     should_stop: Callable[[], bool] | None = None) -> Adapter:
         from metarlhf.policy import adapt_policy
 
         with self._policy_lock:
             return adapt_policy(records, base=self.policy, init=str(init) if init is not None else self.policy_init,
-                                steps=self.policy_steps)
+                                steps=self.policy_steps, should_stop=should_stop)
 
     def embed(self, prompts: list[str], completions: list[str]) -> np.ndarray:
         import torch
@@ -210,6 +213,9 @@ class AdaptationRunner:
         self._rollbacks: dict[tuple[str, str], int] = {}
         self._publish = threading.Lock()  # lock order: _publish, then _lock
         self._closed = False
+        # a personalizer whose adapt_policy takes should_stop stops a running job at close()
+        # (one adaptation step, not the whole adaptation: ~45 s on a 2-core CPU)
+        self._cancellable = "should_stop" in inspect.signature(personalizer.adapt_policy).parameters
         self.stats = {"succeeded": 0, "failed": 0, "started": 0}
 
     @property
@@ -303,6 +309,13 @@ class AdaptationRunner:
             with self._lock:
                 self._erasures[key] += 1
 
+    def erasure_epoch(self, tenant: str, user: str) -> int:
+        """How many times an erasure of the user began or ended (odd: one is in progress).
+        Data derived from the user's state (a served completion, say) and written between
+        two reads of the same even epoch is either erased with the user or outlives no erasure."""
+        with self._lock:
+            return self._erasures.get((tenant, user), 0)
+
     def wait_idle(self, timeout: float = 60.0) -> bool:
         """Block until no job is in flight (tests, benchmarks)."""
         end = time.monotonic() + timeout
@@ -313,8 +326,10 @@ class AdaptationRunner:
         return False
 
     def close(self) -> None:
-        """Finish the running jobs; queued ones are cancelled and recorded as failed (their
-        records stay new, so the next feedback after a restart triggers adaptation)."""
+        """Stop: queued jobs are cancelled and a running one stops at its next adaptation
+        step (where the personalizer allows it; else it finishes), all recorded as failed
+        (their records stay new, so the next feedback after a restart triggers adaptation).
+        Nothing of a stopped job is published."""
         with self._lock:
             self._closed = True
         self._pool.shutdown(wait=True, cancel_futures=True)
@@ -360,7 +375,13 @@ class AdaptationRunner:
             reward = self.personalizer.adapt_reward(records)
             check_finite(reward, "reward")
             init, neighbor = self._policy_init(tenant, user, records)
-            policy = self.personalizer.adapt_policy(records, init)
+            if self._cancellable:
+                try:
+                    policy = self.personalizer.adapt_policy(records, init, should_stop=lambda: self._closed)
+                except Cancelled as e:
+                    raise Cancelled(f"cancelled: the server shut down while the job ran ({e})") from e
+            else:
+                policy = self.personalizer.adapt_policy(records, init)
             check_finite(policy, "policy")
             if neighbor is not None:
                 policy.meta["init_neighbor"] = neighbor

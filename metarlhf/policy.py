@@ -101,7 +101,7 @@ from typing import Any
 
 from metarlhf.adapters import Adapter, load_adapter, save_adapter
 from metarlhf.data import Pair, Record, Thumbs, prompt_digests, text_digest
-from metarlhf.errors import AdapterError, ConfigError, DataError, ModelError
+from metarlhf.errors import AdapterError, Cancelled, ConfigError, DataError, ModelError
 from metarlhf.models import DEFAULT_POLICY_NAME, model_name, shipped_init_dir
 from metarlhf.runtime import model_device
 
@@ -1025,8 +1025,10 @@ def _sample_rows(data: Prepared, batch_size: int, rng: random.Random) -> tuple[A
     )
 
 
-def train_steps(peft_model: Any, data: Prepared, cfg: AdaptConfig, steps: int, rng: random.Random) -> list[float]:
-    """``steps`` Adam steps on the LoRA parameters; returns the loss of each step."""
+def train_steps(peft_model: Any, data: Prepared, cfg: AdaptConfig, steps: int, rng: random.Random,
+                should_stop: Callable[[], bool] | None = None) -> list[float]:
+    """``steps`` Adam steps on the LoRA parameters; returns the loss of each step.
+    ``should_stop`` is asked before every step: when it says so, :class:`Cancelled`."""
     import torch
 
     params = trainable_params(peft_model, data.start)
@@ -1035,7 +1037,9 @@ def train_steps(peft_model: Any, data: Prepared, cfg: AdaptConfig, steps: int, r
     opt = torch.optim.Adam(params, lr=cfg.lr)
     device = model_device(peft_model).type
     losses = []
-    for _ in range(steps):
+    for i in range(steps):
+        if should_stop is not None and should_stop():
+            raise Cancelled(f"adaptation cancelled after {i} of {steps} steps")
         kto_rows, dpo_rows = _sample_rows(data, cfg.batch_size, rng)
         opt.zero_grad(set_to_none=True)
         with autocast(cfg.precision, device):
@@ -1160,6 +1164,7 @@ def adapt_policy(
     augment_explore: str = "plain",
     hints: Sequence[str | None] | None = None,
     distill_scorer: Scorer | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> Adapter:
     """Fit one user's policy LoRA on their thumbs (KTO) and/or pairs (DPO).
 
@@ -1169,7 +1174,9 @@ def adapt_policy(
     ``hints``: the style hint each record's sample was drawn with (None = plain), from
     exploration; with ``config.distill_samples > 0`` they select the liked style for
     :func:`distill_records` (ranked by ``distill_scorer`` when given). Without hints no
-    extra samples are drawn. Returns a ``kind="policy"`` adapter (not yet saved).
+    extra samples are drawn. ``should_stop``: asked before every step; when it says so, the
+    adaptation stops with :class:`~metarlhf.errors.Cancelled` (a server shutting down).
+    Returns a ``kind="policy"`` adapter (not yet saved).
     """
     import torch
 
@@ -1199,7 +1206,7 @@ def adapt_policy(
             n_distilled = len(extra)
             distill_s = time.perf_counter() - td
         data = prepare(pm, tok, recs, cfg)
-        losses = train_steps(pm, data, cfg, cfg.steps, rng)
+        losses = train_steps(pm, data, cfg, cfg.steps, rng, should_stop)
         tensors = lora_state(pm)
     init_name = (
         "scratch" if init_adapter is None else ("meta" if init == "meta" else str(init_adapter.meta.get("sha256")))

@@ -154,8 +154,9 @@ async def _complete(body: GenerationFields, rt: Runtime, tenant: str, settings: 
     reqs = requests_for(body, settings, chat)
     cid = rt.new_completion_id("chatcmpl" if chat else "cmpl")
     model = body.model or settings.model_name
+    epoch = rt.erasure_epoch(tenant, body.user) if body.user is not None else 0
     if body.stream:
-        return await _stream(body, reqs[0], rt, tenant, cid, model, chat)
+        return await _stream(body, reqs[0], rt, tenant, cid, model, chat, epoch)
     try:
         results, info = await rt.generate(tenant, body.user, reqs)
     except Overloaded as e:
@@ -165,9 +166,8 @@ async def _complete(body: GenerationFields, rt: Runtime, tenant: str, settings: 
     except Exception as e:
         raise _generation_error(e) from e
     if body.user is not None:  # every choice, so that feedback can name the one the user saw
-        for i, r in enumerate(results):
-            await run_in_threadpool(rt.feedback.add_completion, tenant, body.user, choice_id(cid, i),
-                                    feedback_prompt(body, chat, i), r.text, info)
+        rows = [(choice_id(cid, i), feedback_prompt(body, chat, i), r.text) for i, r in enumerate(results)]
+        await run_in_threadpool(rt.record_completions, tenant, body.user, rows, info, epoch)
     rt.metrics.inc("generated_tokens_total", "completion tokens generated",
                    sum(r.completion_tokens for r in results))
     created = int(time.time())
@@ -189,7 +189,7 @@ async def _complete(body: GenerationFields, rt: Runtime, tenant: str, settings: 
 
 
 async def _stream(body: GenerationFields, req: GenerationRequest, rt: Runtime, tenant: str, cid: str, model: str,
-                  chat: bool) -> StreamingResponse:
+                  chat: bool, epoch: int) -> StreamingResponse:
     """SSE stream. The request joins the dynamic batch like any other row; the engine
     hands each new piece of text to ``req.on_text``, which feeds this response.
 
@@ -247,8 +247,8 @@ async def _stream(body: GenerationFields, req: GenerationRequest, rt: Runtime, t
                 results, info = task.result()
                 result = results[0]
                 if body.user is not None:
-                    await run_in_threadpool(rt.feedback.add_completion, tenant, body.user, cid,
-                                            feedback_prompt(body, chat), result.text, info)
+                    await run_in_threadpool(rt.record_completions, tenant, body.user,
+                                            [(cid, feedback_prompt(body, chat), result.text)], info, epoch)
             except Exception as e:  # noqa: BLE001 - the response has started: end it with a typed error event
                 if not isinstance(e, MetaRLHFError | ApiError):
                     log.error("stream %s failed: %s", cid, type(e).__name__, exc_info=e)

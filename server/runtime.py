@@ -295,6 +295,26 @@ class Runtime:
                 raise r.error
         return results, info
 
+    def erasure_epoch(self, tenant: str, user: str) -> int:
+        """Read before a generation whose completions :meth:`record_completions` stores."""
+        return self.runner.erasure_epoch(tenant, user)
+
+    def record_completions(self, tenant: str, user: str, rows: list[tuple[str, str, str]], info: dict[str, Any],
+                           epoch: int) -> bool:
+        """Store served completions (``(completion_id, prompt, text)``) so that feedback can
+        name them, unless the user was erased since ``epoch`` (:meth:`erasure_epoch`, read
+        before generating) or is being erased: then what was written is removed again, and
+        False returned. Written first and checked after, so an erasure that begins in
+        between removes the rows itself."""
+        for cid, prompt, text in rows:
+            self.feedback.add_completion(tenant, user, cid, prompt, text, info)
+        now = self.erasure_epoch(tenant, user)
+        if now == epoch and now % 2 == 0:
+            return True
+        self.feedback.delete_completions(tenant, user, [cid for cid, _, _ in rows])
+        log.info("user %s/%s was erased while a generation ran: its completions are not kept", tenant, user)
+        return False
+
     # -- feedback ------------------------------------------------------------------------
     def _feedback_item(self, tenant: str, body: dict[str, Any]) -> FeedbackInput:
         user, cid = body["user_id"], body.get("completion_id")

@@ -61,12 +61,12 @@ class TinyPersonalizer:
                 raise RuntimeError("injected adaptation failure")
             return adapt_reward(records, init="scratch", encoder=self.reward_model, steps=self.reward_steps)
 
-    def adapt_policy(self, records: Any, init: str | Path | None) -> Adapter:
+    def adapt_policy(self, records: Any, init: str | Path | None, should_stop: Any = None) -> Adapter:
         from metarlhf.policy import adapt_policy
 
         with self._policy_lock:
             return adapt_policy(records, base=self.policy, init=str(init) if init is not None else "scratch",
-                                steps=self.policy_steps)
+                                steps=self.policy_steps, should_stop=should_stop)
 
     def embed(self, prompts: list[str], completions: list[str]) -> np.ndarray:
         import torch

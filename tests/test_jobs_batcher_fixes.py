@@ -115,3 +115,43 @@ def test_the_batcher_survives_a_failing_hook_and_refuses_work_after_stop():
     with pytest.raises(Overloaded, match="shutting down"):
         asyncio.run(go())  # was: queued with no worker, waited forever
     assert b.depth == 0
+
+
+def test_close_stops_a_running_policy_adaptation_at_its_next_step(tmp_path):
+    """close() used to wait for a running job to finish its whole adaptation (~45 s on CPU)."""
+    import threading
+    import time
+
+    from server.testing import TinyPersonalizer
+
+    pers = TinyPersonalizer(policy_steps=10_000)
+    real = pers.adapt_policy
+    started = threading.Event()
+
+    def adapt_policy(records, init, should_stop=None):
+        started.set()
+        return real(records, init, should_stop=should_stop)
+
+    pers.adapt_policy = adapt_policy
+    fb = SQLiteFeedbackStore(tmp_path / "fb.sqlite")
+    store = AdapterStore(tmp_path / "ad")
+    r = AdaptationRunner(fb, store, pers, None, threshold=2)
+    _thumbs(fb, "u", 0, 1)
+    jid = r.maybe_enqueue("t", "u")
+    assert jid is not None and started.wait(30)
+    time.sleep(0.2)  # a few steps in
+    t0 = time.perf_counter()
+    r.close()
+    assert time.perf_counter() - t0 < 10
+    job = fb.latest_job("t", "u")
+    assert job["state"] == "failed" and "shut down while the job ran" in job["error"]
+    assert store.current("t", "u", "policy") is None and store.current("t", "u", "reward") is None
+    fb.close()
+
+
+def test_a_personalizer_without_should_stop_still_works(runner):
+    r, fb, store, _ = runner
+    assert not r._cancellable
+    _thumbs(fb, "u", 0, 1)
+    assert r.maybe_enqueue("t", "u") is not None and r.wait_idle(10)
+    assert fb.latest_job("t", "u")["state"] == "succeeded"

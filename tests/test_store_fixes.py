@@ -146,3 +146,39 @@ def test_a_corrupted_feedback_database_is_refused_at_open(tmp_path):
         f.write(np.random.default_rng(0).bytes(4096 * 3))
     with pytest.raises(ConfigError, match="corrupted|cannot"):
         SQLiteFeedbackStore(path)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_generation_that_an_erasure_overtakes_keeps_no_completion(client, monkeypatch, stream):
+    """The user is erased while their request generates: the served completion is not
+    stored afterwards (it kept the erased user known, and their data on disk)."""
+    rt = client.app.state.runtime
+    _thumb(client, "fay")
+    real = rt.generate
+
+    async def generate_then_erase(tenant, user, reqs):
+        got = await real(tenant, user, reqs)
+        rt.delete_user(tenant, user)  # the DELETE lands while the response is on its way
+        return got
+
+    monkeypatch.setattr(rt, "generate", generate_then_erase)
+    r = client.post("/v1/completions", json={"prompt": "Once", "max_tokens": 3, "user": "fay", "stream": stream},
+                    headers=A)
+    assert r.status_code == 200, r.text
+    assert client.get("/v1/users/fay", headers=A).status_code == 404
+    assert not rt.user_known("acme", "fay")
+
+
+def test_record_completions_keeps_rows_only_outside_an_erasure(client):
+    rt = client.app.state.runtime
+    _thumb(client, "gus")
+    epoch = rt.erasure_epoch("acme", "gus")
+    assert rt.record_completions("acme", "gus", [("c-1", "p", "t")], {}, epoch)
+    assert rt.feedback.get_completion("acme", "gus", "c-1")["completion"] == "t"
+    with rt.runner.erasing("acme", "gus"):  # in progress (odd): written, then removed again
+        assert not rt.record_completions("acme", "gus", [("c-2", "p", "t")], {}, epoch)
+    assert not rt.record_completions("acme", "gus", [("c-3", "p", "t")], {}, epoch)  # one ran since
+    for cid in ("c-2", "c-3"):
+        with pytest.raises(Exception, match="not found"):
+            rt.feedback.get_completion("acme", "gus", cid)
+    assert rt.feedback.get_completion("acme", "gus", "c-1")["completion"] == "t"
