@@ -212,6 +212,11 @@ class AdaptationRunner:
         # its versions but does not make them current (the operator's choice stands)
         self._rollbacks: dict[tuple[str, str], int] = {}
         self._publish = threading.Lock()  # lock order: _publish, then _lock
+        # whether a user's job starts is decided under one of these (by the user's hash),
+        # not under _lock: the decision reads and writes SQLite (a create_job commit is an
+        # fsync), and _lock guards the in-memory maps every request reads. Lock order: a
+        # start lock, then _lock.
+        self._start_locks = [threading.Lock() for _ in range(64)]
         self._closed = False
         # a personalizer whose adapt_policy takes should_stop stops a running job at close()
         # (one adaptation step, not the whole adaptation: ~45 s on a 2-core CPU)
@@ -237,49 +242,74 @@ class AdaptationRunner:
         decides on fresh counts."""
         return new >= self.threshold and self.inflight(tenant, user) is None
 
+    def _start_lock(self, tenant: str, user: str) -> threading.Lock:
+        return self._start_locks[hash((tenant, user)) % len(self._start_locks)]
+
     def _due(self, tenant: str, user: str) -> bool:
-        """Whether the user's records call for an automatic job (call with ``_lock`` held):
-        ``threshold`` records past the watermark and, after a failed job, past what it tried."""
+        """Whether the user's records call for an automatic job (call with the user's start
+        lock held, not ``_lock``: it reads SQLite): ``threshold`` records past the watermark
+        and, after a failed job, past what it tried."""
         if self.feedback.new_count(tenant, user) < self.threshold:
             return False
-        failed = self._failed_upto.get((tenant, user))
+        with self._lock:
+            failed = self._failed_upto.get((tenant, user))
         return failed is None or self.feedback.count_after(tenant, user, failed) >= self.threshold
 
     def maybe_enqueue(self, tenant: str, user: str, new: int | None = None) -> dict[str, Any] | None:
         """Enqueue a job if the user's records call for one (:meth:`_due`) and none is in
         flight. ``new``, the count the feedback write returned, only skips the recount when it
         is below the threshold: it may be stale (a job may have succeeded since), so the
-        decision is made on fresh counts under the lock."""
+        decision is made on fresh counts under the user's start lock."""
         if new is not None and new < self.threshold:
             return None
-        with self._lock:
-            if self._closed or (tenant, user) in self._inflight or not self._due(tenant, user):
+        with self._start_lock(tenant, user):
+            with self._lock:
+                if self._closed or (tenant, user) in self._inflight:
+                    return None
+            if not self._due(tenant, user):
                 return None
             return self._start(tenant, user, "threshold")
 
     def enqueue(self, tenant: str, user: str, reason: str = "manual") -> dict[str, Any]:
         """Start a job for the user, or return the one already in flight."""
         key = (tenant, user)
-        with self._lock:
-            if self._closed:
-                raise ConfigError("the adaptation runner is shut down")
-            jid = self._inflight.get(key)
+        with self._start_lock(tenant, user):
+            with self._lock:
+                if self._closed:
+                    raise ConfigError("the adaptation runner is shut down")
+                jid = self._inflight.get(key)
             if jid is None:
                 if self.feedback.max_seq(tenant, user) == 0:
                     raise DataError(f"user {user!r} has no feedback to adapt on")
-                return self._start(tenant, user, reason)
+                job = self._start(tenant, user, reason)
+                if job is None:
+                    raise ConfigError("the adaptation runner is shut down")
+                return job
         try:
             return self.feedback.get_job(tenant, jid)
         except NotFoundError:  # its row went with an erasure; the job discards its output
             raise ConfigError(f"user {user!r} was erased while a job ran; that job is finishing and publishes "
                               "nothing: retry in a moment") from None
 
-    def _start(self, tenant: str, user: str, reason: str) -> dict[str, Any]:
-        """Create and submit a job (call with _lock held, none in flight for the user)."""
+    def _start(self, tenant: str, user: str, reason: str) -> dict[str, Any] | None:
+        """Create and submit a job (call with the user's start lock held, not ``_lock``, and
+        none in flight for the user but possibly the finished job :meth:`_finish` replaces).
+        The erasure and rollback counts are read before the job's row is written: an erasure
+        that deletes the row, or comes after it, is seen by the job. None if the runner was
+        closed meanwhile (the job is recorded as failed and never runs)."""
         key = (tenant, user)
+        with self._lock:
+            epochs = (self._erasures.get(key, 0), self._rollbacks.get(key, 0))
         job = self.feedback.create_job(tenant, user, reason)
-        self._inflight[key] = job["id"]
-        self._pool.submit(self._run, tenant, user, job["id"], self._erasures.get(key, 0), self._rollbacks.get(key, 0))
+        with self._lock:
+            self._orphans.discard(self._inflight.pop(key, ""))  # the finished job _finish replaces
+            closed = self._closed
+            if not closed:
+                self._inflight[key] = job["id"]
+                self._pool.submit(self._run, tenant, user, job["id"], *epochs)
+        if closed:  # closed meanwhile: the job never runs
+            self.feedback.update_job(job["id"], "failed", error="cancelled: the server shut down before the job ran")
+            return None
         return job
 
     @contextmanager
@@ -476,19 +506,25 @@ class AdaptationRunner:
         failure the next automatic job waits for ``threshold`` records past what this one
         tried: the same records would fail the same way."""
         key = (tenant, user)
-        with self._lock:
-            self._orphans.discard(self._inflight.pop(key, ""))
-            if succeeded:
-                self._failed_upto.pop(key, None)
-            elif upto:  # 0 or None: the job never started on records
-                self._failed_upto[key] = upto
-            if self._closed:
-                return
+        with self._start_lock(tenant, user):  # the finished job stays in _inflight until the next is
+            with self._lock:                  # decided: queue_depth never reads 0 in between
+                jid = self._inflight.get(key, "")
+                self._orphans.discard(jid)
+                if succeeded:
+                    self._failed_upto.pop(key, None)
+                elif upto:  # 0 or None: the job never started on records
+                    self._failed_upto[key] = upto
+                closed = self._closed
             try:
-                if self._due(tenant, user):
-                    self._start(tenant, user, "threshold")
+                if not closed and self._due(tenant, user):
+                    self._start(tenant, user, "threshold")  # replaces jid in _inflight
+                    return
             except Exception:  # noqa: BLE001 - e.g. the store is closing; the next feedback checks again
                 log.warning("user %s/%s: no follow-up adaptation job", tenant, user, exc_info=True)
+            with self._lock:
+                if self._inflight.get(key) == jid:
+                    del self._inflight[key]
+                self._orphans.discard(jid)  # an erasure meanwhile saw it still in flight
 
 
 def _last(xs: Any) -> float | None:

@@ -155,3 +155,33 @@ def test_a_personalizer_without_should_stop_still_works(runner):
     _thumbs(fb, "u", 0, 1)
     assert r.maybe_enqueue("t", "u") is not None and r.wait_idle(10)
     assert fb.latest_job("t", "u")["state"] == "succeeded"
+
+
+def test_starting_a_job_does_not_hold_the_runner_lock_across_sqlite(runner, monkeypatch):
+    """A job's row is an fsync'd commit: while one is written, other users' requests
+    (inflight, erasure_epoch, queue_depth) must not wait for it."""
+    import threading
+    import time
+
+    r, fb, _, _ = runner
+    _thumbs(fb, "u", 0, 1)
+    real, writing, release = fb.create_job, threading.Event(), threading.Event()
+
+    def slow_create_job(*a, **k):
+        writing.set()
+        release.wait(5)
+        return real(*a, **k)
+
+    monkeypatch.setattr(fb, "create_job", slow_create_job)
+    t = threading.Thread(target=r.maybe_enqueue, args=("t", "u"))
+    t.start()
+    assert writing.wait(5)
+    t0 = time.perf_counter()
+    assert r.inflight("t", "v") is None and r.erasure_epoch("t", "v") == 0 and r.queue_depth == 0
+    assert time.perf_counter() - t0 < 1  # (the commit is held for 5 s)
+    threading.Timer(0.3, release.set).start()
+    assert r.maybe_enqueue("t", "u") is None  # the same user waits for the decision: at most one job
+    assert 0.2 < time.perf_counter() - t0 < 4
+    t.join(5)
+    assert r.wait_idle(10) and fb.latest_job("t", "u")["state"] == "succeeded"
+    assert fb._reader().execute("SELECT COUNT(*) FROM jobs WHERE tenant='t' AND user_id='u'").fetchone()[0] == 1
