@@ -485,6 +485,9 @@ def check_init_overlap(cfg: EvalConfig, users: Sequence[str], prompts: Sequence[
         except AdapterError:
             continue
         got = out[init] = init_overlap(meta, users, prompts)
+        if got["prompts"] is None:
+            log.warning("init %r (%s) does not record its meta-training prompts: held-out prompts are not checked "
+                        "against them (its users are)", init, path)
         if not cfg.allow_seen and (got["users"] or got["prompts"]):
             what = [f"user(s) {', '.join(got['users'])}"] if got["users"] else []
             what += [f"{got['prompts']} of the evaluation's prompts"] if got["prompts"] else []

@@ -202,6 +202,11 @@ class AdaptationRunner:
         # jobs whose user was erased while they ran: still finishing (single flight), but not
         # the user's job any more (their row is gone; they publish nothing)
         self._orphans: set[str] = set()
+        # jobs that ended and whose follow-up _finish is deciding: still counted by
+        # queue_depth, but not reported in flight, so a request's wants_job pre-check passes
+        # and its maybe_enqueue waits for the decision (else feedback committed just after
+        # _finish's recount would start no job)
+        self._finishing: set[str] = set()
         # erasure generation per user: odd while an erasure runs; a job publishes only if it is
         # unchanged since the job was enqueued (held with _publish around the swap)
         self._erasures: dict[tuple[str, str], int] = {}
@@ -234,7 +239,7 @@ class AdaptationRunner:
         may start a job when it ends)."""
         with self._lock:
             jid = self._inflight.get((tenant, user))
-            return None if jid in self._orphans else jid
+            return None if jid in self._orphans or jid in self._finishing else jid
 
     def wants_job(self, tenant: str, user: str, new: int) -> bool:
         """A cheap pre-check: whether ``new`` records past the watermark may call for a job now
@@ -295,18 +300,25 @@ class AdaptationRunner:
         """Create and submit a job (call with the user's start lock held, not ``_lock``, and
         none in flight for the user but possibly the finished job :meth:`_finish` replaces).
         The erasure and rollback counts are read before the job's row is written: an erasure
-        that deletes the row, or comes after it, is seen by the job. None if the runner was
+        that deletes the row, or comes after it, is seen by the job, and a rollback during the
+        commit stands over it (the operator's choice wins a tie). None if the runner was
         closed meanwhile (the job is recorded as failed and never runs)."""
         key = (tenant, user)
         with self._lock:
             epochs = (self._erasures.get(key, 0), self._rollbacks.get(key, 0))
         job = self.feedback.create_job(tenant, user, reason)
         with self._lock:
-            self._orphans.discard(self._inflight.pop(key, ""))  # the finished job _finish replaces
+            old = self._inflight.pop(key, "")  # the finished job _finish replaces
+            self._orphans.discard(old)
+            self._finishing.discard(old)
             closed = self._closed
             if not closed:
-                self._inflight[key] = job["id"]
-                self._pool.submit(self._run, tenant, user, job["id"], *epochs)
+                try:
+                    self._pool.submit(self._run, tenant, user, job["id"], *epochs)
+                except RuntimeError:  # the pool is shut down (interpreter exit)
+                    closed = True
+                else:
+                    self._inflight[key] = job["id"]
         if closed:  # closed meanwhile: the job never runs
             self.feedback.update_job(job["id"], "failed", error="cancelled: the server shut down before the job ran")
             return None
@@ -509,7 +521,7 @@ class AdaptationRunner:
         with self._start_lock(tenant, user):  # the finished job stays in _inflight until the next is
             with self._lock:                  # decided: queue_depth never reads 0 in between
                 jid = self._inflight.get(key, "")
-                self._orphans.discard(jid)
+                self._finishing.add(jid)
                 if succeeded:
                     self._failed_upto.pop(key, None)
                 elif upto:  # 0 or None: the job never started on records
@@ -524,7 +536,8 @@ class AdaptationRunner:
             with self._lock:
                 if self._inflight.get(key) == jid:
                     del self._inflight[key]
-                self._orphans.discard(jid)  # an erasure meanwhile saw it still in flight
+                self._orphans.discard(jid)
+                self._finishing.discard(jid)
 
 
 def _last(xs: Any) -> float | None:

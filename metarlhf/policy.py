@@ -1556,9 +1556,13 @@ def check_meta_train(
     if len(prompts) < cfg.pool_prompts:
         raise DataError(f"need at least {cfg.pool_prompts} prompts (pool_prompts), got {len(prompts)}")
     work_p = check_work_dir(out, work)
-    if _pool_path(work_p).is_file():
-        _read_pool(_pool_path(work_p))
+    pool = _read_pool(_pool_path(work_p)) if _pool_path(work_p).is_file() else None
     checkpoint = _read_checkpoint(work_p / "checkpoint") if resume else None
+    if checkpoint is not None and pool is not None and [p["prompt"] for p in pool] != list(prompts[: cfg.pool_prompts]):
+        # (checkpoints before session 15 record no prompts_sha256: the pool says it too)
+        raise ConfigError(f"checkpoint in {work_p / 'checkpoint'} was trained on other prompts than this run's "
+                          "(its pool.jsonl differs: another --prompts file or --offset); resume with the same ones, "
+                          "or rerun without --resume")
     if checkpoint is not None:
         _check_resume(work_p / "checkpoint", checkpoint[0], cfg, acfg, text_digest(prompts[: cfg.pool_prompts]),
                       [u.name for u in users])

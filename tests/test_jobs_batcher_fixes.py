@@ -5,6 +5,8 @@ that must survive a failing hook, a submit after stop."""
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -119,9 +121,6 @@ def test_the_batcher_survives_a_failing_hook_and_refuses_work_after_stop():
 
 def test_close_stops_a_running_policy_adaptation_at_its_next_step(tmp_path):
     """close() used to wait for a running job to finish its whole adaptation (~45 s on CPU)."""
-    import threading
-    import time
-
     from server.testing import TinyPersonalizer
 
     pers = TinyPersonalizer(policy_steps=10_000)
@@ -160,9 +159,6 @@ def test_a_personalizer_without_should_stop_still_works(runner):
 def test_starting_a_job_does_not_hold_the_runner_lock_across_sqlite(runner, monkeypatch):
     """A job's row is an fsync'd commit: while one is written, other users' requests
     (inflight, erasure_epoch, queue_depth) must not wait for it."""
-    import threading
-    import time
-
     r, fb, _, _ = runner
     _thumbs(fb, "u", 0, 1)
     real, writing, release = fb.create_job, threading.Event(), threading.Event()
@@ -185,3 +181,62 @@ def test_starting_a_job_does_not_hold_the_runner_lock_across_sqlite(runner, monk
     t.join(5)
     assert r.wait_idle(10) and fb.latest_job("t", "u")["state"] == "succeeded"
     assert fb._reader().execute("SELECT COUNT(*) FROM jobs WHERE tenant='t' AND user_id='u'").fetchone()[0] == 1
+
+
+def test_feedback_committed_while_a_job_finishes_still_starts_the_next_job(runner, monkeypatch):
+    """The end of a job recounts; feedback committed just after that recount must find the
+    ended job not in flight (its request's pre-check passes) and start the next job."""
+    r, fb, _, _ = runner
+    real, seen = fb.new_count, {}
+
+    def request():  # the feedback route's pre-check, then its enqueue (which waits for the decision)
+        if r.wants_job("t", "u", real("t", "u")):
+            seen["job"] = r.maybe_enqueue("t", "u")
+
+    def new_count(tenant, user):
+        n = real(tenant, user)
+        if threading.current_thread().name.startswith("adapt") and "thread" not in seen:
+            _thumbs(fb, "u", 10, 11)  # feedback commits right after the job's own recount...
+            seen["thread"] = threading.Thread(target=request)  # ...and its request runs
+            seen["thread"].start()
+            time.sleep(0.2)  # its pre-check, while the job is still deciding
+        return n
+
+    monkeypatch.setattr(fb, "new_count", new_count)
+    _thumbs(fb, "u", 0, 1)
+    assert r.maybe_enqueue("t", "u") is not None
+    time.sleep(0.5)
+    seen["thread"].join(5)
+    assert r.wait_idle(10)
+    assert seen.get("job") is not None  # was: the pre-check saw the ended job in flight, and no job started
+    assert fb.new_count("t", "u") == 0  # the second job covered the feedback
+    assert fb._reader().execute("SELECT COUNT(*) FROM jobs WHERE user_id='u'").fetchone()[0] == 2
+
+
+def test_a_job_the_pool_refuses_is_failed_not_left_in_flight(runner, monkeypatch):
+    r, fb, _, _ = runner
+
+    def refuse(*a, **k):
+        raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+
+    monkeypatch.setattr(r._pool, "submit", refuse)
+    _thumbs(fb, "u", 0, 1)
+    assert r.maybe_enqueue("t", "u") is None
+    assert r.queue_depth == 0 and fb.latest_job("t", "u")["state"] == "failed"
+
+
+def test_close_racing_a_job_start_records_it_failed(runner, monkeypatch):
+    r, fb, _, _ = runner
+    real = fb.create_job
+
+    def create_then_close(*a, **k):
+        job = real(*a, **k)
+        with r._lock:
+            r._closed = True  # close() lands during the commit
+        return job
+
+    monkeypatch.setattr(fb, "create_job", create_then_close)
+    _thumbs(fb, "u", 0, 1)
+    with pytest.raises(Exception, match="shut down"):
+        r.enqueue("t", "u")
+    assert r.queue_depth == 0 and fb.latest_job("t", "u")["state"] == "failed"

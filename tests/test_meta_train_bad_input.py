@@ -315,3 +315,27 @@ def test_meta_train_config_rejects_bad_rates(kw):
 def test_meta_train_config_accepts_the_edges():
     MetaTrainConfig(inner_lr_r=0.0, max_seconds=0.0)  # no residual; stop before any step (checkpoint only)
     MetaTrainConfig(inner="subspace", inner_lr_r=0.5, max_seconds=None)
+
+
+def test_old_policy_checkpoints_resume_and_are_checked_through_their_pool(policy_run, tmp_path, capsys):
+    """A checkpoint written before prompts_sha256 / users were recorded still resumes on the
+    same prompts, and is refused on others (its pool.jsonl tells)."""
+    root, tiny, prompts, _ = policy_run
+    work = _copy_work(policy_run, tmp_path)
+    state_file = work / "checkpoint" / "state.json"
+    state = json.loads(state_file.read_text())
+    del state["prompts_sha256"], state["users"]
+    state_file.write_text(json.dumps(state))
+    assert _policy(root, tiny, prompts, work, "--resume", "--meta-steps", "2", "--offset", "1",
+                   out=tmp_path / "o") == 2
+    assert "pool.jsonl differs" in capsys.readouterr().err
+    assert _policy(root, tiny, prompts, work, "--resume", "--meta-steps", "2", out=tmp_path / "o") == 0
+
+
+def test_old_reward_checkpoints_without_a_data_digest_resume(reward_run, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(reward_run[3], ckpt)
+    state = json.loads((ckpt / "state.json").read_text())
+    del state["data_sha256"]
+    (ckpt / "state.json").write_text(json.dumps(state))
+    assert _reward(reward_run, tmp_path / "o", ckpt, "--resume", "--steps", "2") == 0
