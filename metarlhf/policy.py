@@ -698,26 +698,57 @@ def encode_pairs(
     return batch if device is None else batch.to(device)
 
 
+#: Rows per forward in :func:`_completion_logits`: the rows go by length, in groups of this
+#: many, each cut to its own longest row (the batch is left-padded to the longest of all).
+#: On a 2-core CPU this cut the padded tokens of a K=16 adaptation step by a third.
+LENGTH_GROUP_ROWS = 4
+
+
+def length_groups(mask: Any, min_len: int, size: int = LENGTH_GROUP_ROWS) -> list[tuple[Any, int]]:
+    """Rows of a left-padded batch (``mask [n, T]``) by real length, in groups of up to
+    ``size``: ``[(row indices, columns)]``, ``columns`` being the group's longest row (at
+    least ``min_len``): its last ``columns`` columns hold every real token of the group."""
+    import torch
+
+    lens = mask.sum(-1)
+    order = torch.argsort(lens, stable=True)
+    return [(order[i:i + size], max(int(lens[order[i:i + size]].max()), min_len))
+            for i in range(0, len(order), size)]
+
+
 def _completion_logits(
     model: Any, batch: SeqBatch, rows: Any = None, hidden: Any = None, start: int = 0,
 ) -> tuple[Any, Any, Any, Any]:
     """One forward pass over the completion positions of ``rows``: ``(logits [n, C, V],
     logsumexp [n, C], log-prob of each actual token [n, C], completion mask [n, C])``.
-    See :func:`sequence_logps` for ``hidden`` / ``start``."""
+    See :func:`sequence_logps` for ``hidden`` / ``start``. The rows run in groups of
+    similar length (:func:`length_groups`), without the columns that are padding for the
+    whole group: a row attends only to its own tokens, so this changes no value beyond
+    floating-point rounding, and saves the compute of the padding."""
     import torch
 
     ids, mask, pos, comp = batch.input_ids, batch.attention_mask, batch.position_ids, batch.comp_mask
     if rows is not None:
         ids, mask, pos, comp = ids[rows], mask[rows], pos[rows], comp[rows]
     C = batch.comp_len
-    if hidden is not None and start > 0:
-        h = hidden if rows is None else hidden[rows]  # [n, T, d]
-        with layer_slice(model, start):
-            out = model(inputs_embeds=h, attention_mask=mask, position_ids=pos, logits_to_keep=C + 1,
-                        use_cache=False)
-    else:
-        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=C + 1, use_cache=False)
-    logits = out.logits[:, :-1, :].float()  # [n, C, V] predicts the last C tokens
+    sliced = hidden is not None and start > 0
+    h = (hidden if rows is None else hidden[rows]) if sliced else None  # [n, T, d]
+    groups = length_groups(mask, C + 1)
+    parts = []
+    for idx, cols in groups:
+        g = slice(ids.shape[1] - cols, None)
+        if sliced:
+            with layer_slice(model, start):
+                out = model(inputs_embeds=h[idx][:, g], attention_mask=mask[idx][:, g], position_ids=pos[idx][:, g],
+                            logits_to_keep=C + 1, use_cache=False)
+        else:
+            out = model(input_ids=ids[idx][:, g], attention_mask=mask[idx][:, g], position_ids=pos[idx][:, g],
+                        logits_to_keep=C + 1, use_cache=False)
+        parts.append(out.logits[:, :-1, :])
+    logits = torch.cat(parts) if len(parts) > 1 else parts[0]
+    if len(groups) > 1 or len(groups[0][0]) > 1:
+        logits = logits[torch.argsort(torch.cat([idx for idx, _ in groups]))]  # back to the rows' order
+    logits = logits.float()  # [n, C, V] predicts the last C tokens
     targets = ids[:, -C:]  # [n, C]
     lse = torch.logsumexp(logits, -1)  # [n, C]
     logp = torch.gather(logits, -1, targets.unsqueeze(-1)).squeeze(-1) - lse  # [n, C]

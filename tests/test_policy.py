@@ -70,6 +70,43 @@ def test_sequence_logps_matches_unpadded_forward():
         assert float(got[i]) == pytest.approx(want, abs=1e-4)
 
 
+@pytest.mark.parametrize("start", [0, 1])
+def test_length_groups_change_no_logp_or_gradient(monkeypatch, start):
+    """Rows run in groups of similar length, cut to the group's longest: the same values and
+    LoRA gradients as the whole batch in one forward (up to rounding), rows in their order."""
+    model, tok = tiny_policy()
+    prompts = ["hi", "a much longer prompt here, with many more words in it", "x", "mid length prompt", "ok", "q"]
+    comps = ["hello there", "ok", "a b c d e f g h", "y", "fine thanks", "z z"]
+    batch = P.encode_pairs(tok, prompts, comps)
+    groups = P.length_groups(batch.attention_mask, batch.comp_len + 1, size=2)
+    lens = batch.attention_mask.sum(-1)
+    assert sorted(int(i) for g, _ in groups for i in g) == list(range(6))
+    assert all(cols >= int(lens[g].max()) for g, cols in groups) and groups[0][1] < batch.input_ids.shape[1]
+    rows = torch.tensor([1, 5, 3, 0])  # lengths 75, 24, 38, 33: not in length order
+
+    def run(size, one_row_at_a_time=False):
+        monkeypatch.setattr(P, "LENGTH_GROUP_ROWS", size)
+        monkeypatch.setattr(P.length_groups, "__defaults__", (size,))
+        with P.lora_attached(model, None, 0) as pm:
+            for n, p in pm.named_parameters():
+                if "lora_B" in n:
+                    torch.nn.init.normal_(p, std=0.05, generator=torch.Generator().manual_seed(len(n)))
+            hidden = P.hidden_at(pm, batch, start) if start else None
+            if one_row_at_a_time:  # the reference: no grouping, no reordering
+                lp = torch.cat([P.sequence_logps(pm, batch, rows[i:i + 1], hidden, start) for i in range(len(rows))])
+            else:
+                lp = P.sequence_logps(pm, batch, rows, hidden, start)
+            lp.sum().backward()
+            grads = [p.grad.clone() for p in P.trainable_params(pm, start)]
+        return lp.detach(), grads
+
+    one, g_one = run(64, one_row_at_a_time=True)
+    grouped, g_grouped = run(2)
+    assert torch.allclose(one, grouped, atol=1e-4) and one.abs().sum() > 0
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(g_one, g_grouped, strict=True))
+    assert any(a.abs().sum() > 0 for a in g_one)
+
+
 def test_base_nll_is_the_per_token_mean_of_the_completion_logps():
     from metarlhf.evaluate_policy import base_nll
 
