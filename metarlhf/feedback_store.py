@@ -579,7 +579,9 @@ class SQLiteFeedbackStore(FeedbackStore):
     # -- erasure -------------------------------------------------------------------------
     def delete_user(self, tenant: str, user: str) -> int:
         """Erase every row about the user (feedback, completions, jobs, idempotency keys
-        that point at their feedback). Returns the number of feedback rows removed."""
+        that point at their feedback), and the user's id in other users' completions that
+        were served with the user's adapter as a neighbour (``adapter.neighbor`` becomes
+        null, ``neighbor_erased`` true). Returns the number of feedback rows removed."""
 
         def tx(conn: sqlite3.Connection) -> int:
             conn.execute("DELETE FROM idempotency WHERE tenant=? AND feedback_id IN "
@@ -588,6 +590,9 @@ class SQLiteFeedbackStore(FeedbackStore):
             conn.execute("DELETE FROM completions WHERE tenant=? AND user_id=?", (tenant, user))
             conn.execute("DELETE FROM jobs WHERE tenant=? AND user_id=?", (tenant, user))
             conn.execute("DELETE FROM users WHERE tenant=? AND user_id=?", (tenant, user))
+            conn.execute("UPDATE completions SET adapter = json_set(adapter, '$.neighbor', json('null'), "
+                         "'$.neighbor_erased', json('true')) "
+                         "WHERE tenant=? AND json_extract(adapter, '$.neighbor') = ?", (tenant, user))
             return n
 
         return self._write(tx)

@@ -181,6 +181,19 @@ def test_delete_user_erases_everything(store):
     assert store.add_feedback("t", "u", thumbs(0), "k", "other")[1]
 
 
+def test_delete_user_scrubs_their_id_from_completions_served_with_their_adapter(store):
+    served = {"source": "neighbor", "user_id": "new", "neighbor": "u", "neighbor_version": 2}
+    store.add_completion("t", "new", "cmpl-n", "p", "c", served)
+    store.add_completion("t", "new", "cmpl-o", "p", "c", {**served, "neighbor": "other"})
+    store.add_completion("t2", "new", "cmpl-t", "p", "c", served)  # another tenant's "u" is someone else
+    store.add_feedback("t", "u", thumbs(1))
+    store.delete_user("t", "u")
+    got = store.get_completion("t", "new", "cmpl-n")["adapter"]
+    assert got["neighbor"] is None and got["neighbor_erased"] is True and got["neighbor_version"] == 2
+    assert store.get_completion("t", "new", "cmpl-o")["adapter"]["neighbor"] == "other"
+    assert store.get_completion("t2", "new", "cmpl-t")["adapter"]["neighbor"] == "u"
+
+
 def test_survives_reopen_and_refuses_newer_schema(tmp_path):
     s = SQLiteFeedbackStore(tmp_path / "fb.db")
     fid, _ = s.add_feedback("t", "u", thumbs(1))
