@@ -592,7 +592,8 @@ class SQLiteFeedbackStore(FeedbackStore):
             conn.execute("DELETE FROM users WHERE tenant=? AND user_id=?", (tenant, user))
             conn.execute("UPDATE completions SET adapter = json_set(adapter, '$.neighbor', json('null'), "
                          "'$.neighbor_erased', json('true')) "
-                         "WHERE tenant=? AND json_extract(adapter, '$.neighbor') = ?", (tenant, user))
+                         "WHERE tenant=? AND CASE WHEN json_valid(adapter) THEN json_extract(adapter, '$.neighbor') "
+                         "END = ?", (tenant, user))  # a malformed row must not stop the erasure
             return n
 
         return self._write(tx)

@@ -187,6 +187,9 @@ def test_delete_user_scrubs_their_id_from_completions_served_with_their_adapter(
     store.add_completion("t", "new", "cmpl-o", "p", "c", {**served, "neighbor": "other"})
     store.add_completion("t2", "new", "cmpl-t", "p", "c", served)  # another tenant's "u" is someone else
     store.add_feedback("t", "u", thumbs(1))
+    store._write(lambda conn: conn.execute(  # a row whose adapter column is not JSON (hand-edited, say)
+        "INSERT INTO completions (id, tenant, user_id, prompt, completion, adapter, created_at) "
+        "VALUES ('cmpl-bad', 't', 'new', 'p', 'c', '{not json', 0)"))
     store.delete_user("t", "u")
     got = store.get_completion("t", "new", "cmpl-n")["adapter"]
     assert got["neighbor"] is None and got["neighbor_erased"] is True and got["neighbor_version"] == 2
