@@ -530,14 +530,14 @@ class AdaptationRunner:
             try:
                 if not closed and self._due(tenant, user):
                     self._start(tenant, user, "threshold")  # replaces jid in _inflight
-                    return
             except Exception:  # noqa: BLE001 - e.g. the store is closing; the next feedback checks again
                 log.warning("user %s/%s: no follow-up adaptation job", tenant, user, exc_info=True)
-            with self._lock:
-                if self._inflight.get(key) == jid:
-                    del self._inflight[key]
-                self._orphans.discard(jid)
-                self._finishing.discard(jid)
+            finally:  # no follow-up (or it failed): the ended job leaves
+                with self._lock:
+                    if self._inflight.get(key) == jid:
+                        del self._inflight[key]
+                    self._orphans.discard(jid)
+                    self._finishing.discard(jid)
 
 
 def _last(xs: Any) -> float | None:

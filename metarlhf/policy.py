@@ -94,7 +94,7 @@ import re
 import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -704,12 +704,14 @@ def encode_pairs(
 LENGTH_GROUP_ROWS = 4
 
 
-def length_groups(mask: Any, min_len: int, size: int = LENGTH_GROUP_ROWS) -> list[tuple[Any, int]]:
+def length_groups(mask: Any, min_len: int, size: int | None = None) -> list[tuple[Any, int]]:
     """Rows of a left-padded batch (``mask [n, T]``) by real length, in groups of up to
-    ``size``: ``[(row indices, columns)]``, ``columns`` being the group's longest row (at
-    least ``min_len``): its last ``columns`` columns hold every real token of the group."""
+    ``size`` (default :data:`LENGTH_GROUP_ROWS`): ``[(row indices, columns)]``, ``columns``
+    being the group's longest row (at least ``min_len``): its last ``columns`` columns hold
+    every real token of the group."""
     import torch
 
+    size = size or LENGTH_GROUP_ROWS
     lens = mask.sum(-1)
     order = torch.argsort(lens, stable=True)
     return [(order[i:i + size], max(int(lens[order[i:i + size]].max()), min_len))
@@ -732,23 +734,17 @@ def _completion_logits(
         ids, mask, pos, comp = ids[rows], mask[rows], pos[rows], comp[rows]
     C = batch.comp_len
     sliced = hidden is not None and start > 0
-    h = (hidden if rows is None else hidden[rows]) if sliced else None  # [n, T, d]
-    groups = length_groups(mask, C + 1)
-    parts = []
-    for idx, cols in groups:
-        g = slice(ids.shape[1] - cols, None)
-        if sliced:
-            with layer_slice(model, start):
-                out = model(inputs_embeds=h[idx][:, g], attention_mask=mask[idx][:, g], position_ids=pos[idx][:, g],
-                            logits_to_keep=C + 1, use_cache=False)
-        else:
-            out = model(input_ids=ids[idx][:, g], attention_mask=mask[idx][:, g], position_ids=pos[idx][:, g],
-                        logits_to_keep=C + 1, use_cache=False)
-        parts.append(out.logits[:, :-1, :])
-    logits = torch.cat(parts) if len(parts) > 1 else parts[0]
-    if len(groups) > 1 or len(groups[0][0]) > 1:
-        logits = logits[torch.argsort(torch.cat([idx for idx, _ in groups]))]  # back to the rows' order
-    logits = logits.float()  # [n, C, V] predicts the last C tokens
+    # from layer `start` on the states entering it, else from the token ids
+    inputs, key = ((hidden if rows is None else hidden[rows]), "inputs_embeds") if sliced else (ids, "input_ids")
+    logits = None
+    with layer_slice(model, start) if sliced else nullcontext():
+        for idx, cols in length_groups(mask, C + 1):
+            g = slice(ids.shape[1] - cols, None)
+            out = model(**{key: inputs[idx][:, g]}, attention_mask=mask[idx][:, g], position_ids=pos[idx][:, g],
+                        logits_to_keep=C + 1, use_cache=False).logits[:, :-1, :].float()  # predicts the last C
+            if logits is None:
+                logits = out.new_empty((len(ids), *out.shape[1:]))  # [n, C, V], in the rows' order
+            logits[idx] = out
     targets = ids[:, -C:]  # [n, C]
     lse = torch.logsumexp(logits, -1)  # [n, C]
     logp = torch.gather(logits, -1, targets.unsqueeze(-1)).squeeze(-1) - lse  # [n, C]
@@ -1589,14 +1585,15 @@ def check_meta_train(
     work_p = check_work_dir(out, work)
     pool = _read_pool(_pool_path(work_p)) if _pool_path(work_p).is_file() else None
     checkpoint = _read_checkpoint(work_p / "checkpoint") if resume else None
-    if checkpoint is not None and pool is not None and [p["prompt"] for p in pool] != list(prompts[: cfg.pool_prompts]):
-        # (checkpoints before session 15 record no prompts_sha256: the pool says it too)
-        raise ConfigError(f"checkpoint in {work_p / 'checkpoint'} was trained on other prompts than this run's "
-                          "(its pool.jsonl differs: another --prompts file or --offset); resume with the same ones, "
-                          "or rerun without --resume")
     if checkpoint is not None:
         _check_resume(work_p / "checkpoint", checkpoint[0], cfg, acfg, text_digest(prompts[: cfg.pool_prompts]),
                       [u.name for u in users])
+        # a checkpoint from before session 15 records no prompts_sha256: its pool.jsonl tells instead
+        if ("prompts_sha256" not in checkpoint[0] and pool is not None
+                and [p["prompt"] for p in pool] != list(prompts[: cfg.pool_prompts])):
+            raise ConfigError(f"checkpoint in {work_p / 'checkpoint'} was trained on other prompts than this run's "
+                              "(its pool.jsonl differs: another --prompts file or --offset); resume with the same "
+                              "ones, or rerun without --resume")
         _read_losses(work_p / "metrics.jsonl")
     return work_p, checkpoint
 

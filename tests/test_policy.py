@@ -86,7 +86,6 @@ def test_length_groups_change_no_logp_or_gradient(monkeypatch, start):
 
     def run(size, one_row_at_a_time=False):
         monkeypatch.setattr(P, "LENGTH_GROUP_ROWS", size)
-        monkeypatch.setattr(P.length_groups, "__defaults__", (size,))
         with P.lora_attached(model, None, 0) as pm:
             for n, p in pm.named_parameters():
                 if "lora_B" in n:
