@@ -85,6 +85,7 @@ Meta-training (:func:`meta_train_policy`)
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -718,37 +719,150 @@ def length_groups(mask: Any, min_len: int, size: int | None = None) -> list[tupl
             for i in range(0, len(order), size)]
 
 
+#: Causal LMs whose logits are exactly ``lm_head(final hidden states)`` (no scaling or
+#: soft-capping after the head; checked in transformers' modeling code): for these only the
+#: completion tokens' log-probs are computed from the states (:func:`token_logprobs`).
+PLAIN_HEAD_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "smollm3", "olmo2", "phi3"})
+
+
+def plain_head(model: Any) -> Any | None:
+    """The LM head weight ``[V, d]`` when the logits are ``hidden @ W.T`` (a bias-free
+    ``nn.Linear`` head on a Llama-style decoder of :data:`PLAIN_HEAD_TYPES`), else None."""
+    import torch
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    plain = (getattr(getattr(base, "config", None), "model_type", None) in PLAIN_HEAD_TYPES
+             and type(head) is torch.nn.Linear and head.bias is None and decoder_of(model) is not None)
+    return head.weight if plain else None
+
+
+def token_logprobs(h: Any, weight: Any, index: Any) -> Any:
+    """``log softmax(h @ weight.T)`` at chosen vocabulary indices, with its own backward:
+    ``h [N, d]``, ``weight [V, d]``, ``index [N, m]`` -> ``[N, m]`` (float32).
+
+    Autograd over ``logsumexp`` and ``gather`` keeps the ``[N, V]`` logits and makes about
+    ten vocab-sized passes (softmax, zero-filled scatters, the copies of slicing); here the
+    forward keeps only the softmax, and the backward is one in-place pass and a matmul,
+    ``dL/dz = g at index - softmax * sum(g)``. First order only (no double backward).
+    """
+    return _token_logprobs_fn().apply(h, weight, index)
+
+
+@functools.cache
+def _token_logprobs_fn() -> Any:
+    """The ``torch.autograd.Function`` of :func:`token_logprobs` (built on first use, so
+    that importing this module does not import torch)."""
+    import torch
+    import torch.nn.functional as F
+    from torch.autograd.function import once_differentiable
+
+    class _Fn(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, h: Any, weight: Any, index: Any) -> Any:
+            z = F.linear(h, weight).float()  # [N, V]; autocast may run the matmul in bf16
+            lse = torch.logsumexp(z, -1, keepdim=True)  # [N, 1]
+            out = z.gather(-1, index) - lse  # [N, m]
+            if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+                ctx.save_for_backward(h, weight, index, z.sub_(lse).exp_())  # the softmax, in place
+                ctx.h_dtype = h.dtype
+            return out
+
+        @staticmethod
+        @once_differentiable
+        def backward(ctx: Any, grad: Any) -> Any:
+            h, weight, index, probs = ctx.saved_tensors
+            dz = probs.mul_(-grad.sum(-1, keepdim=True)).scatter_add_(-1, index, grad)  # [N, V], in place
+            dz = dz.to(weight.dtype)
+            gh = (dz @ weight).to(ctx.h_dtype) if ctx.needs_input_grad[0] else None
+            gw = (dz.T @ h.to(weight.dtype)) if ctx.needs_input_grad[1] else None
+            return gh, gw, None
+
+    return _Fn
+
+
+def _select(batch: SeqBatch, rows: Any, hidden: Any, start: int) -> tuple[Any, Any, Any, Any, Any, str, bool]:
+    """The rows' ``(ids, mask, positions, completion mask, model inputs, input kind, sliced)``."""
+    ids, mask, pos, comp = batch.input_ids, batch.attention_mask, batch.position_ids, batch.comp_mask
+    if rows is not None:
+        ids, mask, pos, comp = ids[rows], mask[rows], pos[rows], comp[rows]
+    sliced = hidden is not None and start > 0
+    # from layer `start` on the states entering it, else from the token ids
+    inputs, key = ((hidden if rows is None else hidden[rows]), "inputs_embeds") if sliced else (ids, "input_ids")
+    return ids, mask, pos, comp, inputs, key, sliced
+
+
+def _by_groups(run: Any, model: Any, ids: Any, mask: Any, pos: Any, inputs: Any, key: str, sliced: bool,
+               start: int, C: int) -> Any:
+    """``run(**model inputs)`` -> ``[g, C, ...]`` over the length groups (:func:`length_groups`),
+    written into one ``[n, C, ...]`` tensor in the rows' order. A row attends only to its own
+    tokens, so cutting a group's common padding changes no value beyond floating-point
+    rounding, and saves its compute."""
+    out = None
+    with layer_slice(model, start) if sliced else nullcontext():
+        for idx, cols in length_groups(mask, C + 1):
+            g = slice(ids.shape[1] - cols, None)
+            part = run(**{key: inputs[idx][:, g]}, attention_mask=mask[idx][:, g], position_ids=pos[idx][:, g],
+                       use_cache=False)
+            if out is None:
+                out = part.new_empty((len(ids), *part.shape[1:]))
+            out[idx] = part
+    return out
+
+
 def _completion_logits(
     model: Any, batch: SeqBatch, rows: Any = None, hidden: Any = None, start: int = 0,
 ) -> tuple[Any, Any, Any, Any]:
     """One forward pass over the completion positions of ``rows``: ``(logits [n, C, V],
     logsumexp [n, C], log-prob of each actual token [n, C], completion mask [n, C])``.
-    See :func:`sequence_logps` for ``hidden`` / ``start``. The rows run in groups of
-    similar length (:func:`length_groups`), without the columns that are padding for the
-    whole group: a row attends only to its own tokens, so this changes no value beyond
-    floating-point rounding, and saves the compute of the padding."""
+    See :func:`sequence_logps` for ``hidden`` / ``start``; the rows run in length groups
+    (:func:`_by_groups`). For the full logits only (the reference's top-k, or a model
+    without a :func:`plain_head`); log-probs alone come from :func:`_completion_logps`."""
     import torch
 
-    ids, mask, pos, comp = batch.input_ids, batch.attention_mask, batch.position_ids, batch.comp_mask
-    if rows is not None:
-        ids, mask, pos, comp = ids[rows], mask[rows], pos[rows], comp[rows]
+    ids, mask, pos, comp, inputs, key, sliced = _select(batch, rows, hidden, start)
     C = batch.comp_len
-    sliced = hidden is not None and start > 0
-    # from layer `start` on the states entering it, else from the token ids
-    inputs, key = ((hidden if rows is None else hidden[rows]), "inputs_embeds") if sliced else (ids, "input_ids")
-    logits = None
-    with layer_slice(model, start) if sliced else nullcontext():
-        for idx, cols in length_groups(mask, C + 1):
-            g = slice(ids.shape[1] - cols, None)
-            out = model(**{key: inputs[idx][:, g]}, attention_mask=mask[idx][:, g], position_ids=pos[idx][:, g],
-                        logits_to_keep=C + 1, use_cache=False).logits[:, :-1, :].float()  # predicts the last C
-            if logits is None:
-                logits = out.new_empty((len(ids), *out.shape[1:]))  # [n, C, V], in the rows' order
-            logits[idx] = out
+
+    def run(**kw: Any) -> Any:  # the logits predicting the last C tokens
+        return model(**kw, logits_to_keep=C + 1).logits[:, :-1, :].float()
+
+    logits = _by_groups(run, model, ids, mask, pos, inputs, key, sliced, start, C)
     targets = ids[:, -C:]  # [n, C]
     lse = torch.logsumexp(logits, -1)  # [n, C]
     logp = torch.gather(logits, -1, targets.unsqueeze(-1)).squeeze(-1) - lse  # [n, C]
     return logits, lse, logp, comp
+
+
+def _completion_logps(
+    model: Any, batch: SeqBatch, rows: Any = None, hidden: Any = None, start: int = 0, extra: Any = None,
+) -> tuple[Any, Any, Any]:
+    """The log-prob of each completion token of ``rows`` ``[n, C]``, their completion mask
+    ``[n, C]`` and, with ``extra`` (vocabulary indices ``[n, C, k]``), the log-probs at those
+    indices ``[n, C, k]`` (else None), from one forward pass.
+
+    With a :func:`plain_head` the decoder's final states go through :func:`token_logprobs`
+    at the real completion positions only; otherwise from :func:`_completion_logits`."""
+    import torch
+
+    weight = plain_head(model)
+    if weight is None:
+        logits, lse, logp, comp = _completion_logits(model, batch, rows, hidden, start)
+        return logp, comp, (None if extra is None else torch.gather(logits, -1, extra) - lse.unsqueeze(-1))
+    ids, mask, pos, comp, inputs, key, sliced = _select(batch, rows, hidden, start)
+    C = batch.comp_len
+    dec = decoder_of(model)
+
+    def run(**kw: Any) -> Any:  # the final states predicting the last C tokens
+        return dec(**kw).last_hidden_state[:, -C - 1:-1]
+
+    states = _by_groups(run, model, ids, mask, pos, inputs, key, sliced, start, C)  # [n, C, d]
+    real = comp.bool()  # [n, C]
+    index = ids[:, -C:].unsqueeze(-1)  # [n, C, 1]: each position's actual token
+    if extra is not None:
+        index = torch.cat([index, extra], -1)  # [n, C, 1 + k]
+    lp = token_logprobs(states[real], weight, index[real])  # [N, 1 + k]
+    full = lp.new_zeros((*real.shape, index.shape[-1])).index_put((real,), lp)  # [n, C, 1 + k]
+    return full[..., 0], comp, (full[..., 1:] if extra is not None else None)
 
 
 def token_logps(model: Any, batch: SeqBatch, chunk: int) -> Any:
@@ -757,7 +871,7 @@ def token_logps(model: Any, batch: SeqBatch, chunk: int) -> Any:
     import torch
 
     n = batch.input_ids.shape[0]
-    return torch.cat([_completion_logits(model, batch, torch.arange(i, min(i + chunk, n)))[2]
+    return torch.cat([_completion_logps(model, batch, torch.arange(i, min(i + chunk, n)))[0]
                       for i in range(0, n, chunk)])
 
 
@@ -766,20 +880,19 @@ def sequence_logps(
 ) -> Any:
     """Summed log-prob of each row's completion tokens: ``[n]``.
 
-    Only the last ``C + 1`` positions go through the LM head (``logits_to_keep``).
+    Only the completion positions go through the LM head (:func:`_completion_logps`).
     With ``hidden`` (``[n, T, d]`` from :func:`hidden_at` at layer ``start``) only the
     layers from ``start`` up run. With ``ref_top`` (the selected rows' ``(indices,
     logprobs)`` from :func:`reference_topk`) it returns ``(logps [n], kl [n])``, ``kl``
     being :func:`topk_kl` averaged over each row's completion tokens, from the same pass.
     """
-    import torch
 
-    logits, lse, logp, comp = _completion_logits(model, batch, rows, hidden, start)
+    idx, ref_lp = ref_top if ref_top is not None else (None, None)  # [n, C, k] each
+    logp, comp, pol_lp = _completion_logps(model, batch, rows, hidden, start, idx)
     seq = (logp * comp).sum(-1)  # [n]
     if ref_top is None:
         return seq
-    idx, ref_lp = ref_top  # [n, C, k] each
-    kl = topk_kl(ref_lp, torch.gather(logits, -1, idx) - lse.unsqueeze(-1))  # [n, C]
+    kl = topk_kl(ref_lp, pol_lp)  # [n, C]
     return seq, (kl * comp).sum(-1) / comp.sum(-1).clamp(min=1)
 
 
@@ -858,12 +971,16 @@ def reference_pass(peft_model: Any, batch: SeqBatch, chunk: int = 16, precision:
     seqs, idx, lps = [], [], []
     with torch.no_grad(), peft_model.disable_adapter(), autocast(precision, model_device(peft_model).type):
         for i in range(0, n, chunk):
-            logits, lse, logp, comp = _completion_logits(peft_model, batch, torch.arange(i, min(i + chunk, n)))
+            rows = torch.arange(i, min(i + chunk, n))
+            if not topk:
+                logp, comp, _ = _completion_logps(peft_model, batch, rows)
+                seqs.append((logp * comp).sum(-1))
+                continue
+            logits, lse, logp, comp = _completion_logits(peft_model, batch, rows)  # the top-k needs every logit
             seqs.append((logp * comp).sum(-1))
-            if topk:
-                top = torch.topk(logits, min(topk, logits.shape[-1]), dim=-1)
-                idx.append(top.indices)
-                lps.append(top.values - lse.unsqueeze(-1))
+            top = torch.topk(logits, min(topk, logits.shape[-1]), dim=-1)
+            idx.append(top.indices)
+            lps.append(top.values - lse.unsqueeze(-1))
     return torch.cat(seqs), ((torch.cat(idx), torch.cat(lps)) if topk else None)
 
 

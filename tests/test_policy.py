@@ -70,6 +70,69 @@ def test_sequence_logps_matches_unpadded_forward():
         assert float(got[i]) == pytest.approx(want, abs=1e-4)
 
 
+def test_token_logprobs_matches_autograd_log_softmax_values_and_gradients():
+    torch.manual_seed(0)
+    h, w = torch.randn(7, 5, dtype=torch.float64), torch.randn(11, 5, dtype=torch.float64)
+    index = torch.randint(0, 11, (7, 3))
+    g = torch.randn(7, 3, dtype=torch.float64)
+    h1, w1 = h.clone().requires_grad_(), w.clone().requires_grad_()
+    want = torch.log_softmax(h1 @ w1.T, -1).gather(-1, index)
+    (want * g).sum().backward()
+    h2, w2 = h.clone().requires_grad_(), w.clone().requires_grad_()
+    got = P.token_logprobs(h2, w2, index)
+    (got * g).sum().backward()
+    assert got.dtype == torch.float32 and torch.allclose(got.double(), want, atol=1e-5)
+    assert torch.allclose(h2.grad, h1.grad, atol=1e-5) and torch.allclose(w2.grad, w1.grad, atol=1e-5)
+    with torch.no_grad():  # no softmax kept without grad, the same values
+        assert torch.allclose(P.token_logprobs(h, w, index).double(), want, atol=1e-5)
+
+
+@pytest.mark.parametrize("start", [0, 1])
+def test_fused_head_changes_no_logp_kl_or_gradient(monkeypatch, start):
+    """Log-probs from the final states through token_logprobs (the plain-head path) equal
+    those from the model's full logits (the path of any other model), with the top-k KL
+    and the LoRA gradients."""
+    model, tok = tiny_policy()
+    assert P.plain_head(model) is model.lm_head.weight
+    batch = P.encode_pairs(tok, ["hi", "a much longer prompt here", "x"], ["hello there", "ok", "a b c d e"])
+    rows = torch.tensor([2, 0, 1])
+
+    def run(plain):
+        if not plain:
+            monkeypatch.setattr(P, "plain_head", lambda m: None)
+        with P.lora_attached(model, None, 0) as pm:
+            for n, p in pm.named_parameters():
+                if "lora_B" in n:
+                    torch.nn.init.normal_(p, std=0.05, generator=torch.Generator().manual_seed(len(n)))
+            top = P.reference_topk(pm, batch, k=4)
+            assert P.plain_head(pm) is (model.lm_head.weight if plain else None)
+            hidden = P.hidden_at(pm, batch, start) if start else None
+            lp, kl = P.sequence_logps(pm, batch, rows, hidden, start, ref_top=(top[0][rows], top[1][rows]))
+            (lp.sum() + 10 * kl.sum()).backward()
+            grads = [p.grad.clone() for p in P.trainable_params(pm, start)]
+            with torch.no_grad():
+                ref = P.reference_logps(pm, batch)
+                tokens = P.token_logps(pm, batch, chunk=2) * batch.comp_mask
+        monkeypatch.undo()
+        return lp.detach(), kl.detach(), grads, ref, tokens
+
+    fused, slow = run(True), run(False)
+    for a, b in zip(fused[:2] + fused[3:], slow[:2] + slow[3:], strict=True):
+        assert torch.allclose(a, b, atol=1e-5)
+    assert fused[1].abs().sum() > 0 and any(g.abs().sum() > 0 for g in fused[2])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(fused[2], slow[2], strict=True))
+
+
+def test_plain_head_only_for_known_bias_free_heads():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model, _ = tiny_policy()
+    model.config.model_type = "granite"  # scales its logits after the head
+    assert P.plain_head(model) is None
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
+    assert P.plain_head(gpt2) is None
+
+
 @pytest.mark.parametrize("start", [0, 1])
 def test_length_groups_change_no_logp_or_gradient(monkeypatch, start):
     """Rows run in groups of similar length, cut to the group's longest: the same values and
