@@ -20,8 +20,11 @@ Adaptation (:func:`adapt_policy`)
     Speed (CPU): with ``train_layers = N`` only the LoRA of the top N decoder layers
     trains; the lower layers (their LoRA fixed at the init) are run once, without grad,
     and the residual stream entering layer ``L - N`` is cached (:func:`hidden_at`), so
-    each step runs forward and backward through N layers only. Only the completion
-    positions go through the LM head. bf16 autocast on CPUs that support it.
+    each step runs forward and backward through N layers only. Rows run in groups of
+    similar length (:func:`length_groups`); rows that share a prompt run as one packed
+    sequence, the prompt once (:func:`pack_prompts`); only the real completion positions
+    go through the LM head, fused with the log-softmax (:func:`token_logprobs`), so the
+    ``[n, C, V]`` logits are never kept. bf16 autocast on CPUs that support it.
 
 Exploration (:data:`STYLE_HINTS`, :func:`exploration_hints`)
     A base model rarely shows the style a user likes, so K thumbs on plain samples are
@@ -833,6 +836,115 @@ def _completion_logits(
     return logits, lse, logp, comp
 
 
+#: Rows of one batch with the same prompt run as one sequence (:func:`pack_prompts`) on the
+#: :func:`plain_head` path. Exploration shows each prompt twice, so with K=16 thumbs this
+#: cut the decoder's tokens per step by about a quarter.
+PACK_PROMPTS = True
+
+
+@dataclass
+class Packing:
+    """Rows that share a prompt, packed into one left-padded sequence ``[prompt, completion
+    1, completion 2, ...]``: each completion attends to the prompt and to itself only, and
+    its positions continue from the prompt's end, so every state equals the unpacked row's
+    (up to rounding) while the prompt runs once. ``m`` packed rows of ``L`` columns, from
+    ``n`` rows of ``T``; pads attend to themselves only (no empty softmax)."""
+
+    src: Any  # [m, L] flat index into the rows' [n * T] tokens: the token each column copies
+    allowed: Any  # [m, L, L] bool: query column i may attend to key column j
+    position_ids: Any  # [m, L]
+    mask: Any  # [m, L] 1 on real tokens (for :func:`length_groups`)
+    out: Any  # [n, C] flat index into the packed [m * L] states: the one predicting each position
+
+
+def attn_implementation(model: Any) -> str | None:
+    """The attention kernel transformers runs for ``model`` (``sdpa``, ``eager``, ...)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(getattr(base, "config", None), "_attn_implementation", None)
+
+
+def packable(model: Any) -> bool:
+    """Whether the model takes a custom 4D attention mask (sdpa or eager attention; flash
+    attention kernels ignore such a mask)."""
+    return attn_implementation(model) in ("sdpa", "eager")
+
+
+def pack_prompts(ids: Any, mask: Any, comp: Any) -> Packing | None:
+    """:class:`Packing` of left-padded rows (``ids, mask [n, T]``, completion mask ``comp
+    [n, C]``) by identical prompt tokens, or None when no two rows share a prompt."""
+    import torch
+
+    n, T = ids.shape
+    C = comp.shape[1]
+    lens, clens = mask.sum(-1).tolist(), comp.sum(-1).long().tolist()
+    rows_of: dict[tuple[int, ...], list[int]] = {}
+    id_rows = ids.tolist()
+    for r in range(n):
+        prompt = tuple(id_rows[r][T - lens[r]:T - clens[r]])
+        if not prompt:
+            return None
+        rows_of.setdefault(prompt, []).append(r)
+    if len(rows_of) == n:
+        return None
+    groups = list(rows_of.values())
+    plens = [lens[g[0]] - clens[g[0]] for g in groups]
+    L = max(p + sum(clens[r] for r in g) for p, g in zip(plens, groups, strict=True))
+    m = len(groups)
+    src = torch.zeros((m, L), dtype=torch.long)
+    seg = torch.full((m, L), -1, dtype=torch.long)  # -1 pad, 0 prompt, s + 1 the s-th completion
+    pos = torch.zeros((m, L), dtype=torch.long)
+    out = torch.zeros((n, C), dtype=torch.long)
+    for k, (p, g) in enumerate(zip(plens, groups, strict=True)):
+        col = L - p - sum(clens[r] for r in g)  # first real column
+        first = g[0] * T + T - lens[g[0]]  # the prompt, from the group's first row
+        src[k, :col] = first
+        src[k, col:col + p] = torch.arange(first, first + p)
+        seg[k, col:col + p] = 0
+        pos[k, col:col + p] = torch.arange(p)
+        last = k * L + col + p - 1  # the prompt's last state predicts every first completion token
+        col += p
+        for s, r in enumerate(g):
+            c = clens[r]
+            src[k, col:col + c] = torch.arange(r * T + T - c, r * T + T)
+            seg[k, col:col + c] = s + 1
+            pos[k, col:col + c] = torch.arange(p, p + c)
+            out[r, :] = last
+            out[r, C - c + 1:] = torch.arange(k * L + col, k * L + col + c - 1)
+            col += c
+    query, key = seg.unsqueeze(2), seg.unsqueeze(1)  # [m, L, 1], [m, 1, L]: the segment of each column
+    causal = torch.ones((L, L), dtype=torch.bool).tril()
+    allowed = causal & (key >= 0) & ((key == 0) | (key == query))
+    allowed |= torch.eye(L, dtype=torch.bool)  # pads see themselves
+    dev = ids.device
+    return Packing(src.to(dev), allowed.to(dev), pos.to(dev), (seg >= 0).long().to(dev), out.to(dev))
+
+
+def _packed_states(model: Any, packing: Packing, inputs: Any, key: str, sliced: bool, start: int) -> Any:
+    """The decoder's final states at the completion positions of the packed rows: ``[n, C, d]``
+    (the packed rows run in length groups too)."""
+    import torch
+
+    dec = decoder_of(model)
+    x = inputs.flatten(0, 1)[packing.src]  # [m, L] ids or [m, L, d] states
+    m, L = packing.src.shape
+    eager = attn_implementation(model) == "eager"  # it adds its mask: 0 or the dtype's minimum
+    states = None
+    with layer_slice(model, start) if sliced else nullcontext():
+        for idx, cols in length_groups(packing.mask, 1):
+            g = slice(L - cols, None)
+            allowed = packing.allowed[idx][:, g, g].unsqueeze(1)  # [b, 1, cols, cols]
+            if eager:
+                dtype = next(dec.parameters()).dtype
+                allowed = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+                    ~allowed, torch.finfo(dtype).min)
+            part = dec(**{key: x[idx][:, g]}, attention_mask=allowed, position_ids=packing.position_ids[idx][:, g],
+                       use_cache=False).last_hidden_state  # [b, cols, d]
+            if states is None:
+                states = part.new_zeros((m, L, part.shape[-1]))
+            states[idx, g] = part
+    return states.flatten(0, 1)[packing.out]
+
+
 def _completion_logps(
     model: Any, batch: SeqBatch, rows: Any = None, hidden: Any = None, start: int = 0, extra: Any = None,
 ) -> tuple[Any, Any, Any]:
@@ -855,7 +967,11 @@ def _completion_logps(
     def run(**kw: Any) -> Any:  # the final states predicting the last C tokens
         return dec(**kw).last_hidden_state[:, -C - 1:-1]
 
-    states = _by_groups(run, model, ids, mask, pos, inputs, key, sliced, start, C)  # [n, C, d]
+    packing = pack_prompts(ids, mask, comp) if PACK_PROMPTS and packable(model) else None
+    if packing is None:
+        states = _by_groups(run, model, ids, mask, pos, inputs, key, sliced, start, C)  # [n, C, d]
+    else:
+        states = _packed_states(model, packing, inputs, key, sliced, start)  # [n, C, d]
     real = comp.bool()  # [n, C]
     index = ids[:, -C:].unsqueeze(-1)  # [n, C, 1]: each position's actual token
     if extra is not None:

@@ -123,6 +123,45 @@ def test_fused_head_changes_no_logp_kl_or_gradient(monkeypatch, start):
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(fused[2], slow[2], strict=True))
 
 
+@pytest.mark.parametrize("start,attn", [(0, "sdpa"), (1, "sdpa"), (1, "eager")])
+def test_packed_prompts_change_no_logp_kl_or_gradient(monkeypatch, start, attn):
+    """Rows that share a prompt run as one sequence [prompt, completion 1, completion 2]
+    under a 4D mask: the same log-probs, top-k KL and LoRA gradients as unpacked rows."""
+    model, tok = tiny_policy()
+    model.set_attn_implementation(attn)
+    prompts = ["hi there", "a much longer prompt here", "hi there", "x", "a much longer prompt here", "hi there"]
+    comps = ["hello there", "ok", "a b c d e f", "y y", "fine", "z"]
+    batch = P.encode_pairs(tok, prompts, comps)
+    packing = P.pack_prompts(batch.input_ids, batch.attention_mask, batch.comp_mask)
+    assert packing.src.shape[0] == 3 and packing.mask.sum() < batch.attention_mask.sum()
+    assert P.pack_prompts(batch.input_ids[:2], batch.attention_mask[:2], batch.comp_mask[:2]) is None
+    rows = torch.tensor([5, 1, 0, 3, 2, 4])
+
+    def run(pack):
+        monkeypatch.setattr(P, "PACK_PROMPTS", pack)
+        monkeypatch.setattr(P, "LENGTH_GROUP_ROWS", 2)
+        calls = []
+        monkeypatch.setattr(P, "pack_prompts", lambda *a: calls.append(1) or packing_fn(*a))
+        with P.lora_attached(model, None, 0) as pm:
+            for n, p in pm.named_parameters():
+                if "lora_B" in n:
+                    torch.nn.init.normal_(p, std=0.05, generator=torch.Generator().manual_seed(len(n)))
+            top = P.reference_topk(pm, batch, k=4)
+            hidden = P.hidden_at(pm, batch, start) if start else None
+            lp, kl = P.sequence_logps(pm, batch, rows, hidden, start, ref_top=(top[0][rows], top[1][rows]))
+            (lp.sum() + 10 * kl.sum()).backward()
+            grads = [p.grad.clone() for p in P.trainable_params(pm, start)]
+        monkeypatch.undo()
+        return lp.detach(), kl.detach(), grads, len(calls)
+
+    packing_fn = P.pack_prompts
+    packed, plain = run(True), run(False)
+    assert packed[3] > 0 and plain[3] == 0
+    assert torch.allclose(packed[0], plain[0], atol=1e-5) and torch.allclose(packed[1], plain[1], atol=1e-5)
+    assert packed[1].abs().sum() > 0 and any(g.abs().sum() > 0 for g in packed[2])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(packed[2], plain[2], strict=True))
+
+
 def test_plain_head_only_for_known_bias_free_heads():
     from transformers import GPT2Config, GPT2LMHeadModel
 
