@@ -21,10 +21,13 @@ Adaptation (:func:`adapt_policy`)
     trains; the lower layers (their LoRA fixed at the init) are run once, without grad,
     and the residual stream entering layer ``L - N`` is cached (:func:`hidden_at`), so
     each step runs forward and backward through N layers only. Rows run in groups of
-    similar length (:func:`length_groups`); rows that share a prompt run as one packed
-    sequence, the prompt once (:func:`pack_prompts`); only the real completion positions
-    go through the LM head, fused with the log-softmax (:func:`token_logprobs`), so the
-    ``[n, C, V]`` logits are never kept. bf16 autocast on CPUs that support it.
+    similar length (:func:`length_groups`). On Llama-family models with a plain LM head
+    (:func:`plain_head`), only the real completion positions go through the head, fused
+    with the log-softmax (:func:`token_logprobs`: it keeps the ``[N, V]`` softmax, not
+    autograd's logits and their copies), and rows that share a prompt run as one packed
+    sequence, the prompt once (:func:`pack_prompts`; sdpa or eager attention). Other heads,
+    and the reference's top-k for the KL anchor, use the full logits of the last ``C + 1``
+    positions. bf16 autocast on CPUs that support it.
 
 Exploration (:data:`STYLE_HINTS`, :func:`exploration_hints`)
     A base model rarely shows the style a user likes, so K thumbs on plain samples are
@@ -702,9 +705,10 @@ def encode_pairs(
     return batch if device is None else batch.to(device)
 
 
-#: Rows per forward in :func:`_completion_logits`: the rows go by length, in groups of this
-#: many, each cut to its own longest row (the batch is left-padded to the longest of all).
-#: On a 2-core CPU this cut the padded tokens of a K=16 adaptation step by a third.
+#: Rows per forward in :func:`_completion_logits`, :func:`_completion_logps` and
+#: :func:`_packed_states`: the rows go by length, in groups of this many, each cut to its
+#: own longest row (the batch is left-padded to the longest of all). On a 2-core CPU this
+#: cut the padded tokens of a K=16 adaptation step by a third.
 LENGTH_GROUP_ROWS = 4
 
 
@@ -763,12 +767,12 @@ def _token_logprobs_fn() -> Any:
     class _Fn(torch.autograd.Function):
         @staticmethod
         def forward(ctx: Any, h: Any, weight: Any, index: Any) -> Any:
-            z = F.linear(h, weight).float()  # [N, V]; autocast may run the matmul in bf16
+            z = F.linear(h, weight)  # [N, V]; autocast may run the matmul in bf16
+            ctx.mm_dtype, z = z.dtype, z.float()
             lse = torch.logsumexp(z, -1, keepdim=True)  # [N, 1]
             out = z.gather(-1, index) - lse  # [N, m]
             if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
                 ctx.save_for_backward(h, weight, index, z.sub_(lse).exp_())  # the softmax, in place
-                ctx.h_dtype = h.dtype
             return out
 
         @staticmethod
@@ -776,9 +780,9 @@ def _token_logprobs_fn() -> Any:
         def backward(ctx: Any, grad: Any) -> Any:
             h, weight, index, probs = ctx.saved_tensors
             dz = probs.mul_(-grad.sum(-1, keepdim=True)).scatter_add_(-1, index, grad)  # [N, V], in place
-            dz = dz.to(weight.dtype)
-            gh = (dz @ weight).to(ctx.h_dtype) if ctx.needs_input_grad[0] else None
-            gw = (dz.T @ h.to(weight.dtype)) if ctx.needs_input_grad[1] else None
+            dz = dz.to(ctx.mm_dtype)  # the backward matmuls in the forward's precision
+            gh = (dz @ weight.to(ctx.mm_dtype)).to(h.dtype) if ctx.needs_input_grad[0] else None
+            gw = (dz.T @ h.to(ctx.mm_dtype)).to(weight.dtype) if ctx.needs_input_grad[1] else None
             return gh, gw, None
 
     return _Fn
@@ -840,6 +844,8 @@ def _completion_logits(
 #: :func:`plain_head` path. Exploration shows each prompt twice, so with K=16 thumbs this
 #: cut the decoder's tokens per step by about a quarter.
 PACK_PROMPTS = True
+#: At most this many completions share one packed row (attention grows with its square).
+PACK_MAX_COMPLETIONS = 4
 
 
 @dataclass
@@ -863,15 +869,19 @@ def attn_implementation(model: Any) -> str | None:
     return getattr(getattr(base, "config", None), "_attn_implementation", None)
 
 
-def packable(model: Any) -> bool:
-    """Whether the model takes a custom 4D attention mask (sdpa or eager attention; flash
-    attention kernels ignore such a mask)."""
-    return attn_implementation(model) in ("sdpa", "eager")
+def packable(model: Any, length: int) -> bool:
+    """Whether packed rows of ``length`` columns run as if unpacked: the model takes a custom
+    4D attention mask (sdpa or eager attention; flash attention kernels ignore one) and has
+    no sliding window shorter than ``length`` (a custom mask replaces the window's)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    window = getattr(getattr(base, "config", None), "sliding_window", None)
+    return attn_implementation(model) in ("sdpa", "eager") and (window is None or window >= length)
 
 
 def pack_prompts(ids: Any, mask: Any, comp: Any) -> Packing | None:
     """:class:`Packing` of left-padded rows (``ids, mask [n, T]``, completion mask ``comp
-    [n, C]``) by identical prompt tokens, or None when no two rows share a prompt."""
+    [n, C]``) by identical prompt tokens, up to :data:`PACK_MAX_COMPLETIONS` per packed row;
+    None when no two rows share a prompt (or a row has no prompt tokens)."""
     import torch
 
     n, T = ids.shape
@@ -886,7 +896,7 @@ def pack_prompts(ids: Any, mask: Any, comp: Any) -> Packing | None:
         rows_of.setdefault(prompt, []).append(r)
     if len(rows_of) == n:
         return None
-    groups = list(rows_of.values())
+    groups = [g[i:i + PACK_MAX_COMPLETIONS] for g in rows_of.values() for i in range(0, len(g), PACK_MAX_COMPLETIONS)]
     plens = [lens[g[0]] - clens[g[0]] for g in groups]
     L = max(p + sum(clens[r] for r in g) for p, g in zip(plens, groups, strict=True))
     m = len(groups)
@@ -920,8 +930,8 @@ def pack_prompts(ids: Any, mask: Any, comp: Any) -> Packing | None:
 
 
 def _packed_states(model: Any, packing: Packing, inputs: Any, key: str, sliced: bool, start: int) -> Any:
-    """The decoder's final states at the completion positions of the packed rows: ``[n, C, d]``
-    (the packed rows run in length groups too)."""
+    """The decoder's final states that predict each completion position of the rows, from
+    their packed rows: ``[n, C, d]`` (the packed rows run in length groups too)."""
     import torch
 
     dec = decoder_of(model)
@@ -967,7 +977,9 @@ def _completion_logps(
     def run(**kw: Any) -> Any:  # the final states predicting the last C tokens
         return dec(**kw).last_hidden_state[:, -C - 1:-1]
 
-    packing = pack_prompts(ids, mask, comp) if PACK_PROMPTS and packable(model) else None
+    packing = pack_prompts(ids, mask, comp) if PACK_PROMPTS else None
+    if packing is not None and not packable(model, packing.src.shape[1]):
+        packing = None
     if packing is None:
         states = _by_groups(run, model, ids, mask, pos, inputs, key, sliced, start, C)  # [n, C, d]
     else:
@@ -1002,7 +1014,6 @@ def sequence_logps(
     logprobs)`` from :func:`reference_topk`) it returns ``(logps [n], kl [n])``, ``kl``
     being :func:`topk_kl` averaged over each row's completion tokens, from the same pass.
     """
-
     idx, ref_lp = ref_top if ref_top is not None else (None, None)  # [n, C, k] each
     logp, comp, pol_lp = _completion_logps(model, batch, rows, hidden, start, idx)
     seq = (logp * comp).sum(-1)  # [n]

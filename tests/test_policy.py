@@ -83,7 +83,7 @@ def test_token_logprobs_matches_autograd_log_softmax_values_and_gradients():
     (got * g).sum().backward()
     assert got.dtype == torch.float32 and torch.allclose(got.double(), want, atol=1e-5)
     assert torch.allclose(h2.grad, h1.grad, atol=1e-5) and torch.allclose(w2.grad, w1.grad, atol=1e-5)
-    with torch.no_grad():  # no softmax kept without grad, the same values
+    with torch.no_grad():  # the same values without grad
         assert torch.allclose(P.token_logprobs(h, w, index).double(), want, atol=1e-5)
 
 
@@ -160,6 +160,66 @@ def test_packed_prompts_change_no_logp_kl_or_gradient(monkeypatch, start, attn):
     assert torch.allclose(packed[0], plain[0], atol=1e-5) and torch.allclose(packed[1], plain[1], atol=1e-5)
     assert packed[1].abs().sum() > 0 and any(g.abs().sum() > 0 for g in packed[2])
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(packed[2], plain[2], strict=True))
+
+
+def test_packed_prompts_per_token_reference_row_subsets_and_pack_size(monkeypatch):
+    model, tok = tiny_policy()
+    prompts = ["hi there", "a much longer prompt here", "hi there", "x", "a much longer prompt here", "hi there"]
+    comps = ["hello there", "ok", "a b c d e f", "y y", "fine", "z"]
+    batch = P.encode_pairs(tok, prompts, comps)
+
+    def values():
+        with torch.no_grad(), P.lora_attached(model, None, 0) as pm:
+            for n, p in pm.named_parameters():
+                if "lora_B" in n:
+                    torch.nn.init.normal_(p, std=0.05, generator=torch.Generator().manual_seed(len(n)))
+            return (P.token_logps(pm, batch, chunk=4) * batch.comp_mask,  # chunks regroup the prompts
+                    P.reference_logps(pm, batch, chunk=4),
+                    P.sequence_logps(pm, batch, torch.tensor([3, 4, 0, 1])))  # one shared prompt left
+
+    packed = values()
+    monkeypatch.setattr(P, "PACK_MAX_COMPLETIONS", 2)  # "hi there" x 3 -> packs of 2 and 1
+    pk = P.pack_prompts(batch.input_ids, batch.attention_mask, batch.comp_mask)
+    assert pk.src.shape[0] == 4
+    capped = values()
+    monkeypatch.setattr(P, "PACK_PROMPTS", False)
+    plain = values()
+    for a, b, c in zip(packed, capped, plain, strict=True):
+        assert torch.allclose(a, c, atol=1e-5) and torch.allclose(b, c, atol=1e-5) and c.abs().sum() > 0
+
+
+def test_packing_is_off_where_a_custom_mask_would_change_the_attention():
+    model, tok = tiny_policy()
+    assert P.packable(model, 200)
+    model.config.sliding_window = 64  # rows longer than the window: its mask would be replaced
+    assert P.packable(model, 64) and not P.packable(model, 65)
+    model.config.sliding_window = None
+    model.config._attn_implementation = "flex_attention"
+    assert not P.packable(model, 10)
+
+
+def test_fused_packed_path_under_bf16_autocast_matches_the_logits_path(monkeypatch):
+    model, tok = tiny_policy()
+    prompts = ["hi there", "a much longer prompt here", "hi there", "a much longer prompt here"]
+    batch = P.encode_pairs(tok, prompts, ["hello there", "ok", "a b c d e f", "fine"])
+
+    def run():
+        with P.lora_attached(model, None, 0) as pm:
+            for n, p in pm.named_parameters():
+                if "lora_B" in n:
+                    torch.nn.init.normal_(p, std=0.05, generator=torch.Generator().manual_seed(len(n)))
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                lp = P.sequence_logps(pm, batch)
+            lp.sum().backward()
+            grads = [p.grad.clone() for p in P.trainable_params(pm, 0)]
+        return lp.detach(), grads
+
+    fused = run()
+    monkeypatch.setattr(P, "plain_head", lambda m: None)
+    slow = run()
+    assert fused[0].dtype == torch.float32 and torch.allclose(fused[0], slow[0], rtol=0.02, atol=0.05)
+    for a, b in zip(fused[1], slow[1], strict=True):
+        assert torch.isfinite(a).all() and torch.allclose(a, b, rtol=0.1, atol=0.02 * float(b.abs().max()) + 1e-6)
 
 
 def test_plain_head_only_for_known_bias_free_heads():
