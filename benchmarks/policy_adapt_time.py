@@ -7,7 +7,8 @@ base model already loaded (as in the server) for the default recipe and, with
 ``--compare``, for other recipes (e.g. all layers trained, fp32), and the full
 ``metarlhf adapt policy`` command (process start + model load + adapt + save), on the
 same ``--device``. ``--ablate N`` then times the default recipe N more times per variant,
-the variants alternated in one process (so that drift of a shared CPU hits them alike):
+the variants alternated in one process, their order rotated each round (so that drift of
+a shared CPU hits them alike):
 ``full``; ``no_pack`` (rows that share a prompt run unpacked, ``policy.PACK_PROMPTS``);
 ``logits_path`` (neither packing nor the fused LM head: autograd over the full
 ``[n, C, V]`` logits, as before session 18).
@@ -125,8 +126,10 @@ def ablate(records: list, model: object, tok: object, init: str | None, n: int) 
     variants = {"full": (True, plain_head), "no_pack": (False, plain_head), "logits_path": (False, lambda m: None)}
     out: dict = {name: {"s": [], "final_loss": []} for name in variants}
     try:
+        names = list(variants)
         for r in range(n):
-            for name, (packed, head) in variants.items():
+            for name in names[r % 3:] + names[:r % 3]:  # the order rotates: none always runs first
+                packed, head = variants[name]
                 policy.PACK_PROMPTS, policy.plain_head = packed, head
                 t0 = time.perf_counter()
                 ad = policy.adapt_policy(records, base=(model, tok), init=init, seed=r)
