@@ -465,12 +465,14 @@ def init_overlap(meta: dict[str, Any], users: Sequence[str], prompts: Sequence[s
     return {"users": [u for u in users if u in seen], "prompts": shared}
 
 
-def check_init_overlap(cfg: EvalConfig, users: Sequence[str], prompts: Sequence[str]) -> dict[str, dict[str, Any]]:
+def check_init_overlap(cfg: EvalConfig, users: Sequence[str], prompts: Sequence[str],
+                       warn: bool = True) -> dict[str, dict[str, Any]]:
     """:func:`init_overlap` of each init the methods use (read from its metadata only, so a
     command can call it before it loads a model). ConfigError if an init was meta-trained on
     an evaluated user or prompt, unless ``cfg.allow_seen``: the figure would measure
     training, not few-shot personalization. An init that cannot be read is left to
-    :func:`metarlhf.policy.load_init` to report."""
+    :func:`metarlhf.policy.load_init` to report. ``warn``: log that an init does not record
+    its prompts (off for an early check that :func:`evaluate_policy` repeats)."""
     from metarlhf.adapters import read_meta
     from metarlhf.errors import AdapterError
     from metarlhf.policy import DEFAULT_INIT_DIR
@@ -485,7 +487,7 @@ def check_init_overlap(cfg: EvalConfig, users: Sequence[str], prompts: Sequence[
         except AdapterError:
             continue
         got = out[init] = init_overlap(meta, users, prompts)
-        if got["prompts"] is None:
+        if got["prompts"] is None and warn:
             log.warning("init %r (%s) does not record its meta-training prompts: held-out prompts are not checked "
                         "against them (its users are)", init, path)
         if not cfg.allow_seen and (got["users"] or got["prompts"]):

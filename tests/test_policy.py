@@ -792,7 +792,7 @@ def test_eval_and_cli_defaults_follow_the_adaptation_recipe():
     assert (ev.steps, ev.lr) == (d.steps, d.lr)
 
 
-def test_eval_refuses_users_and_prompts_the_init_was_meta_trained_on(tmp_path, tiny_dir, capsys, monkeypatch):
+def test_eval_refuses_users_and_prompts_the_init_was_meta_trained_on(tmp_path, tiny_dir, capsys, monkeypatch, caplog):
     from metarlhf.evaluate_policy import EvalConfig, check_init_overlap
 
     model, tok = tiny_policy()
@@ -814,7 +814,10 @@ def test_eval_refuses_users_and_prompts_the_init_was_meta_trained_on(tmp_path, t
     meta = json.loads(meta_file.read_text())
     del meta["prompt_digests"]
     meta_file.write_text(json.dumps(meta))
-    assert check_init_overlap(ev, ["casual"], prompts[:3]) == {"meta": {"users": [], "prompts": None}}
+    with caplog.at_level("WARNING", logger="metarlhf.evaluate_policy"):
+        assert check_init_overlap(ev, ["casual"], prompts[:3]) == {"meta": {"users": [], "prompts": None}}
+        check_init_overlap(ev, ["casual"], prompts[:3], warn=False)  # the command's early check: no second warning
+    assert sum("does not record its meta-training prompts" in r.message for r in caplog.records) == 1
     # the command refuses before it loads the model
     import metarlhf.commands.policy as cp
 

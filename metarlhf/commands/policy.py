@@ -268,7 +268,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     n_train = -(-max(cfg.ks) // cfg.samples_per_prompt)
     prompts = prompts_after(args.prompts, args.offset, n_train + cfg.eval_prompts)
     # before the model is loaded: an init meta-trained on these users or prompts
-    check_init_overlap(cfg, [u.name for u in users], prompts[: n_train + cfg.eval_prompts])
+    check_init_overlap(cfg, [u.name for u in users], prompts[: n_train + cfg.eval_prompts], warn=False)  # fail fast
     base = _base(args, device)
     _check_train_layers(args, base[0])
     result = evaluate_policy(users, prompts, cfg, base=base, out=args.out)
