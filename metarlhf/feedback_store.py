@@ -163,6 +163,11 @@ class FeedbackStore:
         """Remove the user's completions of these ids; returns how many were removed."""
         raise NotImplementedError
 
+    def forget_neighbor(self, tenant: str, neighbor: str) -> int:
+        """Remove ``neighbor``'s id from this tenant's completions served with their adapter
+        (``adapter.neighbor`` becomes null, ``neighbor_erased`` true); returns how many."""
+        raise NotImplementedError
+
     def records(self, tenant: str, user: str, limit: int | None = None) -> list[Record]:
         raise NotImplementedError
 
@@ -590,13 +595,13 @@ class SQLiteFeedbackStore(FeedbackStore):
             conn.execute("DELETE FROM completions WHERE tenant=? AND user_id=?", (tenant, user))
             conn.execute("DELETE FROM jobs WHERE tenant=? AND user_id=?", (tenant, user))
             conn.execute("DELETE FROM users WHERE tenant=? AND user_id=?", (tenant, user))
-            conn.execute("UPDATE completions SET adapter = json_set(adapter, '$.neighbor', json('null'), "
-                         "'$.neighbor_erased', json('true')) "
-                         "WHERE tenant=? AND CASE WHEN json_valid(adapter) THEN json_extract(adapter, '$.neighbor') "
-                         "END = ?", (tenant, user))  # a malformed row must not stop the erasure
+            _forget_neighbor(conn, tenant, user)
             return n
 
         return self._write(tx)
+
+    def forget_neighbor(self, tenant: str, neighbor: str) -> int:
+        return self._write(lambda conn: _forget_neighbor(conn, tenant, neighbor))
 
     def user_exists(self, tenant: str, user: str) -> bool:
         conn = self._reader()
@@ -627,3 +632,11 @@ def open_feedback_store(url: str | os.PathLike, **kw: Any) -> FeedbackStore:
     elif "://" in s:
         raise ConfigError(f"unsupported feedback store URL {s!r}; use sqlite:///path or postgresql://...")
     return SQLiteFeedbackStore(s, **kw)
+
+
+def _forget_neighbor(conn: sqlite3.Connection, tenant: str, neighbor: str) -> int:
+    """The UPDATE of :meth:`FeedbackStore.forget_neighbor`, inside a write transaction."""
+    return conn.execute(
+        "UPDATE completions SET adapter = json_set(adapter, '$.neighbor', json('null'), '$.neighbor_erased', "
+        "json('true')) WHERE tenant=? AND CASE WHEN json_valid(adapter) THEN json_extract(adapter, '$.neighbor') "
+        "END = ?", (tenant, neighbor)).rowcount  # a malformed row must not stop an erasure

@@ -158,7 +158,7 @@ async def _complete(body: GenerationFields, rt: Runtime, tenant: str, settings: 
     if body.stream:
         return await _stream(body, reqs[0], rt, tenant, cid, model, chat, epoch)
     try:
-        results, info = await rt.generate(tenant, body.user, reqs)
+        results, info, neighbor_epoch = await rt.generate(tenant, body.user, reqs)
     except Overloaded as e:
         raise ApiError(429, "overloaded", str(e), {"Retry-After": "1"}) from e
     except (MetaRLHFError, ApiError):
@@ -167,7 +167,7 @@ async def _complete(body: GenerationFields, rt: Runtime, tenant: str, settings: 
         raise _generation_error(e) from e
     if body.user is not None:  # every choice, so that feedback can name the one the user saw
         rows = [(choice_id(cid, i), feedback_prompt(body, chat, i), r.text) for i, r in enumerate(results)]
-        await run_in_threadpool(rt.record_completions, tenant, body.user, rows, info, epoch)
+        await run_in_threadpool(rt.record_completions, tenant, body.user, rows, info, epoch, neighbor_epoch)
     rt.metrics.inc("generated_tokens_total", "completion tokens generated",
                    sum(r.completion_tokens for r in results))
     created = int(time.time())
@@ -244,11 +244,12 @@ async def _stream(body: GenerationFields, req: GenerationRequest, rt: Runtime, t
             while not deltas.empty():  # text pushed before the batch resolved
                 yield chunk(deltas.get_nowait(), None)
             try:
-                results, info = task.result()
+                results, info, neighbor_epoch = task.result()
                 result = results[0]
                 if body.user is not None:
                     await run_in_threadpool(rt.record_completions, tenant, body.user,
-                                            [(cid, feedback_prompt(body, chat), result.text)], info, epoch)
+                                            [(cid, feedback_prompt(body, chat), result.text)], info, epoch,
+                                            neighbor_epoch)
             except Exception as e:  # noqa: BLE001 - the response has started: end it with a typed error event
                 if not isinstance(e, MetaRLHFError | ApiError):
                     log.error("stream %s failed: %s", cid, type(e).__name__, exc_info=e)

@@ -276,11 +276,15 @@ class Runtime:
 
     # -- generation ----------------------------------------------------------------------
     async def generate(self, tenant: str, user: str | None, reqs: list[GenerationRequest]) -> tuple[
-            list[GenerationResult], dict[str, Any]]:
+            list[GenerationResult], dict[str, Any], int | None]:
         """Generate through the batcher with the user's adapter; a corrupted adapter is
-        marked bad and the request retried once with the fallback."""
+        marked bad and the request retried once with the fallback. Returns the results, the
+        adapter's description and, when a neighbour's adapter served, that neighbour's
+        erasure epoch read as it was chosen (for :meth:`record_completions`; else None)."""
         for attempt in range(3):
             ref, info = await self.aserving_adapter(tenant, user)
+            neighbor = info.get("neighbor")
+            neighbor_epoch = None if neighbor is None else self.erasure_epoch(tenant, neighbor)
             for r in reqs:
                 r.adapter = ref
             results = await self.batcher.submit_many(reqs)
@@ -293,21 +297,31 @@ class Runtime:
         for r in results:
             if r.error is not None:
                 raise r.error
-        return results, info
+        return results, info, neighbor_epoch
 
     def erasure_epoch(self, tenant: str, user: str) -> int:
         """Read before a generation whose completions :meth:`record_completions` stores."""
         return self.runner.erasure_epoch(tenant, user)
 
     def record_completions(self, tenant: str, user: str, rows: list[tuple[str, str, str]], info: dict[str, Any],
-                           epoch: int) -> bool:
+                           epoch: int, neighbor_epoch: int | None = None) -> bool:
         """Store served completions (``(completion_id, prompt, text)``) so that feedback can
         name them, unless the user was erased since ``epoch`` (:meth:`erasure_epoch`, read
         before generating) or is being erased: then what was written is removed again, and
         False returned. Written first and checked after, so an erasure that begins in
-        between removes the rows itself."""
+        between removes the rows itself. Likewise for the neighbour whose adapter served
+        (``info["neighbor"]``, its epoch ``neighbor_epoch`` from :meth:`generate`): if it was
+        erased meanwhile, its id is removed from the tenant's completions again, these
+        included (as its erasure did for the rows already there)."""
         for cid, prompt, text in rows:
             self.feedback.add_completion(tenant, user, cid, prompt, text, info)
+        neighbor = info.get("neighbor")
+        if neighbor is not None and neighbor_epoch is not None:
+            now = self.erasure_epoch(tenant, neighbor)
+            if now != neighbor_epoch or now % 2:
+                self.feedback.forget_neighbor(tenant, neighbor)
+                log.info("neighbour %s/%s was erased while a generation with its adapter ran: its id is not kept",
+                         tenant, neighbor)
         now = self.erasure_epoch(tenant, user)
         if now == epoch and now % 2 == 0:
             return True

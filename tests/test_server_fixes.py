@@ -14,6 +14,7 @@ from metarlhf.engine import GenerationRequest, GenerationResult, SamplingParams
 from metarlhf.errors import ConfigError
 from metarlhf.retrieval import PreferenceIndex
 from server.batcher import Batcher
+from server.runtime import choice_id
 from server.schemas import NO_OPS
 
 KEY_A = "sk-tenant-a-key"
@@ -392,6 +393,37 @@ def test_a_cold_start_user_picks_up_a_neighbour_that_appears_later(client):
     assert rt(client).runner.wait_idle(60)
     adapter = chat(client, "carol").json()["adapter"]
     assert adapter["source"] == "neighbor" and adapter["neighbor"] == "bob" and adapter["neighbor_version"] == 1
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_neighbour_erased_while_its_adapter_generates_is_not_named_in_the_stored_completion(
+        client, monkeypatch, stream):
+    """carol is served with bob's adapter; bob is erased before carol's completion is
+    stored. The stored row must not name bob (his erasure scrubbed only the rows already
+    there); the rows of an erasure-free request keep the neighbour."""
+    thumbs(client, "carol", 0)
+    for i in range(2):
+        thumbs(client, "bob", i)
+    R = rt(client)
+    assert R.runner.wait_idle(60)
+    body = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 3, "temperature": 0, "user": "carol"}
+    kept = client.post("/v1/chat/completions", json=body, headers=A).json()
+    assert kept["adapter"]["neighbor"] == "bob"
+    assert R.feedback.get_completion("acme", "carol", choice_id(kept["id"], 0))["adapter"]["neighbor"] == "bob"
+    real = R.generate
+
+    async def generate_then_erase_neighbour(tenant, user, reqs):
+        got = await real(tenant, user, reqs)
+        R.delete_user(tenant, "bob")  # the DELETE of the neighbour lands while carol's answer is on its way
+        return got
+
+    monkeypatch.setattr(R, "generate", generate_then_erase_neighbour)
+    r = client.post("/v1/chat/completions", json={**body, "stream": stream}, headers=A)
+    assert r.status_code == 200, r.text
+    rows = R.feedback._reader().execute(
+        "SELECT id, adapter FROM completions WHERE tenant='acme' AND user_id='carol'").fetchall()
+    stored = {row[0]: json.loads(row[1]) for row in rows}
+    assert len(stored) >= 2 and all(a.get("neighbor") is None and a.get("neighbor_erased") for a in stored.values())
 
 
 def test_index_save_writes_under_the_lock(tmp_path, monkeypatch):
