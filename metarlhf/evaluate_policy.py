@@ -456,10 +456,13 @@ def init_overlap(meta: dict[str, Any], users: Sequence[str], prompts: Sequence[s
     """What an evaluation shares with the meta-training of an init (its metadata ``meta``):
     ``users``, the evaluated users among its ``train_users``; ``prompts``, how many of the
     evaluation's distinct prompts are among its ``prompt_digests`` (None: the init does not
-    record them; inits made before session 15 do not)."""
+    record them; inits made before session 15 do not). A user's own adapter used as an init
+    (``kind`` policy, e.g. a neighbour's) was trained on its ``user_id``."""
     from metarlhf.data import prompt_digests
 
     seen = set(meta.get("train_users") or [])
+    if meta.get("kind") == "policy" and meta.get("user_id"):
+        seen.add(str(meta["user_id"]))
     digests = meta.get("prompt_digests")
     shared = None if not isinstance(digests, list) else len(set(prompt_digests(prompts)) & set(digests))
     return {"users": [u for u in users if u in seen], "prompts": shared}

@@ -818,6 +818,13 @@ def test_eval_refuses_users_and_prompts_the_init_was_meta_trained_on(tmp_path, t
         assert check_init_overlap(ev, ["casual"], prompts[:3]) == {"meta": {"users": [], "prompts": None}}
         check_init_overlap(ev, ["casual"], prompts[:3], warn=False)  # the command's early check: no second warning
     assert sum("does not record its meta-training prompts" in r.message for r in caplog.records) == 1
+    # a user's own adapter as the init (a neighbour's, say): trained on that user
+    save_adapter(tmp_path / "own", P.adapt_policy(tiny_thumbs("casual"), base=(model, tok), init=None,
+                                                config=P.AdaptConfig(steps=1)))
+    own = EvalConfig(**{**vars(ev), "meta_init": str(tmp_path / "own")})
+    with pytest.raises(ConfigError, match="user\\(s\\) casual"):
+        check_init_overlap(own, ["bullets", "casual"], prompts[6:9], warn=False)
+    assert check_init_overlap(own, ["bullets"], prompts[6:9], warn=False)["meta"]["users"] == []
     # the command refuses before it loads the model
     import metarlhf.commands.policy as cp
 
