@@ -163,9 +163,10 @@ class FeedbackStore:
         """Remove the user's completions of these ids; returns how many were removed."""
         raise NotImplementedError
 
-    def forget_neighbor(self, tenant: str, neighbor: str) -> int:
-        """Remove ``neighbor``'s id from this tenant's completions served with their adapter
-        (``adapter.neighbor`` becomes null, ``neighbor_erased`` true); returns how many."""
+    def forget_neighbor(self, tenant: str, neighbor: str, user: str, completion_ids: list[str]) -> int:
+        """Remove ``neighbor``'s id from these completions of ``user`` if they were served with
+        its adapter (``adapter.neighbor`` becomes null, ``neighbor_erased`` true; the
+        erasure itself does so for the whole tenant); returns how many changed."""
         raise NotImplementedError
 
     def records(self, tenant: str, user: str, limit: int | None = None) -> list[Record]:
@@ -600,8 +601,10 @@ class SQLiteFeedbackStore(FeedbackStore):
 
         return self._write(tx)
 
-    def forget_neighbor(self, tenant: str, neighbor: str) -> int:
-        return self._write(lambda conn: _forget_neighbor(conn, tenant, neighbor))
+    def forget_neighbor(self, tenant: str, neighbor: str, user: str, completion_ids: list[str]) -> int:
+        if not completion_ids:
+            return 0
+        return self._write(lambda conn: _forget_neighbor(conn, tenant, neighbor, user, completion_ids))
 
     def user_exists(self, tenant: str, user: str) -> bool:
         conn = self._reader()
@@ -634,9 +637,15 @@ def open_feedback_store(url: str | os.PathLike, **kw: Any) -> FeedbackStore:
     return SQLiteFeedbackStore(s, **kw)
 
 
-def _forget_neighbor(conn: sqlite3.Connection, tenant: str, neighbor: str) -> int:
-    """The UPDATE of :meth:`FeedbackStore.forget_neighbor`, inside a write transaction."""
+def _forget_neighbor(conn: sqlite3.Connection, tenant: str, neighbor: str, user: str | None = None,
+                     completion_ids: list[str] | None = None) -> int:
+    """Null ``neighbor`` in the adapter column of the tenant's completions (only ``user``'s of
+    these ids when given), inside a write transaction; returns how many rows changed."""
+    where, args = "", ()
+    if user is not None:
+        where = f" AND user_id=? AND id IN ({','.join('?' * len(completion_ids or []))})"
+        args = (user, *(completion_ids or []))
     return conn.execute(
         "UPDATE completions SET adapter = json_set(adapter, '$.neighbor', json('null'), '$.neighbor_erased', "
         "json('true')) WHERE tenant=? AND CASE WHEN json_valid(adapter) THEN json_extract(adapter, '$.neighbor') "
-        "END = ?", (tenant, neighbor)).rowcount  # a malformed row must not stop an erasure
+        f"END = ?{where}", (tenant, neighbor, *args)).rowcount  # a malformed row must not stop an erasure

@@ -280,7 +280,10 @@ class Runtime:
         """Generate through the batcher with the user's adapter; a corrupted adapter is
         marked bad and the request retried once with the fallback. Returns the results, the
         adapter's description and, when a neighbour's adapter served, that neighbour's
-        erasure epoch read as it was chosen (for :meth:`record_completions`; else None)."""
+        erasure epoch read just after it was chosen (for :meth:`record_completions`; else
+        None). A neighbour erased completely between its choice and that read (a cached
+        decision, say) cannot serve: its erasure removes its files and evicts its weights
+        before the epoch turns even, so the load fails and the request falls back."""
         for attempt in range(3):
             ref, info = await self.aserving_adapter(tenant, user)
             neighbor = info.get("neighbor")
@@ -304,30 +307,31 @@ class Runtime:
         return self.runner.erasure_epoch(tenant, user)
 
     def record_completions(self, tenant: str, user: str, rows: list[tuple[str, str, str]], info: dict[str, Any],
-                           epoch: int, neighbor_epoch: int | None = None) -> bool:
+                           epoch: int, neighbor_epoch: int | None) -> bool:
         """Store served completions (``(completion_id, prompt, text)``) so that feedback can
         name them, unless the user was erased since ``epoch`` (:meth:`erasure_epoch`, read
         before generating) or is being erased: then what was written is removed again, and
         False returned. Written first and checked after, so an erasure that begins in
         between removes the rows itself. Likewise for the neighbour whose adapter served
-        (``info["neighbor"]``, its epoch ``neighbor_epoch`` from :meth:`generate`): if it was
-        erased meanwhile, its id is removed from the tenant's completions again, these
-        included (as its erasure did for the rows already there)."""
+        (``info["neighbor"]``; ``neighbor_epoch`` from :meth:`generate`, None when no
+        neighbour served): if it was erased meanwhile, its id is removed from these rows
+        again (its erasure did so for the rows already there)."""
+        ids = [cid for cid, _, _ in rows]
         for cid, prompt, text in rows:
             self.feedback.add_completion(tenant, user, cid, prompt, text, info)
+        now = self.erasure_epoch(tenant, user)
+        if now != epoch or now % 2:
+            self.feedback.delete_completions(tenant, user, ids)
+            log.info("user %s/%s was erased while a generation ran: its completions are not kept", tenant, user)
+            return False
         neighbor = info.get("neighbor")
-        if neighbor is not None and neighbor_epoch is not None:
+        if neighbor is not None:
             now = self.erasure_epoch(tenant, neighbor)
-            if now != neighbor_epoch or now % 2:
-                self.feedback.forget_neighbor(tenant, neighbor)
+            if neighbor_epoch is None or now != neighbor_epoch or now % 2:
+                self.feedback.forget_neighbor(tenant, neighbor, user, ids)
                 log.info("neighbour %s/%s was erased while a generation with its adapter ran: its id is not kept",
                          tenant, neighbor)
-        now = self.erasure_epoch(tenant, user)
-        if now == epoch and now % 2 == 0:
-            return True
-        self.feedback.delete_completions(tenant, user, [cid for cid, _, _ in rows])
-        log.info("user %s/%s was erased while a generation ran: its completions are not kept", tenant, user)
-        return False
+        return True
 
     # -- feedback ------------------------------------------------------------------------
     def _feedback_item(self, tenant: str, body: dict[str, Any]) -> FeedbackInput:

@@ -173,12 +173,30 @@ def test_record_completions_keeps_rows_only_outside_an_erasure(client):
     rt = client.app.state.runtime
     _thumb(client, "gus")
     epoch = rt.erasure_epoch("acme", "gus")
-    assert rt.record_completions("acme", "gus", [("c-1", "p", "t")], {}, epoch)
+    assert rt.record_completions("acme", "gus", [("c-1", "p", "t")], {}, epoch, None)
     assert rt.feedback.get_completion("acme", "gus", "c-1")["completion"] == "t"
     with rt.runner.erasing("acme", "gus"):  # in progress (odd): written, then removed again
-        assert not rt.record_completions("acme", "gus", [("c-2", "p", "t")], {}, epoch)
-    assert not rt.record_completions("acme", "gus", [("c-3", "p", "t")], {}, epoch)  # one ran since
+        assert not rt.record_completions("acme", "gus", [("c-2", "p", "t")], {}, epoch, None)
+    assert not rt.record_completions("acme", "gus", [("c-3", "p", "t")], {}, epoch, None)  # one ran since
     for cid in ("c-2", "c-3"):
         with pytest.raises(Exception, match="not found"):
             rt.feedback.get_completion("acme", "gus", cid)
     assert rt.feedback.get_completion("acme", "gus", "c-1")["completion"] == "t"
+
+
+def test_record_completions_drops_a_neighbour_erased_or_being_erased_from_its_own_rows_only(client):
+    rt = client.app.state.runtime
+    _thumb(client, "gus")
+    info = {"source": "neighbor", "user_id": "gus", "neighbor": "hal", "neighbor_version": 1}
+    epoch, nb = rt.erasure_epoch("acme", "gus"), rt.erasure_epoch("acme", "hal")
+
+    def neighbor_of(cid):
+        return rt.feedback.get_completion("acme", "gus", cid)["adapter"].get("neighbor")
+
+    assert rt.record_completions("acme", "gus", [("n-1", "p", "t")], info, epoch, nb) and neighbor_of("n-1") == "hal"
+    with rt.runner.erasing("acme", "hal"):  # the neighbour's erasure is running (odd epoch)
+        assert rt.record_completions("acme", "gus", [("n-2", "p", "t")], info, epoch, nb)
+    assert rt.record_completions("acme", "gus", [("n-3", "p", "t")], info, epoch, nb)  # it ran meanwhile
+    assert rt.record_completions("acme", "gus", [("n-4", "p", "t")], info, epoch, None)  # epoch unknown
+    assert [neighbor_of(c) for c in ("n-1", "n-2", "n-3", "n-4")] == ["hal", None, None, None]
+    assert rt.feedback.get_completion("acme", "gus", "n-2")["adapter"]["neighbor_erased"] is True
