@@ -128,7 +128,7 @@ def ablate(records: list, model: object, tok: object, init: str | None, n: int) 
     try:
         names = list(variants)
         for r in range(n):
-            for name in names[r % 3:] + names[:r % 3]:  # the order rotates: none always runs first
+            for name in names[r % len(names):] + names[:r % len(names)]:  # rotated: none always runs first
                 packed, head = variants[name]
                 policy.PACK_PROMPTS, policy.plain_head = packed, head
                 t0 = time.perf_counter()

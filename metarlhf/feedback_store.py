@@ -39,7 +39,7 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -638,13 +638,13 @@ def open_feedback_store(url: str | os.PathLike, **kw: Any) -> FeedbackStore:
 
 
 def _forget_neighbor(conn: sqlite3.Connection, tenant: str, neighbor: str, user: str | None = None,
-                     completion_ids: list[str] | None = None) -> int:
+                     completion_ids: Sequence[str] = ()) -> int:
     """Null ``neighbor`` in the adapter column of the tenant's completions (only ``user``'s of
     these ids when given), inside a write transaction; returns how many rows changed."""
     where, args = "", ()
     if user is not None:
-        where = f" AND user_id=? AND id IN ({','.join('?' * len(completion_ids or []))})"
-        args = (user, *(completion_ids or []))
+        where = f" AND user_id=? AND id IN ({','.join('?' * len(completion_ids))})"
+        args = (user, *completion_ids)
     return conn.execute(
         "UPDATE completions SET adapter = json_set(adapter, '$.neighbor', json('null'), '$.neighbor_erased', "
         "json('true')) WHERE tenant=? AND CASE WHEN json_valid(adapter) THEN json_extract(adapter, '$.neighbor') "

@@ -937,18 +937,17 @@ def _packed_states(model: Any, packing: Packing, inputs: Any, key: str, sliced: 
     dec = decoder_of(model)
     x = inputs.flatten(0, 1)[packing.src]  # [m, L] ids or [m, L, d] states
     m, L = packing.src.shape
-    eager = attn_implementation(model) == "eager"  # it adds its mask: 0 or the dtype's minimum
+    allowed = packing.allowed.unsqueeze(1)  # [m, 1, L, L]; sdpa takes it as it is
+    if attn_implementation(model) == "eager":  # eager adds its mask: 0, or the dtype's minimum
+        dtype = next(dec.parameters()).dtype
+        allowed = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+            ~allowed, torch.finfo(dtype).min)
     states = None
     with layer_slice(model, start) if sliced else nullcontext():
         for idx, cols in length_groups(packing.mask, 1):
             g = slice(L - cols, None)
-            allowed = packing.allowed[idx][:, g, g].unsqueeze(1)  # [b, 1, cols, cols]
-            if eager:
-                dtype = next(dec.parameters()).dtype
-                allowed = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
-                    ~allowed, torch.finfo(dtype).min)
-            part = dec(**{key: x[idx][:, g]}, attention_mask=allowed, position_ids=packing.position_ids[idx][:, g],
-                       use_cache=False).last_hidden_state  # [b, cols, d]
+            part = dec(**{key: x[idx][:, g]}, attention_mask=allowed[idx][:, :, g, g],
+                       position_ids=packing.position_ids[idx][:, g], use_cache=False).last_hidden_state  # [b, cols, d]
             if states is None:
                 states = part.new_zeros((m, L, part.shape[-1]))
             states[idx, g] = part
@@ -1099,15 +1098,14 @@ def reference_pass(peft_model: Any, batch: SeqBatch, chunk: int = 16, precision:
     with torch.no_grad(), peft_model.disable_adapter(), autocast(precision, model_device(peft_model).type):
         for i in range(0, n, chunk):
             rows = torch.arange(i, min(i + chunk, n))
-            if not topk:
+            if topk:  # the top-k needs every logit
+                logits, lse, logp, comp = _completion_logits(peft_model, batch, rows)
+                top = torch.topk(logits, min(topk, logits.shape[-1]), dim=-1)
+                idx.append(top.indices)
+                lps.append(top.values - lse.unsqueeze(-1))
+            else:
                 logp, comp, _ = _completion_logps(peft_model, batch, rows)
-                seqs.append((logp * comp).sum(-1))
-                continue
-            logits, lse, logp, comp = _completion_logits(peft_model, batch, rows)  # the top-k needs every logit
             seqs.append((logp * comp).sum(-1))
-            top = torch.topk(logits, min(topk, logits.shape[-1]), dim=-1)
-            idx.append(top.indices)
-            lps.append(top.values - lse.unsqueeze(-1))
     return torch.cat(seqs), ((torch.cat(idx), torch.cat(lps)) if topk else None)
 
 
