@@ -75,7 +75,9 @@ def headers() -> dict[str, str]:
 
 
 def write_result(name: str, result: dict) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    """Write ``result`` as ``benchmarks/results/<name>`` (temp file, fsync, rename)."""
+    from metarlhf.io import atomic_write_bytes
+
     path = RESULTS / name
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_bytes(path, (json.dumps(result, indent=2) + "\n").encode())
     return path

@@ -497,7 +497,7 @@ class AdaptationRunner:
             except Exception:  # noqa: BLE001 - store closed during shutdown
                 log.exception("could not record the failure of job %s", job_id)
         finally:
-            self._finish(tenant, user, succeeded, upto)
+            self._finish(tenant, user, job_id, succeeded, upto)
 
     def _discard_erased(self, tenant: str, user: str, written: list[Path]) -> None:
         """The user was erased while the job ran: remove what it wrote (and the user's
@@ -512,15 +512,14 @@ class AdaptationRunner:
         if self.on_discard is not None:  # e.g. the serving engine loaded it to validate it: the
             self.on_discard(tenant, user)  # version number comes back after an erasure
 
-    def _finish(self, tenant: str, user: str, succeeded: bool, upto: int | None) -> None:
-        """The job is over: the feedback that arrived while it ran may call for the next one,
-        started in the same step (so the user is never seen idle in between). After a
+    def _finish(self, tenant: str, user: str, jid: str, succeeded: bool, upto: int | None) -> None:
+        """Job ``jid`` is over: the feedback that arrived while it ran may call for the next
+        one, started in the same step (so the user is never seen idle in between). After a
         failure the next automatic job waits for ``threshold`` records past what this one
         tried: the same records would fail the same way."""
         key = (tenant, user)
         with self._start_lock(tenant, user):  # the finished job stays in _inflight until the next is
             with self._lock:                  # decided: queue_depth never reads 0 in between
-                jid = self._inflight.get(key, "")
                 self._finishing.add(jid)
                 if succeeded:
                     self._failed_upto.pop(key, None)
