@@ -457,14 +457,15 @@ def init_overlap(meta: dict[str, Any], users: Sequence[str], prompts: Sequence[s
     ``users``, the evaluated users among its ``train_users``; ``prompts``, how many of the
     evaluation's distinct prompts are among its ``prompt_digests`` (None: the init does not
     record them; inits made before session 15 do not). A user's own adapter used as an init
-    (``kind`` policy, e.g. a neighbour's) was trained on its ``user_id``."""
+    (``kind`` policy, e.g. a neighbour's) was trained on its ``user_id``, and inherits what
+    its own init was trained on (``init_train_users``, ``init_prompt_digests``)."""
     from metarlhf.data import prompt_digests
+    from metarlhf.policy import init_lineage
 
-    seen = set(meta.get("train_users") or [])
-    if meta.get("kind") == "policy" and meta.get("user_id"):
-        seen.add(str(meta["user_id"]))
-    digests = meta.get("prompt_digests")
-    shared = None if not isinstance(digests, list) else len(set(prompt_digests(prompts)) & set(digests))
+    lineage = init_lineage(meta)  # the init's own training, and its init's (a user adapter's chain)
+    seen = set(lineage["init_train_users"])
+    digests = lineage["init_prompt_digests"]
+    shared = None if digests is None else len(set(prompt_digests(prompts)) & set(digests))
     return {"users": [u for u in users if u in seen], "prompts": shared}
 
 

@@ -1485,6 +1485,7 @@ def adapt_policy(
         "base_model": base_name,
         "init": init_name,
         "init_sha256": None if init_adapter is None else init_adapter.meta.get("sha256"),
+        **init_lineage(None if init_adapter is None else init_adapter.meta),
         "user_id": next(iter(users)),
         "k": len(records),
         "n_thumbs": sum(isinstance(r, Thumbs) for r in records),
@@ -1501,6 +1502,21 @@ def adapt_policy(
         "wall_s": round(time.perf_counter() - t0, 3),
     }
     return Adapter(tensors=tensors, config=lora_config_dict(base_name), meta=meta)
+
+
+def init_lineage(init_meta: dict[str, Any] | None) -> dict[str, Any]:
+    """What an adapter inherits from its init's training, for held-out checks
+    (:func:`metarlhf.evaluate_policy.init_overlap`): ``init_train_users``, every user the
+    init (and the inits before it) was trained on, and ``init_prompt_digests``, their
+    meta-training prompts (None where no init in the chain records them)."""
+    if init_meta is None:
+        return {"init_train_users": [], "init_prompt_digests": None}
+    users = set(init_meta.get("train_users") or []) | set(init_meta.get("init_train_users") or [])
+    if init_meta.get("kind") == "policy" and init_meta.get("user_id"):
+        users.add(str(init_meta["user_id"]))
+    lists = [d for d in (init_meta.get("prompt_digests"), init_meta.get("init_prompt_digests")) if isinstance(d, list)]
+    digests = sorted({x for d in lists for x in d}) if lists else None
+    return {"init_train_users": sorted(users), "init_prompt_digests": digests}
 
 
 @contextmanager

@@ -835,6 +835,19 @@ def test_eval_refuses_users_and_prompts_the_init_was_meta_trained_on(tmp_path, t
     with pytest.raises(ConfigError, match="user\\(s\\) casual"):
         check_init_overlap(own, ["bullets", "casual"], prompts[6:9], warn=False)
     assert check_init_overlap(own, ["bullets"], prompts[6:9], warn=False)["meta"]["users"] == []
+    # a user adapter adapted from the meta-init inherits what that init was trained on
+    meta["prompt_digests"] = prompt_digests(prompts[:4])
+    meta_file.write_text(json.dumps(meta))
+    child = P.adapt_policy(tiny_thumbs("casual"), base=(model, tok), init=str(tmp_path / "init"),
+                           config=P.AdaptConfig(steps=1))
+    assert child.meta["init_train_users"] == ["bullets"]
+    save_adapter(tmp_path / "child", child)
+    kid = EvalConfig(**{**vars(ev), "meta_init": str(tmp_path / "child")})
+    with pytest.raises(ConfigError, match="user\\(s\\) bullets, casual"):
+        check_init_overlap(kid, ["bullets", "casual", "formal"], prompts[6:9], warn=False)
+    with pytest.raises(ConfigError, match="2 of the evaluation's prompts"):
+        check_init_overlap(kid, ["formal"], prompts[2:5], warn=False)
+    assert check_init_overlap(kid, ["formal"], prompts[6:9], warn=False) == {"meta": {"users": [], "prompts": 0}}
     # the command refuses before it loads the model
     import metarlhf.commands.policy as cp
 
