@@ -1511,11 +1511,12 @@ def init_lineage(init_meta: dict[str, Any] | None) -> dict[str, Any]:
     meta-training prompts (None where no init in the chain records them)."""
     if init_meta is None:
         return {"init_train_users": [], "init_prompt_digests": None}
-    users = set(init_meta.get("train_users") or []) | set(init_meta.get("init_train_users") or [])
+    lists = [init_meta.get("train_users"), init_meta.get("init_train_users")]
+    users = {str(u) for d in lists if isinstance(d, list) for u in d}
     if init_meta.get("kind") == "policy" and init_meta.get("user_id"):
         users.add(str(init_meta["user_id"]))
     lists = [d for d in (init_meta.get("prompt_digests"), init_meta.get("init_prompt_digests")) if isinstance(d, list)]
-    digests = sorted({x for d in lists for x in d}) if lists else None
+    digests = sorted({str(x) for d in lists for x in d}) if lists else None
     return {"init_train_users": sorted(users), "init_prompt_digests": digests}
 
 
