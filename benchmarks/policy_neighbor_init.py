@@ -12,7 +12,8 @@ simulated users. This script measures it with ``eval policy``'s own protocol:
    preference vector is the server's (``jobs.user_preference``: MiniLM embeddings of liked
    minus disliked answers).
 2. **Each held-out user** collects K thumbs exactly as ``eval policy`` draws them (the same
-   seeds; the script checks that the run's support matches), the nearest library user by
+   seeds; each row records whether the evaluation's support had the same thumbs-up count,
+   ``support_matches_eval``), the nearest library user by
    cosine is picked, and ``eval policy`` runs for that user with that user's adapter as the
    init (``--methods <adapter dir>``), so its answers are comparable with ``meta`` and
    ``scratch`` rows of a run with the same command (common random numbers).
@@ -20,7 +21,12 @@ simulated users. This script measures it with ``eval policy``'s own protocol:
 Writes a JSON with each held-out user's neighbour, similarity and win rate.
 
     flock /tmp/metarlhf-cpu.lock .venv/bin/python benchmarks/policy_neighbor_init.py \\
-        --work /tmp/s19/nb --out benchmarks/results/policy_neighbor_init.json
+        --work /tmp/s19/nb --out benchmarks/results/policy_neighbor_init_k16.json
+    ... --k 4 --explore plain --compare meta,scratch --work /tmp/s19/nb4 \\
+        --out benchmarks/results/policy_neighbor_init_k4_plain.json
+
+A ``--work`` directory keeps the library's adapters for a rerun; one made with another
+``--k``, ``--explore``, ``--library-offset`` or ``--seed`` is refused.
 """
 
 from __future__ import annotations
@@ -60,6 +66,7 @@ def main() -> None:
     from metarlhf.adapters import save_adapter
     from metarlhf.data import prompts_after
     from metarlhf.evaluate_policy import EvalConfig, evaluate_policy
+    from metarlhf.io import atomic_write_bytes
     from metarlhf.jobs import user_preference
     from metarlhf.policy import (
         AdaptConfig,
@@ -76,6 +83,13 @@ def main() -> None:
     t0 = time.perf_counter()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
+    made = {"k": args.k, "explore": args.explore, "library_offset": args.library_offset, "seed": args.seed}
+    stamp = work / "library.json"
+    if stamp.is_file() and json.loads(stamp.read_text()) != made:
+        print(f"error: {work} holds a library made with {stamp.read_text().strip()}, not {made}: "
+              "use another --work", file=sys.stderr)
+        raise SystemExit(2)
+    atomic_write_bytes(stamp, (json.dumps(made) + "\n").encode())
     model, tok, _ = resolve_base(None)
     embedder = load_reward_model(None)  # the server's personalizer embeds with the default reward model
 
@@ -164,7 +178,7 @@ def main() -> None:
               "mean_win_rate_compare": {m: sum(r["compare"][m]["win_rate"] for r in rows) / len(rows)
                                         for m in (rows[0]["compare"] if rows else {})},
               "software": software_versions(), "wall_s": round(time.perf_counter() - t0, 1)}
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_bytes(args.out, (json.dumps(result, indent=2) + "\n").encode())
     print("mean win rate:", round(result["mean_win_rate"], 4), flush=True)
 
 

@@ -1,9 +1,9 @@
 """Which user vector finds a user of the same taste family? (pipeline step 5, idea check)
 
 ``benchmarks/policy_neighbor_init.py`` found that the server's preference vectors (MiniLM
-embeddings of liked minus disliked answers, ``jobs.user_preference``) never picked a
-held-out simulated user's own family as its nearest neighbour. This probe collects K
-thumbs from each of the 18 library users (``eval policy``'s adaptive exploration, on the
+embeddings of liked minus disliked answers, ``jobs.user_preference``) picked a held-out
+simulated user's own family as its nearest neighbour only for users with no thumbs up. This
+probe collects K thumbs from each of the 18 simulated users (``eval policy``'s adaptive exploration, on the
 same HH-RLHF prompts for everyone, 500+ by default) and compares four vectors per user,
 each L2-normalised, by leave-one-out nearest neighbour (cosine):
 
@@ -14,7 +14,7 @@ each L2-normalised, by leave-one-out nearest neighbour (cosine):
   its liked minus disliked answers (so the answers' topics cancel within a prompt);
 * ``policy_pref``: the same liked-minus-disliked mean with the *policy's* (SmolLM2) final
   hidden states, mean-pooled over the answer tokens, each dimension standardised by its
-  spread over every answer in the probe (label-free).
+  spread over the answers of the same set, the candidates' or the queries' (label-free).
 
 With ``--query-offset`` each user also rates other prompts, and those thumbs make the
 query vector, searched against the others' vectors from the first prompts: a new user
@@ -65,6 +65,7 @@ def main() -> None:
 
     from metarlhf.data import prompts_after
     from metarlhf.evaluate_policy import EvalConfig
+    from metarlhf.io import atomic_write_bytes
     from metarlhf.jobs import liked_disliked
     from metarlhf.policy import decoder_of, explore_adaptive, resolve_base
     from metarlhf.retrieval import preference_vector
@@ -173,7 +174,7 @@ def main() -> None:
     if query is not None:
         result["other_prompts"] = score(query, "other prompts")
     result["wall_s"] = round(time.perf_counter() - t0, 1)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_bytes(args.out, (json.dumps(result, indent=2) + "\n").encode())
 
 
 if __name__ == "__main__":

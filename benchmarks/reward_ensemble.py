@@ -19,7 +19,7 @@ four K on the 10 *validation* personas. ``--test`` then scores the 20 test perso
 the chosen variant and the two single inits.
 
     flock /tmp/metarlhf-cpu.lock .venv/bin/python benchmarks/reward_ensemble.py
-    flock /tmp/metarlhf-cpu.lock .venv/bin/python benchmarks/reward_ensemble.py --test --variants w=0.7
+    flock /tmp/metarlhf-cpu.lock .venv/bin/python benchmarks/reward_ensemble.py --test --variants w=0.8
 """
 
 from __future__ import annotations
@@ -80,6 +80,7 @@ def main() -> None:
 
     from metarlhf.data import group_by_user, load_records
     from metarlhf.evaluate_reward import user_splits
+    from metarlhf.io import atomic_write_bytes
     from metarlhf.models import resolve_policy_dir
     from metarlhf.reward import load_reward_model
 
@@ -141,7 +142,7 @@ def main() -> None:
         print(f"{v:>6}", table[v], overall[v], flush=True)
     print("best mix:", chosen, "paired vs smollm2:", paired, flush=True)
     out = Path(args.out or ROOT / f"benchmarks/results/reward_ensemble_{group}.json")
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_bytes(out, (json.dumps(result, indent=2) + "\n").encode())
 
 
 if __name__ == "__main__":
