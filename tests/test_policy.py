@@ -858,3 +858,13 @@ def test_eval_refuses_users_and_prompts_the_init_was_meta_trained_on(tmp_path, t
                "--eval-prompts", "2", "--init", str(tmp_path / "init"), "--policy", str(tiny_dir),
                "--out", str(tmp_path / "r.json")])
     assert rc == 2 and "--allow-seen" in capsys.readouterr().err and not (tmp_path / "r.json").exists()
+
+
+def test_init_lineage_follows_the_chain_and_ignores_malformed_fields():
+    meta_init = {"kind": "policy_init", "train_users": ["bullets", "casual"], "prompt_digests": ["d1", "d2"]}
+    first = {"kind": "policy", "user_id": "formal", **P.init_lineage(meta_init)}  # adapted from the meta-init
+    second = P.init_lineage(first)  # a user adapted from `first` (a neighbour's adapter, say)
+    assert second == {"init_train_users": ["bullets", "casual", "formal"], "init_prompt_digests": ["d1", "d2"]}
+    assert P.init_lineage(None) == {"init_train_users": [], "init_prompt_digests": None}
+    bad = {"train_users": "bullets", "init_train_users": [3], "prompt_digests": "d1", "init_prompt_digests": None}
+    assert P.init_lineage(bad) == {"init_train_users": ["3"], "init_prompt_digests": None}  # no letters of a string
