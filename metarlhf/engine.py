@@ -67,7 +67,7 @@ from typing import Any
 
 from metarlhf.adapter_cache import AdapterCache, CacheFullError
 from metarlhf.errors import AdapterError, ConfigError, MetaRLHFError, check_text
-from metarlhf.runtime import model_device
+from metarlhf.runtime import model_device, unwrap_model
 
 log = logging.getLogger(__name__)
 
@@ -290,7 +290,7 @@ def cache_keyword(model: Any) -> str:
     """The keyword under which ``model.forward`` takes the KV cache: ``cache`` in recent
     transformers, ``past_key_values`` before. A wrong name would land in ``**kwargs``
     unnoticed and every decode step would run without its context."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap_model(model)
     params = inspect.signature(base.forward).parameters
     for name in ("cache", "past_key_values"):
         if name in params:

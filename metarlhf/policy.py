@@ -110,7 +110,7 @@ from metarlhf.adapters import Adapter, load_adapter, save_adapter
 from metarlhf.data import Pair, Record, Thumbs, prompt_digests, text_digest
 from metarlhf.errors import AdapterError, Cancelled, ConfigError, DataError, ModelError
 from metarlhf.models import DEFAULT_POLICY_NAME, model_name, shipped_init_dir
-from metarlhf.runtime import model_device
+from metarlhf.runtime import model_device, unwrap_model
 
 log = logging.getLogger(__name__)
 
@@ -402,7 +402,7 @@ def decoder_of(model: Any) -> Any | None:
     """The module holding the decoder ``layers`` (Llama-style ``model.model``), or None."""
     import torch
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap_model(model)
     dec = getattr(base, "model", None)
     if dec is not None and isinstance(getattr(dec, "layers", None), torch.nn.ModuleList) and hasattr(dec, "norm"):
         return dec
@@ -737,7 +737,7 @@ def plain_head(model: Any) -> Any | None:
     ``nn.Linear`` head on a Llama-style decoder of :data:`PLAIN_HEAD_TYPES`), else None."""
     import torch
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap_model(model)
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
     plain = (getattr(getattr(base, "config", None), "model_type", None) in PLAIN_HEAD_TYPES
              and type(head) is torch.nn.Linear and head.bias is None and decoder_of(model) is not None)
@@ -865,7 +865,7 @@ class Packing:
 
 def attn_implementation(model: Any) -> str | None:
     """The attention kernel transformers runs for ``model`` (``sdpa``, ``eager``, ...)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap_model(model)
     return getattr(getattr(base, "config", None), "_attn_implementation", None)
 
 
@@ -873,7 +873,7 @@ def packable(model: Any, length: int) -> bool:
     """Whether packed rows of ``length`` columns run as if unpacked: the model takes a custom
     4D attention mask (sdpa or eager attention; flash attention kernels ignore one) and has
     no sliding window shorter than ``length`` (a custom mask replaces the window's)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap_model(model)
     window = getattr(getattr(base, "config", None), "sliding_window", None)
     return attn_implementation(model) in ("sdpa", "eager") and (window is None or window >= length)
 

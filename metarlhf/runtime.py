@@ -73,6 +73,11 @@ def resolve_device(device: str = "auto") -> Any:
     return dev
 
 
+def unwrap_model(model: Any) -> Any:
+    """The transformers model inside a peft wrapper (or ``model`` itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def model_device(model: Any) -> Any:
     """The ``torch.device`` holding ``model``'s parameters (inputs are moved there)."""
     return next(model.parameters()).device
