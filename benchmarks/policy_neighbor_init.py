@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
 import time
 from pathlib import Path
@@ -65,14 +64,13 @@ def main() -> None:
 
     from metarlhf.adapters import save_adapter
     from metarlhf.data import prompts_after
-    from metarlhf.evaluate_policy import EvalConfig, evaluate_policy
+    from metarlhf.evaluate_policy import EvalConfig, adaptive_support, evaluate_policy, thumbs_rng
     from metarlhf.io import atomic_write_bytes
     from metarlhf.jobs import user_preference
     from metarlhf.policy import (
         AdaptConfig,
         adapt_policy,
         exploration_hints,
-        explore_adaptive,
         generate,
         resolve_base,
     )
@@ -107,21 +105,15 @@ def main() -> None:
 
     def support_of(user, train_prompts: list[str]) -> list:
         """``eval policy``'s K thumbs for ``user`` on ``train_prompts`` (its seeds and order)."""
-        rng = random.Random(f"{cfg.seed}:{user.name}")
-
-        def rate(p: str, cs: list[str]) -> list:
-            return user.thumbs(p, cs, noise=cfg.label_noise, rng=rng)
-
         if args.explore == "adaptive":
-            return explore_adaptive(model, tok, train_prompts, rate, args.k, s, seed=cfg.seed,
-                                    round_prompts=cfg.round_prompts, max_new_tokens=cfg.max_new_tokens,
-                                    temperature=cfg.sample_temperature)[0]
+            return adaptive_support(model, tok, user, train_prompts, args.k, cfg)[0]
+        rng = thumbs_rng(cfg, user)
         rep = [p for p in train_prompts for _ in range(s)]
         hints = exploration_hints(len(rep), args.explore, cfg.plain_every, seed=cfg.seed)
         pool = generate(model, tok, rep, cfg.max_new_tokens, cfg.sample_temperature, seed=cfg.seed, hints=hints)
         thumbs = []
         for i, p in enumerate(train_prompts):
-            thumbs += rate(p, pool[i * s:(i + 1) * s])
+            thumbs += user.thumbs(p, pool[i * s:(i + 1) * s], noise=cfg.label_noise, rng=rng)
         return thumbs[:args.k]
 
     # 1. the library of known users

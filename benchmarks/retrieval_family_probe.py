@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
 import time
 from pathlib import Path
@@ -64,10 +63,10 @@ def main() -> None:
     import torch
 
     from metarlhf.data import prompts_after
-    from metarlhf.evaluate_policy import EvalConfig
+    from metarlhf.evaluate_policy import EvalConfig, adaptive_support
     from metarlhf.io import atomic_write_bytes
     from metarlhf.jobs import liked_disliked
-    from metarlhf.policy import decoder_of, explore_adaptive, resolve_base
+    from metarlhf.policy import decoder_of, resolve_base
     from metarlhf.retrieval import preference_vector
     from metarlhf.reward import adapt_reward, load_reward_model
     from metarlhf.simusers import USERS
@@ -82,14 +81,7 @@ def main() -> None:
         prompts = prompts_after(args.prompts, offset, -(-args.k // s))
         out = {}
         for user in USERS.values():
-            rng = random.Random(f"{cfg.seed}:{user.name}")
-
-            def rate(p: str, cs: list[str], user=user, rng=rng) -> list:
-                return user.thumbs(p, cs, noise=cfg.label_noise, rng=rng)
-
-            out[user.name] = explore_adaptive(model, tok, prompts, rate, args.k, s, seed=cfg.seed,
-                                              round_prompts=cfg.round_prompts, max_new_tokens=cfg.max_new_tokens,
-                                              temperature=cfg.sample_temperature)[0]
+            out[user.name] = adaptive_support(model, tok, user, prompts, args.k, cfg)[0]
             print(f"{user.name} (prompts {offset}+): {sum(t.label for t in out[user.name])} up, "
                   f"{time.perf_counter() - t0:.0f} s", flush=True)
         return out

@@ -155,6 +155,27 @@ def parse_method(text: str) -> Method:
     return Method(text, init, best_of, augment, rank)
 
 
+def thumbs_rng(cfg: EvalConfig, user: Any) -> random.Random:
+    """The random source of ``user``'s label noise in an evaluation seeded by ``cfg.seed``."""
+    return random.Random(f"{cfg.seed}:{user.name}")
+
+
+def adaptive_support(model: Any, tok: Any, user: Any, prompts: Sequence[str], k: int, cfg: EvalConfig,
+                     rng: random.Random | None = None) -> tuple[list[Any], list[Any]]:
+    """``user``'s K thumbs on ``prompts`` with adaptive exploration, as the evaluation draws
+    them (:func:`metarlhf.policy.explore_adaptive`): ``(thumbs, hints)``."""
+    from metarlhf.policy import explore_adaptive
+
+    rng = thumbs_rng(cfg, user) if rng is None else rng
+
+    def rate(p: str, cs: list[str]) -> list[Any]:
+        return user.thumbs(p, cs, noise=cfg.label_noise, rng=rng)
+
+    return explore_adaptive(model, tok, prompts, rate, k, cfg.samples_per_prompt, seed=cfg.seed,
+                            round_prompts=cfg.round_prompts, max_new_tokens=cfg.max_new_tokens,
+                            temperature=cfg.sample_temperature)
+
+
 def prompt_outcome(personal: float, base: float) -> float:
     """One prompt's score against base: a win 1, a tie 1/2, a loss 0."""
     return 1.0 if personal > base else 0.5 if personal == base else 0.0
@@ -521,7 +542,6 @@ def evaluate_policy(
         adapter_attached,
         best_of_n,
         exploration_hints,
-        explore_adaptive,
         generate,
         hint_credit,
         load_init,
@@ -600,18 +620,12 @@ def evaluate_policy(
     cells = [(u, k, e, m) for k in cfg.ks for u in users for e in cfg.explore for m in methods]
     bar = tqdm(cells, desc="eval policy", disable=not progress)
     for user, k, explore, method in bar:
-        rng = random.Random(f"{cfg.seed}:{user.name}")
+        rng = thumbs_rng(cfg, user)
         explore_s = 0.0
         if explore == "adaptive":
             if (user.name, k) not in adaptive:  # per user and K; shared by the methods
-
-                def rate(p: str, cs: list[str], user: Any = user, rng: random.Random = rng) -> list[Any]:
-                    return user.thumbs(p, cs, noise=cfg.label_noise, rng=rng)
-
                 t0 = time.perf_counter()
-                got_t, got_h = explore_adaptive(model, tok, train_prompts, rate, k, s, seed=cfg.seed,
-                                                round_prompts=cfg.round_prompts, max_new_tokens=cfg.max_new_tokens,
-                                                temperature=cfg.sample_temperature)
+                got_t, got_h = adaptive_support(model, tok, user, train_prompts, k, cfg, rng)
                 adaptive[(user.name, k)] = (got_t, got_h, time.perf_counter() - t0)
             support, support_hints, explore_s = adaptive[(user.name, k)]
         else:

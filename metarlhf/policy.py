@@ -1511,13 +1511,15 @@ def init_lineage(init_meta: dict[str, Any] | None) -> dict[str, Any]:
     meta-training prompts (None where no init in the chain records them)."""
     if init_meta is None:
         return {"init_train_users": [], "init_prompt_digests": None}
-    lists = [init_meta.get("train_users"), init_meta.get("init_train_users")]
-    users = {str(u) for d in lists if isinstance(d, list) for u in d}
+    def lists(*keys: str) -> list[list[Any]]:  # the fields that are lists (metadata is not trusted)
+        return [v for v in (init_meta.get(k) for k in keys) if isinstance(v, list)]
+
+    users = {str(u) for v in lists("train_users", "init_train_users") for u in v}
     if init_meta.get("kind") == "policy" and init_meta.get("user_id"):
         users.add(str(init_meta["user_id"]))
-    lists = [d for d in (init_meta.get("prompt_digests"), init_meta.get("init_prompt_digests")) if isinstance(d, list)]
-    digests = sorted({str(x) for d in lists for x in d}) if lists else None
-    return {"init_train_users": sorted(users), "init_prompt_digests": digests}
+    digests = lists("prompt_digests", "init_prompt_digests")
+    return {"init_train_users": sorted(users),
+            "init_prompt_digests": sorted({str(x) for v in digests for x in v}) if digests else None}
 
 
 @contextmanager
