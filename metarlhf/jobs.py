@@ -296,21 +296,26 @@ class AdaptationRunner:
             raise ConfigError(f"user {user!r} was erased while a job ran; that job is finishing and publishes "
                               "nothing: retry in a moment") from None
 
-    def _start(self, tenant: str, user: str, reason: str) -> dict[str, Any] | None:
+    def _start(self, tenant: str, user: str, reason: str, replaces: str | None = None) -> dict[str, Any] | None:
         """Create and submit a job (call with the user's start lock held, not ``_lock``, and
-        none in flight for the user but possibly the finished job :meth:`_finish` replaces).
+        none in flight for the user but ``replaces``, the finished job :meth:`_finish` hands
+        over from; any other job in flight is a bug, raised before a row is written).
         The erasure and rollback counts are read before the job's row is written: an erasure
         that deletes the row, or comes after it, is seen by the job, and a rollback during the
         commit stands over it (the operator's choice wins a tie). None if the runner was
         closed meanwhile (the job is recorded as failed and never runs)."""
         key = (tenant, user)
         with self._lock:
+            current = self._inflight.get(key)
+            if current is not None and current != replaces:
+                raise RuntimeError(f"user {tenant}/{user}: job {current} is in flight; not starting another")
             epochs = (self._erasures.get(key, 0), self._rollbacks.get(key, 0))
         job = self.feedback.create_job(tenant, user, reason)
         with self._lock:
-            old = self._inflight.pop(key, "")  # the finished job _finish replaces
-            self._orphans.discard(old)
-            self._finishing.discard(old)
+            if replaces is not None and self._inflight.get(key) == replaces:  # the finished job hands over
+                del self._inflight[key]
+                self._orphans.discard(replaces)
+                self._finishing.discard(replaces)
             closed = self._closed
             if not closed:
                 try:
@@ -528,7 +533,7 @@ class AdaptationRunner:
                 closed = self._closed
             try:
                 if not closed and self._due(tenant, user):
-                    self._start(tenant, user, "threshold")  # replaces jid in _inflight
+                    self._start(tenant, user, "threshold", replaces=jid)
             except Exception:  # noqa: BLE001 - e.g. the store is closing; the next feedback checks again
                 log.warning("user %s/%s: no follow-up adaptation job", tenant, user, exc_info=True)
             finally:  # no follow-up (or it failed): the ended job leaves

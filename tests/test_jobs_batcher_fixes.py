@@ -240,3 +240,27 @@ def test_close_racing_a_job_start_records_it_failed(runner, monkeypatch):
     with pytest.raises(Exception, match="shut down"):
         r.enqueue("t", "u")
     assert r.queue_depth == 0 and fb.latest_job("t", "u")["state"] == "failed"
+
+
+def test_starting_over_a_job_in_flight_raises_before_writing_a_row(runner, monkeypatch):
+    """_start may only replace the finished job _finish hands over from: a job in flight that
+    is not it stays tracked, and no second row is written (was: popped, then untracked)."""
+    r, fb, _, _ = runner
+    gate = threading.Event()
+    slow = r.personalizer.adapt_policy
+
+    def held(records, init):
+        gate.wait(10)
+        return slow(records, init)
+
+    monkeypatch.setattr(r.personalizer, "adapt_policy", held)
+    _thumbs(fb, "u", 0, 1)
+    first = r.maybe_enqueue("t", "u")
+    assert first is not None
+    with r._start_lock("t", "u"), pytest.raises(RuntimeError, match="in flight"):
+        r._start("t", "u", "manual", replaces="some-other-job")
+    assert r.inflight("t", "u") == first["id"]
+    gate.set()
+    assert r.wait_idle(10)
+    assert fb._reader().execute("SELECT COUNT(*) FROM jobs WHERE user_id='u'").fetchone()[0] == 1
+    assert fb.latest_job("t", "u")["state"] == "succeeded"
