@@ -1487,6 +1487,9 @@ def adapt_policy(
         "init_sha256": None if init_adapter is None else init_adapter.meta.get("sha256"),
         **init_lineage(None if init_adapter is None else init_adapter.meta),
         "user_id": next(iter(users)),
+        # the prompts it was fitted on: an adapter used as an init (a neighbour's) passes them
+        # on through init_lineage, so an evaluation can tell they are not held out
+        "prompt_digests": prompt_digests(r.prompt for r in records),
         "k": len(records),
         "n_thumbs": sum(isinstance(r, Thumbs) for r in records),
         "n_pairs": sum(isinstance(r, Pair) for r in records),

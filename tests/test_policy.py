@@ -8,7 +8,7 @@ import torch
 from metarlhf import policy as P
 from metarlhf.adapters import load_adapter, save_adapter
 from metarlhf.cli import main
-from metarlhf.data import Pair, prompt_digests, text_digest
+from metarlhf.data import Pair, Thumbs, prompt_digests, text_digest
 from metarlhf.errors import AdapterError, ConfigError, DataError
 from metarlhf.io import load_tensors
 from metarlhf.simusers import get_users
@@ -836,6 +836,15 @@ def test_eval_refuses_users_and_prompts_the_init_was_meta_trained_on(tmp_path, t
     with pytest.raises(ConfigError, match="user\\(s\\) casual"):
         check_init_overlap(own, ["bullets", "casual"], prompts[6:9], warn=False)
     assert check_init_overlap(own, ["bullets"], prompts[6:9], warn=False)["meta"]["users"] == []
+    # ...and on its prompts, which it records and passes on to adapters made from it
+    assert json.loads((tmp_path / "own" / "metarlhf.json").read_text())["prompt_digests"] == prompt_digests(
+        ["tell me", "say more"])
+    with pytest.raises(ConfigError, match="2 of the evaluation's prompts"):
+        check_init_overlap(own, ["bullets"], ["tell me", "say more", "new one"], warn=False)
+    grandchild = P.adapt_policy([Thumbs("formal", "elsewhere", "ok", 1)], base=(model, tok),
+                                init=str(tmp_path / "own"), config=P.AdaptConfig(steps=1))
+    assert grandchild.meta["init_prompt_digests"] == prompt_digests(["tell me", "say more"])
+    assert grandchild.meta["prompt_digests"] == prompt_digests(["elsewhere"])
     # a user adapter adapted from the meta-init inherits what that init was trained on
     meta["prompt_digests"] = prompt_digests(prompts[:4])
     meta_file.write_text(json.dumps(meta))
