@@ -68,7 +68,6 @@ def main() -> None:
     from metarlhf.io import atomic_write_bytes
     from metarlhf.jobs import user_preference
     from metarlhf.policy import (
-        AdaptConfig,
         adapt_policy,
         exploration_hints,
         generate,
@@ -119,7 +118,7 @@ def main() -> None:
     # 1. the library of known users
     lib_prompts = prompts_after(args.prompts, args.library_offset, n_train)
     library: dict[str, dict] = {}
-    acfg = AdaptConfig(steps=cfg.steps, lr=cfg.lr, max_completion_tokens=cfg.max_new_tokens)
+    acfg = cfg.adapt_config()
     for user in get_users(list(TRAIN_USERS)):
         path = work / "library" / user.name
         support = support_of(user, lib_prompts)

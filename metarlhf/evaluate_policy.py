@@ -100,6 +100,14 @@ class EvalConfig:
     round_prompts: int = 2  # adaptive exploration: prompts per round after the first
     allow_seen: bool = False  # evaluate users / prompts an init was meta-trained on (check_init_overlap)
 
+    def adapt_config(self) -> AdaptConfig:
+        """The :class:`AdaptConfig` every method of this evaluation adapts with."""
+        return AdaptConfig(steps=self.steps, lr=self.lr, max_completion_tokens=self.max_new_tokens,
+                           kto_weight=self.kto_weight, sft_weight=self.sft_weight, pair_weight=self.pair_weight,
+                           train_layers=self.train_layers, kl_weight=self.kl_weight,
+                           contrast_weight=self.contrast_weight, distill_samples=self.distill_samples,
+                           distill_hints=self.distill_hints)
+
     def __post_init__(self) -> None:
         if not self.explore or any(e not in EXPLORE_MODES for e in self.explore):
             raise ConfigError(f"explore must be a non-empty list of {' / '.join(map(repr, EXPLORE_MODES))}, got {self.explore}")
@@ -537,7 +545,6 @@ def evaluate_policy(
 
     from metarlhf.io import atomic_write_json
     from metarlhf.policy import (
-        AdaptConfig,
         adapt_policy,
         adapter_attached,
         best_of_n,
@@ -575,11 +582,7 @@ def evaluate_policy(
             inits[m.init] = load_init(m.init, base_name)
     reward_model = _load_reward_model() if any(m.uses_reward for m in methods) else None
     scorers: dict[tuple[str, int], Any] = {}
-    acfg = AdaptConfig(steps=cfg.steps, lr=cfg.lr, max_completion_tokens=cfg.max_new_tokens,
-                       kto_weight=cfg.kto_weight, sft_weight=cfg.sft_weight, pair_weight=cfg.pair_weight,
-                       train_layers=cfg.train_layers, kl_weight=cfg.kl_weight,
-                       contrast_weight=cfg.contrast_weight, distill_samples=cfg.distill_samples,
-                       distill_hints=cfg.distill_hints)
+    acfg = cfg.adapt_config()
     log.info("sampling %d base completions for thumbs and %d for held-out prompts", n_train * s, len(eval_prompts))
     rep = [p for p in train_prompts for _ in range(s)]
     pools: dict[str, list[str]] = {}
@@ -718,11 +721,15 @@ def _load_reward_model() -> Any:
     return load_reward_model()
 
 
-def personal_scorer(reward_model: Any, support: Sequence[Any], seed: int) -> Any:
-    """``adapt_reward`` on the user's K thumbs -> ``scorer(prompts, completions)``."""
+def personal_scorer(reward_model: Any, support: Sequence[Any], seed: int, init: Any = None) -> Any:
+    """``adapt_reward`` on the user's K thumbs -> ``scorer(prompts, completions)``.
+
+    ``init``: a reward init directory for ``reward_model``'s encoder (None: the shipped
+    one where it exists, else ``"scratch"``)."""
     from metarlhf.reward import SHIPPED_INIT_DIR, adapt_reward
 
-    init = None if (SHIPPED_INIT_DIR / "metarlhf.json").is_file() else "scratch"
+    if init is None:
+        init = None if (SHIPPED_INIT_DIR / "metarlhf.json").is_file() else "scratch"
     adapter = adapt_reward(list(support), init=init, encoder=reward_model, seed=seed)
     params = reward_model.params_from_tensors(adapter.tensors, "personal reward adapter")
 
