@@ -130,3 +130,18 @@ def test_cli_eval_policy_adaptive_with_distillation(tmp_path, tiny_dir):
 
     with pytest.raises(ConfigError, match="explore"):
         EvalConfig(explore=["loud"])
+
+
+def test_eval_config_adapt_config_carries_every_recipe_field():
+    from dataclasses import fields
+
+    from metarlhf.evaluate_policy import EvalConfig
+
+    cfg = EvalConfig(steps=7, lr=0.03, max_new_tokens=20, kto_weight=0.5, sft_weight=0.25, pair_weight=2.0,
+                     train_layers=3, kl_weight=0.4, contrast_weight=0.6, distill_samples=2, distill_hints=2)
+    a = cfg.adapt_config()
+    assert (a.steps, a.lr, a.max_completion_tokens) == (7, 0.03, 20)
+    shared = {f.name for f in fields(EvalConfig)} & {f.name for f in fields(P.AdaptConfig)}
+    assert shared >= {"kto_weight", "sft_weight", "pair_weight", "train_layers", "kl_weight", "contrast_weight",
+                      "distill_samples", "distill_hints"}
+    assert all(getattr(a, name) == getattr(cfg, name) for name in shared)
