@@ -105,7 +105,7 @@ def main() -> None:
     from metarlhf.io import atomic_write_json
     from metarlhf.models import EMBEDDED_POLICY_ENCODER
     from metarlhf.policy import adapt_policy, adapter_attached, generate, load_init, resolve_base
-    from metarlhf.reward import adapt_reward, load_reward_model
+    from metarlhf.reward import load_reward_model
     from metarlhf.runtime import software_versions
     from metarlhf.simusers import get_users
 
@@ -128,9 +128,7 @@ def main() -> None:
         if "minilm" in scorer_names:
             out["minilm"] = personal_scorer(minilm, support, cfg.seed, init=args.minilm_init)
         if smol is not None:
-            adapter = adapt_reward(list(support), init=SMOL_INIT, encoder=smol, seed=cfg.seed)
-            params = smol.params_from_tensors(adapter.tensors, "SmolLM2 reward adapter")
-            out["smollm2"] = lambda p, c, params=params: smol.scores_with(params, list(p), list(c))
+            out["smollm2"] = personal_scorer(smol, support, cfg.seed, init=SMOL_INIT)
         for name, rm in extra_models.items():
             out[name] = personal_scorer(rm, support, cfg.seed, init=extra[name])
         return out

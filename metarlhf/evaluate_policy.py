@@ -728,8 +728,8 @@ def personal_scorer(reward_model: Any, support: Sequence[Any], seed: int, init: 
     one where it exists, else ``"scratch"``)."""
     from metarlhf.reward import SHIPPED_INIT_DIR, adapt_reward
 
-    if init is None:
-        init = None if (SHIPPED_INIT_DIR / "metarlhf.json").is_file() else "scratch"
+    if init is None and not (SHIPPED_INIT_DIR / "metarlhf.json").is_file():
+        init = "scratch"
     adapter = adapt_reward(list(support), init=init, encoder=reward_model, seed=seed)
     params = reward_model.params_from_tensors(adapter.tensors, "personal reward adapter")
 
