@@ -18,8 +18,10 @@ meta-init's LoRA when its inner loop adapts the head or its subspace only) are c
 record and reused across K and seeds; that changes nothing in the numbers.
 
 Output: ``out`` is ``{"methods": {m: {K: acc}}, "users": n, "query_per_user": q,
-"software": {...}}`` (the last: :func:`metarlhf.runtime.software_versions`, what decided the
-numbers), with ``<out>.png`` (accuracy vs K) and ``<out stem>.detail.json`` (per-user numbers,
+"constant": c, "software": {...}}``. ``constant`` is the best *constant* score's accuracy on the
+same query sets (:func:`constant_accuracy`: the majority thumbs label); with unbalanced thumbs
+a method is only as good as its margin over it. ``software``
+(:func:`metarlhf.runtime.software_versions`) is what decided the numbers. With ``<out>.png`` (accuracy vs K) and ``<out stem>.detail.json`` (per-user numbers,
 timings, the split) next to it.
 """
 
@@ -75,6 +77,17 @@ class EmbeddingCache:
                 emb = self.model.embed_ids([list(x) for x in todo], self.params, batch_size=64)
             self.cache.update(zip(todo, emb, strict=True))
         return torch.stack([self.cache[tuple(x)] for x in ids])
+
+
+def constant_accuracy(records: list) -> float:
+    """Accuracy of the best score that ignores the text (``records_accuracy``'s rules): every
+    thumbs record given the majority label; a constant never ranks a pair chosen above rejected.
+    A reward model that only learnt a user's base rate scores this much."""
+    from metarlhf.data import Thumbs
+
+    ups = sum(r.label for r in records if isinstance(r, Thumbs))
+    n_thumbs = sum(isinstance(r, Thumbs) for r in records)
+    return max(ups, n_thumbs - ups) / max(1, len(records))
 
 
 def pair_features(emb: torch.Tensor, enc: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -200,6 +213,8 @@ def evaluate_reward(
     meta_emb = EmbeddingCache(model, meta_params)
 
     acc: dict[str, dict[int, list[float]]] = {m: {k: [] for k in ks} for m in methods}
+    constant: list[float] = []
+    constant_per_user: dict[str, list[float]] = {}
     per_user: dict[str, Any] = {}
     timing: dict[str, float] = {m: 0.0 for m in methods}
     t_all = time.perf_counter()
@@ -209,6 +224,8 @@ def evaluate_reward(
         per_user[u] = {m: {str(k): [] for k in ks} for m in methods}
         for seed in range(seeds):
             query, supports = user_splits(u, by_user[u], ks, seed, max_query)
+            constant.append(constant_accuracy(query))
+            constant_per_user.setdefault(u, []).append(constant[-1])
             q = model.encode_records(query)
             for k in ks:
                 s = model.encode_records(supports[k])
@@ -242,12 +259,13 @@ def evaluate_reward(
         "methods": {m: {str(k): round(sum(v) / len(v), 4) for k, v in acc[m].items()} for m in methods},
         "users": len(users),
         "query_per_user": min(max_query, min(len(by_user[u]) - max(ks) - 1 for u in users)),
+        "constant": round(sum(constant) / len(constant), 4),
         "software": software_versions(),
     }
     out = Path(out)
     atomic_write_json(out, summary)
     detail = {
-        "per_user": per_user, "users": users, "seeds": seeds, "ks": ks, "steps": n_steps, "inner": inner,
+        "per_user": per_user, "constant_per_user": constant_per_user, "users": users, "seeds": seeds, "ks": ks, "steps": n_steps, "inner": inner,
         "inner_residual": R_KEY in log_lrs, "inner_resid_l2": resid_l2,
         "init": str(init_dir), "init_name": meta.get("name"), "encoder": model.base_model,
         "device": describe_device(model.device),
@@ -280,6 +298,8 @@ def _plot(summary: dict[str, Any], path: Path) -> None:
     for m, by_k in summary["methods"].items():
         ks = sorted(by_k, key=int)
         ax.plot([int(k) for k in ks], [by_k[k] for k in ks], marker="o", label=m)
+    if "constant" in summary:
+        ax.axhline(summary["constant"], color="grey", linestyle=":", label="best constant")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("K (support records)")
     ax.set_ylabel("query accuracy")

@@ -230,3 +230,14 @@ def test_cli_adapt_writes_peft_adapter(cli_env, capsys):
     assert cfg["peft_type"] == "LORA" and sorted(cfg["target_modules"]) == ["query", "value"]
     meta = json.loads((tmp / "o" / "metarlhf.json").read_text())
     assert {"base_model", "init", "k", "steps", "final_loss"} <= set(meta) and meta["k"] == 4
+
+
+def test_constant_accuracy_is_the_majority_thumbs_label_and_never_ranks_a_pair():
+    from metarlhf.evaluate_reward import constant_accuracy
+
+    up, down = Thumbs("u", "p", "c", 1), Thumbs("u", "p", "c", 0)
+    pair = Pair("u", "p", "a", "b")
+    assert constant_accuracy([down, down, down, up]) == 0.75
+    assert constant_accuracy([up, up, down]) == pytest.approx(2 / 3)
+    assert constant_accuracy([up, down, pair, pair]) == 0.25
+    assert constant_accuracy([]) == 0.0

@@ -66,7 +66,11 @@ def test_meta_train_adapt_eval_end_to_end(setup):
     assert main(["eval", "reward", "--data", str(data), "--holdout", "2", "--k", "4", "8", "--out", str(res),
                  "--init", str(init), "--encoder", str(enc), "--seeds", "1", "--query", "10"]) == 0
     r = json.loads(res.read_text())
-    assert set(r) == {"methods", "users", "query_per_user", "software"}
+    assert set(r) == {"methods", "users", "query_per_user", "constant", "software"}
+    detail = json.loads(res.with_name("results.detail.json").read_text())
+    per_draw = [c for cs in detail["constant_per_user"].values() for c in cs]
+    assert len(per_draw) == 2 and r["constant"] == pytest.approx(sum(per_draw) / 2, abs=1e-4)
+    assert all(0.5 <= c <= 1.0 for c in per_draw)  # thumbs only: the majority label is right at least half the time
     assert set(r["methods"]) == {"base", "linear", "scratch", "meta"}
     assert set(r["methods"]["meta"]) == {"4", "8"} and r["users"] == 2 and r["query_per_user"] == 10
     assert all(0.0 <= v <= 1.0 for m in r["methods"].values() for v in m.values())
