@@ -127,40 +127,45 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class Method:
-    """``<init>[+bon<N>][+aug<N>][+rank]``: init ``meta``/``scratch``/adapter dir, optional reward-model use."""
+    """``<init>[+bon<N>|+ibon<N>][+aug<N>][+rank]``: init ``meta``/``scratch``/adapter dir, optional
+    reward-model use."""
 
     name: str
     init: str
     best_of: int = 1  # best-of-N at inference, ranked by the user's personalized reward model
     augment: int = 0  # on-policy augmentation: N samples per support prompt labelled by the reward model
     rank: bool = False  # distilled samples: draw 2x, keep the half the personalized reward model ranks highest
+    implicit: bool = False  # ibon<N>: best-of-N ranked by the adapter's own log-ratio (policy.implicit_scorer)
 
     @property
     def uses_reward(self) -> bool:
-        return self.best_of > 1 or self.augment > 0 or self.rank
+        return (self.best_of > 1 and not self.implicit) or self.augment > 0 or self.rank
 
 
 def parse_method(text: str) -> Method:
-    """Parse ``meta``, ``scratch+bon4``, ``meta+aug4``, ``meta+rank``, ``/path/to/init+bon2`` ..."""
+    """Parse ``meta``, ``scratch+bon4``, ``meta+ibon8``, ``meta+aug4``, ``meta+rank``, ``/path/to/init+bon2`` ..."""
     parts = text.split("+")
-    init, best_of, augment, rank = parts[0], 1, 0, False
+    init, best_of, augment, rank, implicit = parts[0], 1, 0, False, False
     if not init:
         raise ConfigError(f"method {text!r}: empty init name")
     for opt in parts[1:]:
         try:
             if opt == "rank":
                 rank = True
-            elif opt.startswith("bon"):
-                best_of = int(opt[3:])
+            elif opt.startswith(("bon", "ibon")):
+                if best_of != 1:
+                    raise ConfigError(f"method {text!r}: give one of bon<N> / ibon<N>")
+                implicit = opt.startswith("ibon")
+                best_of = int(opt[4:] if implicit else opt[3:])
             elif opt.startswith("aug"):
                 augment = int(opt[3:])
             else:
                 raise ValueError
         except ValueError as e:
-            raise ConfigError(f"method {text!r}: unknown option {opt!r} (use bon<N>, aug<N> or rank)") from e
+            raise ConfigError(f"method {text!r}: unknown option {opt!r} (use bon<N>, ibon<N>, aug<N> or rank)") from e
     if best_of < 1 or (augment and augment < 2):
-        raise ConfigError(f"method {text!r}: bon needs N >= 1 and aug N >= 2")
-    return Method(text, init, best_of, augment, rank)
+        raise ConfigError(f"method {text!r}: bon / ibon need N >= 1 and aug N >= 2")
+    return Method(text, init, best_of, augment, rank, implicit)
 
 
 def thumbs_rng(cfg: EvalConfig, user: Any) -> random.Random:
@@ -551,6 +556,7 @@ def evaluate_policy(
         exploration_hints,
         generate,
         hint_credit,
+        implicit_scorer,
         load_init,
         resolve_base,
     )
@@ -655,7 +661,8 @@ def evaluate_policy(
         adapt_s = time.perf_counter() - t0 + rm_s
         with adapter_attached(model, adapter) as pm:
             if method.best_of > 1:
-                comps = best_of_n(pm, tok, eval_prompts, scorer, method.best_of, max_new_tokens=cfg.max_new_tokens,
+                ranker = implicit_scorer(pm, tok) if method.implicit else scorer
+                comps = best_of_n(pm, tok, eval_prompts, ranker, method.best_of, max_new_tokens=cfg.max_new_tokens,
                                   temperature=cfg.eval_temperature, seed=cfg.seed + 1)
             else:
                 comps = generate(pm, tok, eval_prompts, cfg.max_new_tokens, cfg.eval_temperature, seed=cfg.seed + 1)

@@ -1394,6 +1394,40 @@ def best_of_n(
     ]
 
 
+def answer_logps(peft_model: Any, tok: Any, prompts: Sequence[str], completions: Sequence[str],
+                 chunk: int = 8) -> tuple[Any, Any, Any]:
+    """``(log pi(y|x), log pi_base(y|x), tokens)`` per answer, summed over its tokens (EOS
+    included): ``peft_model`` with its adapter, then with the adapter disabled (the reference of
+    training). ``[n]`` float tensors."""
+    import torch
+
+    from metarlhf.runtime import model_device
+
+    batch = encode_pairs(tok, list(prompts), list(completions), device=model_device(peft_model))
+    mask = batch.comp_mask.float()
+    with torch.no_grad():
+        personal = (token_logps(peft_model, batch, chunk).float() * mask).sum(-1)
+        with peft_model.disable_adapter():
+            base = (token_logps(peft_model, batch, chunk).float() * mask).sum(-1)
+    return personal, base, mask.sum(-1)
+
+
+def implicit_scorer(peft_model: Any, tok: Any, chunk: int = 8) -> Scorer:
+    """The attached user adapter as its own reward model: ``scorer(prompts, completions)`` gives
+    ``log pi(y|x) - log pi_base(y|x)`` for each answer (:func:`answer_logps`).
+
+    That log-ratio is what the KTO and DPO losses train (DPO's implicit reward, up to ``beta``),
+    so it ranks answers by how far the user's adapter moved towards them; no reward model is
+    needed. ``peft_model`` is the adapter-attached model (:func:`adapter_attached`). Two forward
+    passes per answer.
+    """
+    def scorer(prompts: list[str], completions: list[str]) -> list[float]:
+        personal, base, _ = answer_logps(peft_model, tok, prompts, completions, chunk)
+        return (personal - base).tolist()
+
+    return scorer
+
+
 def augment_with_scorer(
     model: Any, tok: Any, records: Sequence[Record], scorer: Scorer, n: int, seed: int = 0,
     max_new_tokens: int = 48, explore: str = "plain",

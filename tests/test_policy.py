@@ -325,6 +325,23 @@ def test_adapt_policy_trains_lora_moves_towards_ups_and_leaves_base_untouched():
     assert float(r[1]) < 0 and float(r[3]) < 0  # downs less likely
 
 
+def test_implicit_scorer_is_the_adapters_log_ratio_and_prefers_the_liked_answers():
+    model, tok = tiny_policy()
+    recs = tiny_thumbs()
+    cfg = P.AdaptConfig(steps=6, lr=2e-2, precision="fp32", beta=1.0, kto_weight=1.0, sft_weight=0.0, pair_weight=0.0)
+    adapter = P.adapt_policy(recs, base=(model, tok), init=None, config=cfg)
+    want = _ratios(model, tok, adapter, recs)  # reference pass on the plain model, outside the adapter
+    with P.adapter_attached(model, adapter) as pm:
+        got = P.implicit_scorer(pm, tok, chunk=3)([r.prompt for r in recs], [r.completion for r in recs])
+    assert got == pytest.approx(want.tolist(), abs=1e-4)
+    assert got[0] > got[1] and got[2] > got[3]  # the thumbs-up answers rank above the thumbs-down ones
+    zero = P.Adapter({k: torch.zeros_like(v) if "lora_B" in k else v for k, v in adapter.tensors.items()},
+                     adapter.config, adapter.meta)
+    with P.adapter_attached(model, zero) as pm:  # B = 0: the adapter is the base model, every ratio 0
+        assert P.implicit_scorer(pm, tok)(["tell me"], ["- a"]) == pytest.approx([0.0], abs=1e-5)
+    assert not hasattr(model, "peft_config")  # the scorer left the base model as it was
+
+
 def test_adapt_policy_with_pairs_and_mixedtiny_thumbs():
     model, tok = tiny_policy()
     pairs = [Pair("u", "tell me", "- a\n- b", "words"), Pair("u", "more", "- x", "nah")]
@@ -756,7 +773,12 @@ def test_parse_method():
     from metarlhf.evaluate_policy import parse_method
 
     m = parse_method("meta+bon4")
-    assert (m.init, m.best_of, m.augment, m.uses_reward) == ("meta", 4, 0, True)
+    assert (m.init, m.best_of, m.augment, m.uses_reward, m.implicit) == ("meta", 4, 0, True, False)
+    m = parse_method("scratch+ibon8")  # ranked by the adapter itself: no reward model needed
+    assert (m.init, m.best_of, m.implicit, m.uses_reward) == ("scratch", 8, True, False)
+    assert parse_method("meta+ibon2+aug2").uses_reward  # augmentation still needs one
+    with pytest.raises(ConfigError, match="one of"):
+        parse_method("meta+bon2+ibon2")
     assert parse_method("scratch+aug3").augment == 3 and not parse_method("scratch").uses_reward
     with pytest.raises(ConfigError, match="unknown option"):
         parse_method("meta+xyz")
@@ -776,12 +798,12 @@ def test_eval_with_reward_model_methods(monkeypatch):
     monkeypatch.setattr(E, "_load_reward_model", lambda: object())
     monkeypatch.setattr(E, "personal_scorer", fake_scorer)
     model, tok = tiny_policy()
-    cfg = E.EvalConfig(ks=[4], eval_prompts=2, methods=["scratch", "scratch+bon3", "scratch+aug2"], steps=1,
-                       max_new_tokens=4, explore=["plain"])
+    cfg = E.EvalConfig(ks=[4], eval_prompts=2, methods=["scratch", "scratch+bon3", "scratch+aug2", "scratch+ibon3"],
+                       steps=1, max_new_tokens=4, explore=["plain"])
     res = E.evaluate_policy(get_users(["bullets"]), [f"q{i}" for i in range(4)], cfg, base=(model, tok),
                             progress=False)
-    assert [r["method"] for r in res["rows"]] == ["scratch", "scratch+bon3", "scratch+aug2"]
-    assert calls == [4]  # one personalized reward model per (user, K), shared by both methods
+    assert [r["method"] for r in res["rows"]] == ["scratch", "scratch+bon3", "scratch+aug2", "scratch+ibon3"]
+    assert calls == [4]  # one personalized reward model per (user, K), shared by both methods; none for ibon
 
 
 def test_eval_and_cli_defaults_follow_the_adaptation_recipe():

@@ -92,7 +92,9 @@ def register(groups: dict[str, argparse._SubParsersAction]) -> None:
     p.add_argument("--offset", type=_nonneg, default=1000, help="skip the first N prompts (meta-training's)")
     p.add_argument("--eval-prompts", type=_positive, default=16, help="held-out prompts per user")
     p.add_argument("--samples-per-prompt", type=_positive, default=2)
-    p.add_argument("--methods", default="meta,scratch", help="comma-separated: meta, scratch, or adapter dirs")
+    p.add_argument("--methods", default="meta,scratch",
+                   help="comma-separated: meta, scratch, or adapter dirs, each optionally +bon<N> (best of N by "
+                        "the user's reward model), +ibon<N> (by the user's adapter itself), +aug<N> or +rank")
     p.add_argument("--init", default=None, help="adapter dir used for method 'meta' (default: shipped)")
     p.add_argument("--allow-seen", action="store_true",
                    help="evaluate users or prompts an init was meta-trained on (refused by default)")
