@@ -62,6 +62,33 @@ def picks(values: list[float], n: int, m: int) -> list[int]:
     return [i + max(range(m), key=lambda j, i=i: values[i + j]) for i in range(0, len(values), n)]
 
 
+def implicit_scores(model, tok, adapter, prompts: list[str], completions: list[str]) -> dict[str, list[float]]:
+    """The adapted policy as its own reward model (``policy.implicit_scorer``):
+    ``log pi(y|x) - log pi_base(y|x)`` summed over the answer's tokens (``implicit``) and
+    per token (``implicit_mean``), plus the policy's per-token log-prob alone
+    (``policy_logp_mean``: its most likely sample) and the base NLL per token."""
+    from metarlhf.policy import adapter_attached, answer_logps
+
+    with adapter_attached(model, adapter) as pm:
+        personal, base, n_tok = answer_logps(pm, tok, prompts, completions)
+    n_tok = n_tok.clamp(min=1)
+    return {"implicit": (personal - base).tolist(), "implicit_mean": ((personal - base) / n_tok).tolist(),
+            "policy_logp_mean": (personal / n_tok).tolist(), "base_nll_mean": (-base / n_tok).tolist()}
+
+
+def fluent_values(values: list[float], nll: list[float], n: int, m: int, drop: float) -> list[float]:
+    """``values`` with every answer pushed below the rest whose base NLL per token is more than
+    ``drop`` above the lowest among its prompt's first ``m`` (``n`` answers per prompt): a
+    fluency filter that needs no base answer, only the samples themselves."""
+    out = list(values)
+    for i in range(0, len(values), n):
+        best = min(nll[i:i + m])
+        for j in range(i, i + n):
+            if nll[j] > best + drop:
+                out[j] -= 1e9
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--prompts", default=str(PROMPTS))
@@ -73,7 +100,10 @@ def main() -> None:
     ap.add_argument("--offset", type=int, default=1000, help="eval policy's --offset")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--methods", default="meta", help="policy inits: meta and/or scratch")
-    ap.add_argument("--scorers", default="minilm,smollm2", help="reward models: minilm and/or smollm2")
+    ap.add_argument("--scorers", default="minilm,smollm2",
+                    help="reward models: minilm, smollm2 and/or implicit (the adapted policy's own log-ratio "
+                         "against base, as sum and per-token mean, the sum among the fluent answers, plus the "
+                         "policy's per-token log-prob alone)")
     ap.add_argument("--minilm-init", default=None,
                     help="reward init for the minilm scorer (default: the shipped adapters/meta/reward)")
     ap.add_argument("--extra-minilm", action="append", default=[], metavar="NAME=DIR",
@@ -85,17 +115,19 @@ def main() -> None:
     print("command:", cmd, flush=True)
     scorer_names = args.scorers.split(",")
     extra = dict(e.split("=", 1) for e in args.extra_minilm if "=" in e)
-    if (args.n < 2 or any(s not in ("minilm", "smollm2") for s in scorer_names)
+    if (args.n < 2 or any(s not in ("minilm", "smollm2", "implicit") for s in scorer_names)
             or len(extra) != len(args.extra_minilm) or set(extra) & {"oracle", "minilm", "smollm2"}):
-        print("error: --n must be >= 2, --scorers a list of minilm / smollm2 and each --extra-minilm "
+        print("error: --n must be >= 2, --scorers a list of minilm / smollm2 / implicit and each --extra-minilm "
               "NAME=DIR with a new NAME", file=sys.stderr)
         raise SystemExit(2)
 
     from metarlhf.data import prompts_after
     from metarlhf.evaluate_policy import (
+        FLUENCY_DROP_NATS,
         EvalConfig,
         adaptive_support,
         base_nll_rows,
+        bootstrap_ci,
         fluency_drops,
         personal_scorer,
         prompt_outcome,
@@ -165,18 +197,27 @@ def main() -> None:
             truth = [user.reward(p, c) for p, c in zip(rep, samples, strict=True)]
             t0 = time.perf_counter()
             scores = {name: [float(x) for x in f(rep, samples)] for name, f in scorers.items()}
+            nll = None
+            if "implicit" in scorer_names:
+                scores.update(implicit_scores(model, tok, adapter, rep, samples))
+                nll = scores.pop("base_nll_mean")
+                scores["implicit_fluent"] = fluent_values(scores["implicit"], nll, n, n, FLUENCY_DROP_NATS)
             score_s = time.perf_counter() - t0
             ref_row = next((r for r in ref["rows"] if r["user"] == user.name and r["method"] == method
                             and r["k"] == args.k), None) if ref else None
 
-            by_n = {}
+            by_n, outcomes = {}, {}
             for m in ns:
                 random_pick = statistics.mean(
                     statistics.mean(prompt_outcome(truth[i * n + j], base_r[i]) for j in range(m))
                     for i in range(len(eval_prompts)))
                 entry = {"random": random_pick}
                 for name, values in {"oracle": truth, **scores}.items():
+                    if name == "implicit_fluent":  # the filter looks at the first m answers only
+                        values = fluent_values(scores["implicit"], nll, n, m, FLUENCY_DROP_NATS)
                     entry[name] = win_rate([truth[j] for j in picks(values, n, m)], base_r)
+                    if m == n:
+                        outcomes[name] = [prompt_outcome(truth[j], b) for j, b in zip(picks(values, n, m), base_r, strict=True)]
                 by_n[str(m)] = entry
             accuracy = {}
             for name, sc in scores.items():
@@ -190,11 +231,15 @@ def main() -> None:
             for name, idx in picked.items():
                 rows, _ = base_nll_rows(model, tok, eval_prompts, [samples[j] for j in idx])
                 drops[name] = statistics.mean(fluency_drops(rows, nll_base_rows))
+            plain_r = [user.reward(p, c) for p, c in zip(eval_prompts, plain, strict=True)]
+            outcomes["plain"] = [prompt_outcome(r, b) for r, b in zip(plain_r, base_r, strict=True)]
+            outcomes["random"] = [statistics.mean(prompt_outcome(truth[i * n + j], base_r[i]) for j in range(n))
+                                  for i in range(len(eval_prompts))]
             row = {
                 "user": user.name, "family": user.family, "method": method, "k": args.k,
                 "n_up": sum(t.label for t in support),
-                "plain_win_rate": win_rate([user.reward(p, c) for p, c in zip(eval_prompts, plain, strict=True)],
-                                           base_r),
+                "plain_win_rate": win_rate(plain_r, base_r),
+                "outcomes_at_n": outcomes,  # per prompt: 1 win, 1/2 tie, 0 loss (random: the mean over n)
                 "plain_matches_reference": (ref_row["answers"] == plain) if ref_row else None,
                 "win_rate_by_n": by_n,
                 "scorer_pairwise": accuracy,
@@ -220,10 +265,20 @@ def main() -> None:
             "scorer_pairwise_accuracy": {name: statistics.mean(r["scorer_pairwise"][name]["accuracy"]
                                                                for r in rows
                                                                if r["scorer_pairwise"][name]["accuracy"] is not None)
-                                         for name in scorers},
+                                         for name in rows[0]["scorer_pairwise"]},
             "fluency_drop_rate_at_n": {name: statistics.mean(r["fluency_drop_rate_at_n"][name] for r in rows)
                                        for name in rows[0]["fluency_drop_rate_at_n"]},
         }
+    def gap_ci(rows: list[dict], name: str, against: str) -> tuple[float, float]:
+        """Paired 95% interval of ``name``'s per-prompt outcome minus ``against``'s (users fixed)."""
+        return bootstrap_ci([[a - b for a, b in zip(r["outcomes_at_n"][name], r["outcomes_at_n"][against],
+                                                    strict=True)] for r in rows], seed=args.seed)
+
+    for method in cfg.methods:
+        rows = [r for r in result["rows"] if r["method"] == method]
+        names = [x for x in rows[0]["outcomes_at_n"] if x not in ("plain", "random")]
+        summary[method]["pick_minus_plain_ci"] = {x: gap_ci(rows, x, "plain") for x in names + ["random"]}
+        summary[method]["pick_minus_random_ci"] = {x: gap_ci(rows, x, "random") for x in names}
     result["summary"] = summary
     result["target"] = "win rate >= 0.75 at K=16 (issue 3)"
     result["wall_s"] = round(time.perf_counter() - t_start, 1)
