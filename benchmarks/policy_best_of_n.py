@@ -77,9 +77,10 @@ def implicit_scores(model, tok, adapter, prompts: list[str], completions: list[s
 
 
 def fluent_values(values: list[float], nll: list[float], n: int, m: int, drop: float) -> list[float]:
-    """``values`` with every answer pushed below the rest whose base NLL per token is more than
-    ``drop`` above the lowest among its prompt's first ``m`` (``n`` answers per prompt): a
-    fluency filter that needs no base answer, only the samples themselves."""
+    """``values`` with every answer whose base NLL per token is more than ``drop`` above the
+    lowest among its prompt's first ``m`` (``n`` answers per prompt) pushed below the rest: a
+    fluency filter that needs no base answer, only the samples themselves. (The pairwise
+    accuracy reported for ``implicit_fluent`` is of these shifted values.)"""
     out = list(values)
     for i in range(0, len(values), n):
         best = min(nll[i:i + m])
@@ -269,6 +270,7 @@ def main() -> None:
             "fluency_drop_rate_at_n": {name: statistics.mean(r["fluency_drop_rate_at_n"][name] for r in rows)
                                        for name in rows[0]["fluency_drop_rate_at_n"]},
         }
+
     def gap_ci(rows: list[dict], name: str, against: str) -> tuple[float, float]:
         """Paired 95% interval of ``name``'s per-prompt outcome minus ``against``'s (users fixed)."""
         return bootstrap_ci([[a - b for a, b in zip(r["outcomes_at_n"][name], r["outcomes_at_n"][against],

@@ -148,13 +148,16 @@ def parse_method(text: str) -> Method:
     init, best_of, augment, rank, implicit = parts[0], 1, 0, False, False
     if not init:
         raise ConfigError(f"method {text!r}: empty init name")
+    seen: set[str] = set()
     for opt in parts[1:]:
+        kind = "bon<N> / ibon<N>" if opt.startswith(("bon", "ibon")) else "aug<N>" if opt.startswith("aug") else opt
+        if kind in seen:
+            raise ConfigError(f"method {text!r}: give {kind} once at most")
+        seen.add(kind)
         try:
             if opt == "rank":
                 rank = True
             elif opt.startswith(("bon", "ibon")):
-                if best_of != 1:
-                    raise ConfigError(f"method {text!r}: give one of bon<N> / ibon<N>")
                 implicit = opt.startswith("ibon")
                 best_of = int(opt[4:] if implicit else opt[3:])
             elif opt.startswith("aug"):

@@ -18,11 +18,15 @@ meta-init's LoRA when its inner loop adapts the head or its subspace only) are c
 record and reused across K and seeds; that changes nothing in the numbers.
 
 Output: ``out`` is ``{"methods": {m: {K: acc}}, "users": n, "query_per_user": q,
-"constant": c, "software": {...}}``. ``constant`` is the best *constant* score's accuracy on the
-same query sets (:func:`constant_accuracy`: the majority thumbs label); with unbalanced thumbs
-a method is only as good as its margin over it. ``software``
-(:func:`metarlhf.runtime.software_versions`) is what decided the numbers. With ``<out>.png`` (accuracy vs K) and ``<out stem>.detail.json`` (per-user numbers,
-timings, the split) next to it.
+"constant": c, "software": {...}}``:
+
+* ``constant``: the accuracy of the best score that ignores the text, on the same query sets
+  (:func:`constant_accuracy`: each query set's own majority thumbs label, so an upper bound
+  for any constant). With unbalanced thumbs a method is only as good as its margin over it.
+* ``software`` (:func:`metarlhf.runtime.software_versions`): what decided the numbers.
+
+``<out>.png`` (accuracy vs K) and ``<out stem>.detail.json`` (per-user numbers, timings, the
+split) are written next to it.
 """
 
 from __future__ import annotations
@@ -30,11 +34,13 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from metarlhf.data import Record
 from metarlhf.errors import AdapterError, ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -79,10 +85,10 @@ class EmbeddingCache:
         return torch.stack([self.cache[tuple(x)] for x in ids])
 
 
-def constant_accuracy(records: list) -> float:
+def constant_accuracy(records: Sequence[Record]) -> float:
     """Accuracy of the best score that ignores the text (``records_accuracy``'s rules): every
-    thumbs record given the majority label; a constant never ranks a pair chosen above rejected.
-    A reward model that only learnt a user's base rate scores this much."""
+    thumbs record given the majority label of ``records``; a constant never ranks a pair chosen
+    above rejected. A reward model that only learnt a user's base rate scores about this much."""
     from metarlhf.data import Thumbs
 
     ups = sum(r.label for r in records if isinstance(r, Thumbs))

@@ -332,14 +332,16 @@ def test_implicit_scorer_is_the_adapters_log_ratio_and_prefers_the_liked_answers
     adapter = P.adapt_policy(recs, base=(model, tok), init=None, config=cfg)
     want = _ratios(model, tok, adapter, recs)  # reference pass on the plain model, outside the adapter
     with P.adapter_attached(model, adapter) as pm:
-        got = P.implicit_scorer(pm, tok, chunk=3)([r.prompt for r in recs], [r.completion for r in recs])
-    assert got == pytest.approx(want.tolist(), abs=1e-4)
+        scorer = P.implicit_scorer(pm, tok, chunk=3)
+        got = scorer([r.prompt for r in recs], [r.completion for r in recs])
+        again = scorer([r.prompt for r in recs], [r.completion for r in recs])  # the adapter is active again
+    assert got == pytest.approx(want.tolist(), abs=1e-4) and again == pytest.approx(got, abs=1e-6)
     assert got[0] > got[1] and got[2] > got[3]  # the thumbs-up answers rank above the thumbs-down ones
     zero = P.Adapter({k: torch.zeros_like(v) if "lora_B" in k else v for k, v in adapter.tensors.items()},
                      adapter.config, adapter.meta)
     with P.adapter_attached(model, zero) as pm:  # B = 0: the adapter is the base model, every ratio 0
         assert P.implicit_scorer(pm, tok)(["tell me"], ["- a"]) == pytest.approx([0.0], abs=1e-5)
-    assert not hasattr(model, "peft_config")  # the scorer left the base model as it was
+    assert not hasattr(model, "peft_config")  # and the base model is left as it was
 
 
 def test_adapt_policy_with_pairs_and_mixedtiny_thumbs():
@@ -777,8 +779,10 @@ def test_parse_method():
     m = parse_method("scratch+ibon8")  # ranked by the adapter itself: no reward model needed
     assert (m.init, m.best_of, m.implicit, m.uses_reward) == ("scratch", 8, True, False)
     assert parse_method("meta+ibon2+aug2").uses_reward  # augmentation still needs one
-    with pytest.raises(ConfigError, match="one of"):
-        parse_method("meta+bon2+ibon2")
+    for text in ("meta+bon2+ibon2", "meta+ibon1+bon4", "meta+bon1+ibon4", "meta+bon4+bon4", "meta+aug2+aug3",
+                 "meta+rank+rank"):
+        with pytest.raises(ConfigError, match="once at most"):
+            parse_method(text)
     assert parse_method("scratch+aug3").augment == 3 and not parse_method("scratch").uses_reward
     with pytest.raises(ConfigError, match="unknown option"):
         parse_method("meta+xyz")
@@ -804,6 +808,35 @@ def test_eval_with_reward_model_methods(monkeypatch):
                             progress=False)
     assert [r["method"] for r in res["rows"]] == ["scratch", "scratch+bon3", "scratch+aug2", "scratch+ibon3"]
     assert calls == [4]  # one personalized reward model per (user, K), shared by both methods; none for ibon
+
+
+def test_eval_ibon_ranks_with_the_adapter_and_needs_no_reward_model(monkeypatch):
+    import metarlhf.evaluate_policy as E
+
+    def no_reward_model(*a, **k):
+        raise AssertionError("ibon must not load or fit a reward model")
+
+    ranked = []
+    real = P.implicit_scorer
+
+    def recording_scorer(pm, tok, *a, **k):
+        scorer = real(pm, tok, *a, **k)
+
+        def wrapped(ps, cs):
+            ranked.append(len(cs))
+            return scorer(ps, cs)
+        return wrapped
+
+    monkeypatch.setattr(E, "_load_reward_model", no_reward_model)
+    monkeypatch.setattr(E, "personal_scorer", no_reward_model)
+    monkeypatch.setattr(P, "implicit_scorer", recording_scorer)  # evaluate_policy imports it at call time
+    model, tok = tiny_policy()
+    cfg = E.EvalConfig(ks=[4], eval_prompts=2, methods=["scratch+ibon3"], steps=1, max_new_tokens=4,
+                       explore=["plain"])
+    res = E.evaluate_policy(get_users(["bullets"]), [f"q{i}" for i in range(4)], cfg, base=(model, tok),
+                            progress=False)
+    assert [r["method"] for r in res["rows"]] == ["scratch+ibon3"]
+    assert ranked == [2 * 3]  # the 3 samples of each of the 2 held-out prompts, ranked by the adapter
 
 
 def test_eval_and_cli_defaults_follow_the_adaptation_recipe():
