@@ -23,6 +23,9 @@ Output: ``out`` is ``{"methods": {m: {K: acc}}, "users": n, "query_per_user": q,
 * ``constant``: the accuracy of the best score that ignores the text, on the same query sets
   (:func:`constant_accuracy`: each query set's own majority thumbs label, so an upper bound
   for any constant). With unbalanced thumbs a method is only as good as its margin over it.
+* ``auc``: ``{m: {K: ...}}``, how well each method *orders* the query records whatever its
+  threshold (:func:`metarlhf.reward.records_auc`; means over the draws where it is defined):
+  what best-of-N ranking needs, and 1/2 for a constant.
 * ``software`` (:func:`metarlhf.runtime.software_versions`): what decided the numbers.
 
 ``<out>.png`` (accuracy vs K) and ``<out stem>.detail.json`` (per-user numbers, timings, the
@@ -161,6 +164,7 @@ def evaluate_reward(
         adapt_params,
         load_reward_model,
         records_accuracy,
+        records_auc,
     )
     from metarlhf.runtime import describe_device, software_versions
 
@@ -219,6 +223,7 @@ def evaluate_reward(
     meta_emb = EmbeddingCache(model, meta_params)
 
     acc: dict[str, dict[int, list[float]]] = {m: {k: [] for k in ks} for m in methods}
+    auc: dict[str, dict[int, list[float]]] = {m: {k: [] for k in ks} for m in methods}
     constant: list[float] = []
     constant_per_user: dict[str, list[float]] = {}
     per_user: dict[str, Any] = {}
@@ -259,6 +264,9 @@ def evaluate_reward(
                     timing[m] += time.perf_counter() - t0
                     acc[m][k].append(a)
                     per_user[u][m][str(k)].append(a)
+                    ranked = records_auc(scores.detach(), q)
+                    if ranked is not None:
+                        auc[m][k].append(ranked)
             bar.update(1)
     bar.close()
     summary = {
@@ -266,6 +274,7 @@ def evaluate_reward(
         "users": len(users),
         "query_per_user": min(max_query, min(len(by_user[u]) - max(ks) - 1 for u in users)),
         "constant": round(sum(constant) / len(constant), 4),
+        "auc": {m: {str(k): round(sum(v) / len(v), 4) if v else None for k, v in auc[m].items()} for m in methods},
         "software": software_versions(),
     }
     out = Path(out)

@@ -226,6 +226,29 @@ def records_accuracy(scores: torch.Tensor, enc: EncodedRecords) -> float:
     return correct / max(1, enc.n_records)
 
 
+def records_auc(scores: torch.Tensor, enc: EncodedRecords) -> float | None:
+    """How well ``scores`` *order* the records, whatever their threshold: for thumbs the AUC
+    (the share of (up, down) record pairs with the up one scored higher), for pairs the share
+    with chosen above rejected; ties count 1/2, and the two parts are weighted by their record
+    counts. None when there are no pairs and the thumbs hold one label only. Unlike
+    :func:`records_accuracy` it ignores a score's offset, so a model that only learnt a user's
+    base rate gets 1/2, and it is what best-of-N ranking needs."""
+    parts: list[tuple[float, int]] = []
+    if len(enc.thumb_idx):
+        t = scores[enc.thumb_idx].detach().float()
+        lab = enc.thumb_labels.to(t.device) > 0.5
+        up, down = t[lab], t[~lab]
+        if len(up) and len(down):
+            d = up[:, None] - down[None, :]
+            parts.append((((d > 0).float() + 0.5 * (d == 0).float()).mean().item(), len(enc.thumb_idx)))
+    if len(enc.chosen_idx):
+        d = (scores[enc.chosen_idx] - scores[enc.rejected_idx]).detach().float()
+        parts.append((((d > 0).float() + 0.5 * (d == 0).float()).mean().item(), len(enc.chosen_idx)))
+    if not parts:
+        return None
+    return sum(v * n for v, n in parts) / sum(n for _, n in parts)
+
+
 # --------------------------------------------------------------------------- model
 
 

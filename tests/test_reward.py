@@ -18,6 +18,7 @@ from metarlhf.reward import (
     load_reward_model,
     logistic_loss,
     records_accuracy,
+    records_auc,
     records_loss,
 )
 from metarlhf.testing import save_tiny, tiny_encoder
@@ -241,3 +242,21 @@ def test_constant_accuracy_is_the_majority_thumbs_label_and_never_ranks_a_pair()
     assert constant_accuracy([up, up, down]) == pytest.approx(2 / 3)
     assert constant_accuracy([up, down, pair, pair]) == 0.25
     assert constant_accuracy([]) == 0.0
+
+
+def test_records_auc_orders_records_whatever_the_offset():
+    from metarlhf.reward import EncodedRecords
+
+    thumbs = EncodedRecords([[1]] * 4, torch.tensor([0, 1, 2, 3]), torch.tensor([1.0, 0.0, 1.0, 0.0]),
+                            torch.tensor([], dtype=torch.long), torch.tensor([], dtype=torch.long))
+    ordered = torch.tensor([3.0, 1.0, 2.0, 0.0])  # both ups above both downs
+    assert records_auc(ordered, thumbs) == 1.0 and records_auc(ordered - 10, thumbs) == 1.0
+    assert records_accuracy(ordered - 10, thumbs) == 0.5  # the offset fools accuracy, not the AUC
+    assert records_auc(torch.tensor([2.5, 2.0, 0.0, 3.0]), thumbs) == 0.25  # 1 of the 4 (up, down) pairs
+    assert records_auc(torch.zeros(4), thumbs) == 0.5  # a constant: every pair a tie
+    one_label = thumbs.subset(thumbs=torch.tensor([0, 2]))
+    assert records_auc(ordered, one_label) is None
+    mixed = EncodedRecords([[1]] * 4, torch.tensor([0, 1]), torch.tensor([1.0, 0.0]), torch.tensor([2]),
+                           torch.tensor([3]))
+    # thumbs part 1.0 (2 records), pair part 0.0 (1 record): weighted by record counts
+    assert records_auc(torch.tensor([1.0, 0.0, 0.0, 1.0]), mixed) == pytest.approx(2 / 3)

@@ -66,7 +66,10 @@ def test_meta_train_adapt_eval_end_to_end(setup):
     assert main(["eval", "reward", "--data", str(data), "--holdout", "2", "--k", "4", "8", "--out", str(res),
                  "--init", str(init), "--encoder", str(enc), "--seeds", "1", "--query", "10"]) == 0
     r = json.loads(res.read_text())
-    assert set(r) == {"methods", "users", "query_per_user", "constant", "software"}
+    assert set(r) == {"methods", "users", "query_per_user", "constant", "auc", "software"}
+    assert set(r["auc"]) == set(r["methods"]) and all(v is None or 0.0 <= v <= 1.0
+                                                      for m in r["auc"].values() for v in m.values())
+    assert set(r["auc"]["base"].values()) != {None}  # these thumbs hold both labels
     detail = json.loads(res.with_name("results.detail.json").read_text())
     per_draw = [c for cs in detail["constant_per_user"].values() for c in cs]
     assert len(per_draw) == 2 and r["constant"] == pytest.approx(sum(per_draw) / 2, abs=1e-4)
