@@ -60,6 +60,7 @@ import logging
 import math
 import os
 import random
+import re
 import statistics
 import time
 from collections.abc import Sequence
@@ -155,6 +156,8 @@ def parse_method(text: str) -> Method:
             raise ConfigError(f"method {text!r}: give {kind} once at most")
         seen.add(kind)
         try:
+            if opt != "rank" and not re.fullmatch(r"(i?bon|aug)[0-9]+", opt):
+                raise ValueError
             if opt == "rank":
                 rank = True
             elif opt.startswith(("bon", "ibon")):
@@ -166,7 +169,7 @@ def parse_method(text: str) -> Method:
                 raise ValueError
         except ValueError as e:
             raise ConfigError(f"method {text!r}: unknown option {opt!r} (use bon<N>, ibon<N>, aug<N> or rank)") from e
-    if best_of < 1 or (augment and augment < 2):
+    if best_of < 1 or ("aug<N>" in seen and augment < 2):
         raise ConfigError(f"method {text!r}: bon / ibon need N >= 1 and aug N >= 2")
     return Method(text, init, best_of, augment, rank, implicit)
 

@@ -23,9 +23,9 @@ Output: ``out`` is ``{"methods": {m: {K: acc}}, "users": n, "query_per_user": q,
 * ``constant``: the accuracy of the best score that ignores the text, on the same query sets
   (:func:`constant_accuracy`: each query set's own majority thumbs label, so an upper bound
   for any constant). With unbalanced thumbs a method is only as good as its margin over it.
-* ``auc``: ``{m: {K: ...}}``, how well each method *orders* the query records whatever its
-  threshold (:func:`metarlhf.reward.records_auc`; means over the draws where it is defined):
-  what best-of-N ranking needs, and 1/2 for a constant.
+* ``auc``: ``{m: {K: ...}}``, how well each method *orders* the pooled query records whatever
+  its threshold (:func:`metarlhf.reward.records_auc`; 1/2 for a constant; means over the draws
+  where it is defined, per draw in the detail file's ``auc_per_user``).
 * ``software`` (:func:`metarlhf.runtime.software_versions`): what decided the numbers.
 
 ``<out>.png`` (accuracy vs K) and ``<out stem>.detail.json`` (per-user numbers, timings, the
@@ -226,6 +226,7 @@ def evaluate_reward(
     auc: dict[str, dict[int, list[float]]] = {m: {k: [] for k in ks} for m in methods}
     constant: list[float] = []
     constant_per_user: dict[str, list[float]] = {}
+    auc_per_user: dict[str, dict[str, dict[str, list[float | None]]]] = {}
     per_user: dict[str, Any] = {}
     timing: dict[str, float] = {m: 0.0 for m in methods}
     t_all = time.perf_counter()
@@ -265,6 +266,7 @@ def evaluate_reward(
                     acc[m][k].append(a)
                     per_user[u][m][str(k)].append(a)
                     ranked = records_auc(scores.detach(), q)
+                    auc_per_user.setdefault(u, {}).setdefault(m, {}).setdefault(str(k), []).append(ranked)
                     if ranked is not None:
                         auc[m][k].append(ranked)
             bar.update(1)
@@ -280,7 +282,7 @@ def evaluate_reward(
     out = Path(out)
     atomic_write_json(out, summary)
     detail = {
-        "per_user": per_user, "constant_per_user": constant_per_user, "users": users, "seeds": seeds, "ks": ks, "steps": n_steps, "inner": inner,
+        "per_user": per_user, "constant_per_user": constant_per_user, "auc_per_user": auc_per_user, "users": users, "seeds": seeds, "ks": ks, "steps": n_steps, "inner": inner,
         "inner_residual": R_KEY in log_lrs, "inner_resid_l2": resid_l2,
         "init": str(init_dir), "init_name": meta.get("name"), "encoder": model.base_model,
         "device": describe_device(model.device),

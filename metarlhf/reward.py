@@ -228,22 +228,28 @@ def records_accuracy(scores: torch.Tensor, enc: EncodedRecords) -> float:
 
 def records_auc(scores: torch.Tensor, enc: EncodedRecords) -> float | None:
     """How well ``scores`` *order* the records, whatever their threshold: for thumbs the AUC
-    (the share of (up, down) record pairs with the up one scored higher), for pairs the share
-    with chosen above rejected; ties count 1/2, and the two parts are weighted by their record
-    counts. None when there are no pairs and the thumbs hold one label only. Unlike
+    over the pooled records (the share of (up, down) record pairs, any prompts, with the up one
+    scored higher; Mann-Whitney with average ranks, n log n), for pairs the share with chosen
+    above rejected; ties count 1/2, and the two parts are weighted by their record counts.
+
+    None when there are no pairs and the thumbs hold one label only. Unlike
     :func:`records_accuracy` it ignores a score's offset, so a model that only learnt a user's
-    base rate gets 1/2, and it is what best-of-N ranking needs."""
+    base rate gets 1/2. (Best-of-N needs the order *within* a prompt, which this pooled AUC
+    only approximates.)"""
+    s = scores.detach().double()
     parts: list[tuple[float, int]] = []
     if len(enc.thumb_idx):
-        t = scores[enc.thumb_idx].detach().float()
-        lab = enc.thumb_labels.to(t.device) > 0.5
-        up, down = t[lab], t[~lab]
-        if len(up) and len(down):
-            d = up[:, None] - down[None, :]
-            parts.append((((d > 0).float() + 0.5 * (d == 0).float()).mean().item(), len(enc.thumb_idx)))
+        t = s[enc.thumb_idx]
+        up = enc.thumb_labels.to(t.device) > 0.5
+        n_up, n_down = int(up.sum()), int((~up).sum())
+        if n_up and n_down:
+            _, inverse, counts = torch.unique(t, return_inverse=True, return_counts=True)
+            mean_rank = counts.cumsum(0).double() - (counts.double() - 1) / 2  # 1-based, ties averaged
+            rank_sum = mean_rank[inverse][up].sum().item()
+            parts.append(((rank_sum - n_up * (n_up + 1) / 2) / (n_up * n_down), len(enc.thumb_idx)))
     if len(enc.chosen_idx):
-        d = (scores[enc.chosen_idx] - scores[enc.rejected_idx]).detach().float()
-        parts.append((((d > 0).float() + 0.5 * (d == 0).float()).mean().item(), len(enc.chosen_idx)))
+        d = s[enc.chosen_idx] - s[enc.rejected_idx]
+        parts.append((((d > 0).double() + 0.5 * (d == 0).double()).mean().item(), len(enc.chosen_idx)))
     if not parts:
         return None
     return sum(v * n for v, n in parts) / sum(n for _, n in parts)

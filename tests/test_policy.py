@@ -779,6 +779,11 @@ def test_parse_method():
     m = parse_method("scratch+ibon8")  # ranked by the adapter itself: no reward model needed
     assert (m.init, m.best_of, m.implicit, m.uses_reward) == ("scratch", 8, True, False)
     assert parse_method("meta+ibon2+aug2").uses_reward  # augmentation still needs one
+    m = parse_method("meta+bon4+aug2+rank")  # one of each option is fine
+    assert (m.best_of, m.augment, m.rank, m.implicit) == (4, 2, True, False)
+    for text in ("meta+aug0", "meta+bon 4", "meta+bon4_0", "meta+ibon", "meta+bon-1"):
+        with pytest.raises(ConfigError):
+            parse_method(text)
     for text in ("meta+bon2+ibon2", "meta+ibon1+bon4", "meta+bon1+ibon4", "meta+bon4+bon4", "meta+aug2+aug3",
                  "meta+rank+rank"):
         with pytest.raises(ConfigError, match="once at most"):

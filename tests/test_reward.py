@@ -260,3 +260,14 @@ def test_records_auc_orders_records_whatever_the_offset():
                            torch.tensor([3]))
     # thumbs part 1.0 (2 records), pair part 0.0 (1 record): weighted by record counts
     assert records_auc(torch.tensor([1.0, 0.0, 0.0, 1.0]), mixed) == pytest.approx(2 / 3)
+    assert records_auc(torch.tensor([1.0, 0.0, 0.5, 0.5]), mixed) == pytest.approx((2 * 1.0 + 0.5) / 3)  # tied pair
+    ups_only_and_a_pair = mixed.subset(thumbs=torch.tensor([0]))  # one label: the pair alone decides
+    assert records_auc(torch.tensor([1.0, 0.0, 2.0, 1.0]), ups_only_and_a_pair) == 1.0
+    # ties among thumbs: average ranks, as the brute-force count over (up, down) pairs gives
+    g = torch.Generator().manual_seed(0)
+    many = EncodedRecords([[1]] * 40, torch.arange(40), (torch.rand(40, generator=g) > 0.6).float(),
+                          torch.tensor([], dtype=torch.long), torch.tensor([], dtype=torch.long))
+    sc = torch.randint(0, 5, (40,), generator=g).float()
+    lab = many.thumb_labels > 0.5
+    d = sc[lab][:, None] - sc[~lab][None, :]
+    assert records_auc(sc, many) == pytest.approx(((d > 0).float() + 0.5 * (d == 0).float()).mean().item())
