@@ -90,6 +90,35 @@ def fluent_values(values: list[float], nll: list[float], n: int, m: int, drop: f
     return out
 
 
+def pick_outcomes(truth: list[float], scores: dict[str, list[float]], base_r: list[float], n: int,
+                  ns: list[int], nll: list[float] | None) -> tuple[dict, dict, dict]:
+    """For each ``m`` in ``ns``: the win rate of a random answer and of the oracle's and each
+    scorer's pick among each prompt's first ``m`` answers (``n`` per prompt). Also, at ``m = n``,
+    each pick's per-prompt outcomes (random: the mean over the ``n``) and the picked indices.
+    ``implicit_fluent`` is re-filtered on the first ``m`` answers (:func:`fluent_values`)."""
+    from metarlhf.evaluate_policy import FLUENCY_DROP_NATS, prompt_outcome
+
+    by_n: dict[str, dict[str, float]] = {}
+    outcomes: dict[str, list[float]] = {}
+    picked: dict[str, list[int]] = {}
+    for m in ns:
+        random_pp = [statistics.mean(prompt_outcome(truth[i * n + j], b) for j in range(m))
+                     for i, b in enumerate(base_r)]
+        entry = {"random": statistics.mean(random_pp)}
+        for name, values in {"oracle": truth, **scores}.items():
+            if name == "implicit_fluent":
+                values = fluent_values(scores["implicit"], nll, n, m, FLUENCY_DROP_NATS)
+            idx = picks(values, n, m)
+            per_prompt = [prompt_outcome(truth[j], b) for j, b in zip(idx, base_r, strict=True)]
+            entry[name] = sum(per_prompt) / len(per_prompt)  # = win_rate of the picks
+            if m == n:
+                outcomes[name], picked[name] = per_prompt, idx
+        if m == n:
+            outcomes["random"] = random_pp
+        by_n[str(m)] = entry
+    return by_n, outcomes, picked
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--prompts", default=str(PROMPTS))
@@ -207,19 +236,7 @@ def main() -> None:
             ref_row = next((r for r in ref["rows"] if r["user"] == user.name and r["method"] == method
                             and r["k"] == args.k), None) if ref else None
 
-            by_n, outcomes = {}, {}
-            for m in ns:
-                random_pick = statistics.mean(
-                    statistics.mean(prompt_outcome(truth[i * n + j], base_r[i]) for j in range(m))
-                    for i in range(len(eval_prompts)))
-                entry = {"random": random_pick}
-                for name, values in {"oracle": truth, **scores}.items():
-                    if name == "implicit_fluent":  # the filter looks at the first m answers only
-                        values = fluent_values(scores["implicit"], nll, n, m, FLUENCY_DROP_NATS)
-                    entry[name] = win_rate([truth[j] for j in picks(values, n, m)], base_r)
-                    if m == n:
-                        outcomes[name] = [prompt_outcome(truth[j], b) for j, b in zip(picks(values, n, m), base_r, strict=True)]
-                by_n[str(m)] = entry
+            by_n, outcomes, picked = pick_outcomes(truth, scores, base_r, n, ns, nll)
             accuracy = {}
             for name, sc in scores.items():
                 agree = total = 0
@@ -227,15 +244,12 @@ def main() -> None:
                     a, t = pairwise_accuracy(sc[i * n:(i + 1) * n], truth[i * n:(i + 1) * n])
                     agree, total = agree + a, total + t
                 accuracy[name] = {"accuracy": agree / total if total else None, "pairs": total}
-            picked = {name: picks(values, n, n) for name, values in {"oracle": truth, **scores}.items()}
             drops = {}
             for name, idx in picked.items():
                 rows, _ = base_nll_rows(model, tok, eval_prompts, [samples[j] for j in idx])
                 drops[name] = statistics.mean(fluency_drops(rows, nll_base_rows))
             plain_r = [user.reward(p, c) for p, c in zip(eval_prompts, plain, strict=True)]
             outcomes["plain"] = [prompt_outcome(r, b) for r, b in zip(plain_r, base_r, strict=True)]
-            outcomes["random"] = [statistics.mean(prompt_outcome(truth[i * n + j], base_r[i]) for j in range(n))
-                                  for i in range(len(eval_prompts))]
             row = {
                 "user": user.name, "family": user.family, "method": method, "k": args.k,
                 "n_up": sum(t.label for t in support),

@@ -151,24 +151,19 @@ def parse_method(text: str) -> Method:
         raise ConfigError(f"method {text!r}: empty init name")
     seen: set[str] = set()
     for opt in parts[1:]:
-        kind = "bon<N> / ibon<N>" if opt.startswith(("bon", "ibon")) else "aug<N>" if opt.startswith("aug") else opt
+        m = re.fullmatch(r"rank|(i?bon|aug)([0-9]+)", opt)
+        if m is None:
+            raise ConfigError(f"method {text!r}: unknown option {opt!r} (use bon<N>, ibon<N>, aug<N> or rank)")
+        kind = "rank" if opt == "rank" else "aug<N>" if m[1] == "aug" else "bon<N> / ibon<N>"
         if kind in seen:
             raise ConfigError(f"method {text!r}: give {kind} once at most")
         seen.add(kind)
-        try:
-            if opt != "rank" and not re.fullmatch(r"(i?bon|aug)[0-9]+", opt):
-                raise ValueError
-            if opt == "rank":
-                rank = True
-            elif opt.startswith(("bon", "ibon")):
-                implicit = opt.startswith("ibon")
-                best_of = int(opt[4:] if implicit else opt[3:])
-            elif opt.startswith("aug"):
-                augment = int(opt[3:])
-            else:
-                raise ValueError
-        except ValueError as e:
-            raise ConfigError(f"method {text!r}: unknown option {opt!r} (use bon<N>, ibon<N>, aug<N> or rank)") from e
+        if opt == "rank":
+            rank = True
+        elif m[1] == "aug":
+            augment = int(m[2])
+        else:
+            implicit, best_of = m[1] == "ibon", int(m[2])
     if best_of < 1 or ("aug<N>" in seen and augment < 2):
         raise ConfigError(f"method {text!r}: bon / ibon need N >= 1 and aug N >= 2")
     return Method(text, init, best_of, augment, rank, implicit)

@@ -223,8 +223,6 @@ def evaluate_reward(
     meta_emb = EmbeddingCache(model, meta_params)
 
     acc: dict[str, dict[int, list[float]]] = {m: {k: [] for k in ks} for m in methods}
-    auc: dict[str, dict[int, list[float]]] = {m: {k: [] for k in ks} for m in methods}
-    constant: list[float] = []
     constant_per_user: dict[str, list[float]] = {}
     auc_per_user: dict[str, dict[str, dict[str, list[float | None]]]] = {}
     per_user: dict[str, Any] = {}
@@ -236,8 +234,7 @@ def evaluate_reward(
         per_user[u] = {m: {str(k): [] for k in ks} for m in methods}
         for seed in range(seeds):
             query, supports = user_splits(u, by_user[u], ks, seed, max_query)
-            constant.append(constant_accuracy(query))
-            constant_per_user.setdefault(u, []).append(constant[-1])
+            constant_per_user.setdefault(u, []).append(constant_accuracy(query))
             q = model.encode_records(query)
             for k in ks:
                 s = model.encode_records(supports[k])
@@ -265,24 +262,24 @@ def evaluate_reward(
                     timing[m] += time.perf_counter() - t0
                     acc[m][k].append(a)
                     per_user[u][m][str(k)].append(a)
-                    ranked = records_auc(scores.detach(), q)
-                    auc_per_user.setdefault(u, {}).setdefault(m, {}).setdefault(str(k), []).append(ranked)
-                    if ranked is not None:
-                        auc[m][k].append(ranked)
+                    auc_per_user.setdefault(u, {}).setdefault(m, {}).setdefault(str(k), []).append(
+                        records_auc(scores.detach(), q))
             bar.update(1)
     bar.close()
     summary = {
         "methods": {m: {str(k): round(sum(v) / len(v), 4) for k, v in acc[m].items()} for m in methods},
         "users": len(users),
         "query_per_user": min(max_query, min(len(by_user[u]) - max(ks) - 1 for u in users)),
-        "constant": round(sum(constant) / len(constant), 4),
-        "auc": {m: {str(k): round(sum(v) / len(v), 4) if v else None for k, v in auc[m].items()} for m in methods},
+        "constant": round(_mean(c for cs in constant_per_user.values() for c in cs), 4),
+        "auc": {m: {str(k): _round(_mean(a for per in auc_per_user.values() for a in per[m][str(k)] if a is not None))
+                    for k in ks} for m in methods},
         "software": software_versions(),
     }
     out = Path(out)
     atomic_write_json(out, summary)
     detail = {
-        "per_user": per_user, "constant_per_user": constant_per_user, "auc_per_user": auc_per_user, "users": users, "seeds": seeds, "ks": ks, "steps": n_steps, "inner": inner,
+        "per_user": per_user, "constant_per_user": constant_per_user, "auc_per_user": auc_per_user,
+        "users": users, "seeds": seeds, "ks": ks, "steps": n_steps, "inner": inner,
         "inner_residual": R_KEY in log_lrs, "inner_resid_l2": resid_l2,
         "init": str(init_dir), "init_name": meta.get("name"), "encoder": model.base_model,
         "device": describe_device(model.device),
@@ -293,6 +290,16 @@ def evaluate_reward(
     atomic_write_json(_detail_path(out), detail)
     _plot(summary, out.with_suffix(".png"))
     return summary
+
+
+def _mean(values: Any) -> float | None:
+    """The mean of ``values`` (an iterable of floats), None when it is empty."""
+    v = list(values)
+    return sum(v) / len(v) if v else None
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 4)
 
 
 def _detail_path(out: str | Path) -> Path:
